@@ -1,0 +1,8 @@
+"""keras_pqcl: dense self-supervised pre-training of vision models in Keras 3.
+
+DINO, iBOT, PQCL, ADCLR, DenseCL and MCL on TensorFlow, JAX and PyTorch.
+"""
+
+__version__ = "0.1.0"
+
+from keras_pqcl import backbones, callbacks, heads, layers, losses, models, optimizers, schedules

@@ -1,0 +1,315 @@
+"""Vision Transformer backbone as used by DINO, iBOT and PQCL.
+
+Dosovitskiy et al., "An Image is Worth 16x16 Words" (ICLR 2021); training details follow
+Caron et al., "Emerging Properties in Self-Supervised Vision Transformers" (DINO, ICCV 2021)
+and Zhou et al., "iBOT" (ICLR 2022); the fixed sin-cos variant and the query stream follow
+Zhang et al., "Patch-level Contrastive Learning via Positional Query" (PQCL, ICML 2023).
+"""
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_pqcl.layers.block import Block
+from keras_pqcl.layers.patch_embed import PatchEmbed
+from keras_pqcl.layers.pos_embed import interpolate_grid, sincos_grid
+
+POS_EMBED_KINDS = ("learned", "sincos")
+
+
+@keras.saving.register_keras_serializable(package="keras_pqcl")
+class VisionTransformer(keras.Model):
+    """ViT with CLS token, interpolated position embedding, mask token and query stream.
+
+    Works on any input whose height and width are multiples of ``patch_size``; the position
+    table, made for ``image_size``, is resampled bicubically (as DINO does) for other sizes.
+
+    Args:
+        patch_size: side of the square patches.
+        embed_dim: token width ``D``.
+        depth: number of transformer blocks.
+        num_heads: attention heads.
+        mlp_ratio: MLP hidden width over ``D``.
+        qkv_bias: bias in the fused qkv projection.
+        drop_path_rate: stochastic depth of the last block; rises linearly from 0.
+        pos_embed: ``"learned"`` (DINO/iBOT) or ``"sincos"`` (fixed, PQCL).
+        image_size: the size the position table is made for (224 in the papers).
+        use_mask_token: create the learned mask token (iBOT, PQCL and ADCLR students).
+        layer_norm_epsilon: 1e-6 as in the reference.
+
+    Call args:
+        images: ``(batch, height, width, 3)``.
+        masks: optional bool ``(batch, height / p, width / p)`` or ``(batch, num_patches)``;
+            masked patch embeddings are replaced by the mask token before the position
+            embedding is added.
+        queries: optional ``(batch, num_queries, D)`` extra tokens that attend to the image
+            tokens (and to each other) while the image tokens never see them. PQCL builds
+            them with :meth:`positional_queries`.
+
+    Returns:
+        dict with ``"cls"`` ``(batch, D)``, ``"patches"`` ``(batch, num_patches, D)`` and,
+        if queries were given, ``"queries"`` ``(batch, num_queries, D)``; all after the final
+        LayerNorm.
+
+    Example:
+    >>> backbone = vit_tiny(patch_size=16)
+    >>> out = backbone(np.zeros((2, 96, 96, 3), "float32"))
+    >>> out["cls"].shape, out["patches"].shape
+    ((2, 192), (2, 36, 192))
+    """
+
+    def __init__(
+        self,
+        patch_size=16,
+        embed_dim=384,
+        depth=12,
+        num_heads=6,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        drop_path_rate=0.0,
+        pos_embed="learned",
+        image_size=224,
+        use_mask_token=False,
+        layer_norm_epsilon=1e-6,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if pos_embed not in POS_EMBED_KINDS:
+            raise ValueError(f"pos_embed must be one of {POS_EMBED_KINDS}, got {pos_embed!r}.")
+        if image_size % patch_size:
+            raise ValueError(
+                f"image_size={image_size} is not a multiple of patch_size={patch_size}; "
+                f"use {image_size // patch_size * patch_size} or {(image_size // patch_size + 1) * patch_size}."
+            )
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.depth = depth
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.qkv_bias = qkv_bias
+        self.drop_path_rate = drop_path_rate
+        self.pos_embed_kind = pos_embed
+        self.image_size = image_size
+        self.use_mask_token = use_mask_token
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.grid_size = image_size // patch_size
+
+        policy = self.dtype_policy
+        self.patch_embed = PatchEmbed(patch_size, embed_dim, dtype=policy, name="patch_embed")
+        rates = np.linspace(0.0, drop_path_rate, depth) if depth else []
+        self.blocks = [
+            Block(
+                embed_dim,
+                num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                drop_path=float(rates[i]),
+                layer_norm_epsilon=layer_norm_epsilon,
+                dtype=policy,
+                name=f"block_{i}",
+            )
+            for i in range(depth)
+        ]
+        self.norm = keras.layers.LayerNormalization(
+            epsilon=layer_norm_epsilon, dtype=policy, name="norm"
+        )
+        self.build()
+
+    def build(self, input_shape=None):
+        if self.built:
+            return
+        dim = self.embed_dim
+        num_pos = 1 + self.grid_size**2
+        normal = keras.initializers.RandomNormal(stddev=0.02)
+        self.cls_token = self.add_weight(name="cls_token", shape=(1, 1, dim), initializer=normal)
+        if self.pos_embed_kind == "learned":
+            self.pos_embed = self.add_weight(name="pos_embed", shape=(1, num_pos, dim), initializer=normal)
+        else:
+            table = sincos_grid(self.grid_size, self.grid_size, dim)[None]
+            self.pos_embed = self.add_weight(
+                name="pos_embed",
+                shape=(1, num_pos, dim),
+                initializer=keras.initializers.Constant(table),
+                trainable=False,
+            )
+        self.mask_token = None
+        if self.use_mask_token:
+            # iBOT initialises the mask token to zeros.
+            self.mask_token = self.add_weight(name="mask_token", shape=(1, dim), initializer="zeros")
+        self.patch_embed.build()
+        for block in self.blocks:
+            block.build()
+        self.norm.build((None, None, dim))
+        self.built = True
+
+    # ------------------------------------------------------------------ inputs
+    def _check_images(self, images):
+        shape = images.shape
+        if len(shape) != 4:
+            raise ValueError(
+                f"VisionTransformer expects images of shape (batch, height, width, 3), got rank "
+                f"{len(shape)} with shape {tuple(shape)}. Add a batch axis with "
+                "`images[None]` or stack single images."
+            )
+        if shape[-1] != 3:
+            raise ValueError(
+                f"VisionTransformer expects 3 channels last, got shape {tuple(shape)}. "
+                "Convert grayscale to RGB (repeat the channel) or transpose channels-first input."
+            )
+        height, width = shape[1], shape[2]
+        if height is None or width is None:
+            raise ValueError(
+                "VisionTransformer needs static image height and width (fixed-size crops); "
+                f"got shape {tuple(shape)}. Resize images to a fixed size in the data pipeline."
+            )
+        p = self.patch_size
+        for name, size in (("height", height), ("width", width)):
+            if size % p:
+                lo, hi = size // p * p, (size // p + 1) * p
+                raise ValueError(
+                    f"Image {name} {size} is not a multiple of the patch size {p}. "
+                    f"Resize or crop to {lo or hi} or {hi}."
+                )
+        return height // p, width // p
+
+    def position_embedding(self, grid_hw):
+        """Position table ``(1, 1 + h * w, D)`` for a ``grid_hw`` patch grid."""
+        pos = ops.convert_to_tensor(self.pos_embed)
+        cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
+        patch_pos = interpolate_grid(patch_pos, (self.grid_size, self.grid_size), grid_hw)
+        return ops.concatenate([cls_pos, patch_pos], axis=1)
+
+    def embed(self, images, masks=None):
+        """Patch-embed, mask, prepend CLS and add positions: ``(batch, 1 + N, D)``."""
+        grid_hw = self._check_images(images)
+        x = self.patch_embed(images)
+        if masks is not None:
+            if self.mask_token is None:
+                raise ValueError(
+                    "masks were given but this backbone has no mask token; build it with "
+                    "use_mask_token=True (iBOT/PQCL models do this for you)."
+                )
+            masks = ops.reshape(ops.cast(masks, "bool"), (ops.shape(x)[0], ops.shape(x)[1], 1))
+            x = ops.where(masks, ops.cast(self.mask_token, x.dtype)[None], x)
+        batch = ops.shape(x)[0]
+        cls = ops.broadcast_to(ops.cast(self.cls_token, x.dtype), (batch, 1, self.embed_dim))
+        x = ops.concatenate([cls, x], axis=1)
+        return x + ops.cast(self.position_embedding(grid_hw), x.dtype)
+
+    def positional_queries(self, tables):
+        """PQCL query tokens: ``mask_token + tables`` for tables ``(batch, L, D)``."""
+        if self.mask_token is None:
+            raise ValueError("positional queries need a mask token; build with use_mask_token=True.")
+        return tables + ops.cast(self.mask_token, tables.dtype)[None]
+
+    # ----------------------------------------------------------------- forward
+    def forward_features(
+        self,
+        images,
+        masks=None,
+        queries=None,
+        training=False,
+        n_last_blocks=1,
+        return_attention=False,
+    ):
+        """Full forward pass with every feature the methods and evaluations need.
+
+        Returns:
+            dict with ``"cls"`` ``(B, D)``, ``"patches"`` ``(B, N, D)``, ``"queries"``
+            ``(B, L, D)`` (if given), ``"last_blocks"`` (list of the last ``n_last_blocks``
+            block outputs ``(B, 1 + N, D)``, each through the final LayerNorm) and
+            ``"attention"`` ``(B, heads, 1 + N, 1 + N)`` of the last block if asked for.
+        """
+        x = self.embed(images, masks)
+        if queries is not None:
+            queries = ops.cast(queries, x.dtype)
+        outputs = []
+        attention = None
+        for i, block in enumerate(self.blocks):
+            last = i == self.depth - 1
+            x, queries, attn = block(
+                x, queries=queries, return_attention=return_attention and last, training=training
+            )
+            if last:
+                attention = attn
+            if i >= self.depth - n_last_blocks:
+                outputs.append(x)
+        normed = [self.norm(o) for o in outputs]
+        x = normed[-1]
+        result = {"cls": x[:, 0], "patches": x[:, 1:], "last_blocks": normed}
+        if queries is not None:
+            result["queries"] = self.norm(queries)
+        if return_attention:
+            result["attention"] = attention
+        return result
+
+    def call(self, images, masks=None, queries=None, training=None):
+        out = self.forward_features(images, masks=masks, queries=queries, training=training)
+        out.pop("last_blocks")
+        return out
+
+    def get_intermediate_layers(self, images, n=1):
+        """Outputs of the last ``n`` blocks, each through the final LayerNorm."""
+        return self.forward_features(images, n_last_blocks=n)["last_blocks"]
+
+    def get_last_selfattention(self, images):
+        """Softmax attention of the last block: ``(batch, heads, 1 + N, 1 + N)``."""
+        return self.forward_features(images, return_attention=True)["attention"]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            patch_size=self.patch_size,
+            embed_dim=self.embed_dim,
+            depth=self.depth,
+            num_heads=self.num_heads,
+            mlp_ratio=self.mlp_ratio,
+            qkv_bias=self.qkv_bias,
+            drop_path_rate=self.drop_path_rate,
+            pos_embed=self.pos_embed_kind,
+            image_size=self.image_size,
+            use_mask_token=self.use_mask_token,
+            layer_norm_epsilon=self.layer_norm_epsilon,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        for key in ("trainable",):
+            config.pop(key, None)
+        return cls(**config)
+
+
+# Presets: (embed_dim, depth, num_heads) from the ViT/DeiT papers.
+VIT_PRESETS = {
+    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
+}
+
+
+def _preset(name):
+    def builder(patch_size=16, **kwargs):
+        kwargs.setdefault("name", name)
+        return VisionTransformer(patch_size=patch_size, **{**VIT_PRESETS[name], **kwargs})
+
+    builder.__name__ = name
+    builder.__doc__ = (
+        f"{name}: ``VisionTransformer`` with {VIT_PRESETS[name]}; other arguments are passed on."
+    )
+    return builder
+
+
+vit_tiny = _preset("vit_tiny")
+vit_small = _preset("vit_small")
+vit_base = _preset("vit_base")
+vit_large = _preset("vit_large")
+
+
+def vit(name, **kwargs):
+    """Build a preset by name (``"vit_small"``, ...)."""
+    if name not in VIT_PRESETS:
+        raise ValueError(f"Unknown ViT preset {name!r}; choose one of {sorted(VIT_PRESETS)}.")
+    return _preset(name)(**kwargs)

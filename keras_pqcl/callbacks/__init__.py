@@ -1,0 +1,3 @@
+"""Callbacks for pre-training."""
+
+from keras_pqcl.callbacks.teacher_ema import TeacherEMA

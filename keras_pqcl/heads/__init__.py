@@ -1,0 +1,3 @@
+"""Projection heads."""
+
+from keras_pqcl.heads.dino_head import DINOHead

@@ -1,0 +1,86 @@
+"""DINO projection head."""
+
+import keras
+from keras import ops
+
+from keras_pqcl.layers.init import linear_init
+from keras_pqcl.layers.weight_norm import WeightNormDense
+
+
+@keras.saving.register_keras_serializable(package="keras_pqcl")
+class DINOHead(keras.layers.Layer):
+    """MLP ``D -> hidden -> hidden -> bottleneck`` (GELU), L2 norm, weight-normed last layer.
+
+    Defaults follow DINO: hidden 2048, bottleneck 256, three linear layers, no BatchNorm,
+    ``norm_last_layer=True`` (gain frozen at 1).
+
+    Call args:
+        x: ``(..., D)`` features (CLS tokens, or any tokens: iBOT/PQCL apply the same head to
+            patches and queries).
+
+    Returns:
+        ``(..., out_dim)`` logits (cosines times the gain).
+    """
+
+    def __init__(
+        self,
+        out_dim=65536,
+        hidden_dim=2048,
+        bottleneck_dim=256,
+        num_layers=3,
+        norm_last_layer=True,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}.")
+        self.out_dim = out_dim
+        self.hidden_dim = hidden_dim
+        self.bottleneck_dim = bottleneck_dim
+        self.num_layers = num_layers
+        self.norm_last_layer = norm_last_layer
+        policy = self.dtype_policy
+        widths = [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
+        self.mlp = [
+            keras.layers.Dense(
+                width,
+                activation="gelu" if i < num_layers - 1 else None,
+                dtype=policy,
+                name=f"mlp_{i}",
+                **linear_init(),
+            )
+            for i, width in enumerate(widths)
+        ]
+        self.last_layer = WeightNormDense(
+            out_dim, norm_last_layer=norm_last_layer, dtype=policy, name="last_layer"
+        )
+
+    def build(self, input_shape):
+        width = input_shape[-1]
+        for layer in self.mlp:
+            layer.build((None, width))
+            width = layer.units
+        self.last_layer.build((None, self.bottleneck_dim))
+        self.built = True
+
+    def project(self, x):
+        """MLP and L2 normalisation (eps 1e-12 as ``F.normalize``): ``(..., bottleneck)``."""
+        for layer in self.mlp:
+            x = layer(x)
+        x32 = ops.cast(x, "float32")
+        norm = ops.sqrt(ops.sum(ops.square(x32), axis=-1, keepdims=True))
+        return ops.cast(x32 / ops.maximum(norm, 1e-12), x.dtype)
+
+    def call(self, x):
+        return self.last_layer(self.project(x))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            out_dim=self.out_dim,
+            hidden_dim=self.hidden_dim,
+            bottleneck_dim=self.bottleneck_dim,
+            num_layers=self.num_layers,
+            norm_last_layer=self.norm_last_layer,
+        )
+        return config

@@ -1,0 +1,104 @@
+"""Position embeddings: fixed 2-D sin-cos tables and PyTorch-exact bicubic resampling.
+
+The sin-cos convention is the MAE one used by PQCL (x = column first, then y = row); the
+bicubic resampling reproduces DINO's ``interpolate_pos_encoding`` (PyTorch ``bicubic`` with
+Keys a = -0.75, ``align_corners=False`` and the ``+0.1`` scale-factor trick), so that
+weights imported from the reference code give the same tokens on 96 px crops.
+"""
+
+import math
+
+import numpy as np
+from keras import ops
+
+
+def sincos_from_coords(x, y, dim):
+    """2-D sin-cos embedding of arbitrary (possibly fractional) positions.
+
+    Args:
+        x: array ``(...,)``, column coordinates (horizontal), in patch units.
+        y: array ``(...,)``, row coordinates (vertical), same shape as ``x``.
+        dim: embedding size; must be divisible by 4.
+
+    Returns:
+        float32 array ``(..., dim)`` laid out ``[sin(x w), cos(x w), sin(y w), cos(y w)]``
+        with ``w_k = 10000 ** (-k / (dim / 4))``.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs a dim divisible by 4, got {dim}.")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)
+    x = np.asarray(x, dtype=np.float64)[..., None] * omega
+    y = np.asarray(y, dtype=np.float64)[..., None] * omega
+    table = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=-1)
+    return table.astype(np.float32)
+
+
+def sincos_grid(grid_h, grid_w, dim, cls_token=True):
+    """Fixed sin-cos table for a ``grid_h x grid_w`` patch grid, row-major.
+
+    Returns:
+        float32 array ``(1 + grid_h * grid_w, dim)`` (CLS row of zeros first) or
+        ``(grid_h * grid_w, dim)`` when ``cls_token=False``.
+    """
+    rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+    table = sincos_from_coords(cols.reshape(-1), rows.reshape(-1), dim)
+    if cls_token:
+        table = np.concatenate([np.zeros((1, dim), np.float32), table], axis=0)
+    return table
+
+
+def _cubic(t, a=-0.75):
+    """Keys cubic convolution kernel (PyTorch uses a = -0.75)."""
+    t = abs(t)
+    if t <= 1:
+        return ((a + 2) * t - (a + 3)) * t * t + 1
+    if t < 2:
+        return ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+    return 0.0
+
+
+def bicubic_matrix(in_size, out_size, scale_factor=None):
+    """Matrix ``(out_size, in_size)`` of PyTorch's 1-D bicubic resampling.
+
+    ``scale_factor`` is the factor handed to ``F.interpolate``; PyTorch then maps output
+    index ``d`` to source ``(d + 0.5) / scale_factor - 0.5`` and clamps the 4 taps to the
+    border. Without it, ``in_size / out_size`` is used, as for ``size=``.
+    """
+    ratio = (1.0 / scale_factor) if scale_factor else in_size / out_size
+    mat = np.zeros((out_size, in_size), np.float64)
+    for d in range(out_size):
+        src = (d + 0.5) * ratio - 0.5
+        base = math.floor(src)
+        frac = src - base
+        for k in range(-1, 3):
+            idx = min(max(base + k, 0), in_size - 1)
+            mat[d, idx] += _cubic(k - frac)
+    return mat.astype(np.float32)
+
+
+def interpolate_grid(pos, in_hw, out_hw):
+    """Resample patch position embeddings from one grid to another, like DINO.
+
+    Args:
+        pos: tensor ``(1, in_h * in_w, dim)`` (patch rows only, no CLS).
+        in_hw: ``(in_h, in_w)`` the grid ``pos`` was made for.
+        out_hw: ``(out_h, out_w)`` the grid of the current input.
+
+    Returns:
+        tensor ``(1, out_h * out_w, dim)``; ``pos`` itself when the grids agree.
+    """
+    (in_h, in_w), (out_h, out_w) = in_hw, out_hw
+    if (in_h, in_w) == (out_h, out_w):
+        return pos
+    # DINO passes scale_factor=(out + 0.1) / in; the 0.1 guards floor() and moves the
+    # sampling positions slightly, so it is part of the reference numbers.
+    mat_h = bicubic_matrix(in_h, out_h, (out_h + 0.1) / in_h)
+    mat_w = bicubic_matrix(in_w, out_w, (out_w + 0.1) / in_w)
+    dim = ops.shape(pos)[-1]
+    grid = ops.reshape(pos, (in_h, in_w, dim))
+    mat_h = ops.convert_to_tensor(mat_h, dtype=pos.dtype)
+    mat_w = ops.convert_to_tensor(mat_w, dtype=pos.dtype)
+    grid = ops.einsum("oh,hwd->owd", mat_h, grid)
+    grid = ops.einsum("pw,owd->opd", mat_w, grid)
+    return ops.reshape(grid, (1, out_h * out_w, dim))

@@ -1,0 +1,4 @@
+"""Self-supervised methods: each a small model composing shared layers and losses."""
+
+from keras_pqcl.models.base import SelfSupervisedModel, crop_major
+from keras_pqcl.models.dino import DINO, clone_backbone

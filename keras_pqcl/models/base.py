@@ -1,0 +1,236 @@
+"""Student/teacher machinery shared by every self-supervised method.
+
+A method subclasses :class:`SelfSupervisedModel` and writes, with ``keras.ops`` only:
+
+* ``__init__``: the student modules (trained) and their teacher copies, registered with
+  :meth:`add_teacher` so the EMA pairs them;
+* ``ssl_forward(data, step, training)``: teacher and student forward passes and the loss,
+  returning ``(loss, logs)``; losses update their own centers.
+
+The per-backend gradient step comes from :mod:`keras_pqcl.backend`; the EMA of the teacher
+runs inside that compiled step, after the optimizer update. Schedules are evaluated in-graph
+from the optimizer's step counter, with the clock (steps per epoch, total steps) and the
+momentum range stored in non-trainable variables so that they are saved and resumed.
+"""
+
+import math
+import warnings
+
+import keras
+from keras import ops
+
+from keras_pqcl import schedules
+from keras_pqcl.backend import TrainStep
+
+
+def _is_seed_state(variable):
+    return "seed_generator" in variable.path or variable.name.endswith("seed_generator_state")
+
+
+class SelfSupervisedModel(TrainStep, keras.Model):
+    """Base class: EMA teacher, schedule clock, metrics and ``fit`` plumbing.
+
+    Args:
+        teacher_momentum: EMA momentum at step 0 (0.996); used when ``fit`` is given no
+            :class:`~keras_pqcl.callbacks.TeacherEMA`.
+        teacher_momentum_end: EMA momentum at the last step (1.0).
+        freeze_last_layer: epochs during which :meth:`frozen_variables` get no update (1).
+    """
+
+    #: names of per-term losses the method reports (averaged over the epoch).
+    loss_terms = ()
+
+    def __init__(self, teacher_momentum=0.996, teacher_momentum_end=1.0, freeze_last_layer=1, **kwargs):
+        super().__init__(**kwargs)
+        self.teacher_momentum = float(teacher_momentum)
+        self.teacher_momentum_end = float(teacher_momentum_end)
+        self.freeze_last_layer = freeze_last_layer
+        self._teacher_pairs = []
+
+        def scalar(name, value):
+            return self.add_weight(
+                name=name, shape=(), initializer=keras.initializers.Constant(value),
+                trainable=False, dtype="float32",
+            )
+
+        # Filled in by fit(); kept as variables so compiled steps read the current values
+        # and checkpoints restore them.
+        self.steps_per_epoch = scalar("steps_per_epoch", 1.0)
+        self.total_steps = scalar("total_steps", 1.0)
+        self.momentum_start = scalar("momentum_start", teacher_momentum)
+        self.momentum_end = scalar("momentum_end", teacher_momentum_end)
+        self.trackers = {
+            name: keras.metrics.Mean(name=name) for name in ("loss",) + tuple(self.loss_terms)
+        }
+
+    # --------------------------------------------------------------- teacher
+    def add_teacher(self, teacher, student):
+        """Register ``teacher`` as the EMA of ``student`` and copy the student into it.
+
+        Both must be built with the same architecture; stochastic-depth seed states are
+        skipped. The teacher is made non-trainable, so its variables never reach the
+        optimizer.
+        """
+        teacher.trainable = False
+        t_vars = [v for v in teacher.weights if not _is_seed_state(v)]
+        s_vars = [v for v in student.weights if not _is_seed_state(v)]
+        if len(t_vars) != len(s_vars) or any(t.shape != s.shape for t, s in zip(t_vars, s_vars)):
+            raise ValueError(
+                f"Teacher {teacher.name} and student {student.name} do not have the same "
+                "variables; build the teacher from the student's config."
+            )
+        for t, s in zip(t_vars, s_vars):
+            # A copy, not the same buffer: JAX refuses to donate one buffer twice.
+            t.assign(ops.copy(ops.convert_to_tensor(s)))
+        self._teacher_pairs.extend(zip(t_vars, s_vars))
+
+    def teacher_momentum_at(self, step):
+        """Cosine schedule from ``momentum_start`` to ``momentum_end`` over all steps."""
+        step = ops.cast(step, "float32")
+        progress = ops.clip(step / ops.maximum(self.total_steps, 1.0), 0.0, 1.0)
+        start, end = self.momentum_start, self.momentum_end
+        return end - (end - start) * (1.0 + ops.cos(math.pi * progress)) / 2.0
+
+    def update_teacher(self, step):
+        """``teacher <- m teacher + (1 - m) student`` for every registered pair."""
+        m = self.teacher_momentum_at(step)
+        for t, s in self._teacher_pairs:
+            mt = ops.cast(m, t.dtype)
+            t.assign(t * mt + ops.stop_gradient(ops.cast(s, t.dtype)) * (1.0 - mt))
+
+    def set_teacher_momentum(self, start, end=1.0):
+        self.momentum_start.assign(float(start))
+        self.momentum_end.assign(float(end))
+
+    # ---------------------------------------------------------------- clock
+    def epoch_at(self, step):
+        """Epoch index (float, floored) of a step: drives the per-epoch schedules."""
+        return ops.floor(ops.cast(step, "float32") / ops.maximum(self.steps_per_epoch, 1.0))
+
+    def frozen_variables(self):
+        """Student variables frozen during the first ``freeze_last_layer`` epochs."""
+        return []
+
+    def configure_schedules(self, epochs, steps_per_epoch):
+        """Set the clock and freeze the last layer; ``fit`` calls this for you."""
+        self.steps_per_epoch.assign(float(steps_per_epoch))
+        self.total_steps.assign(float(epochs * steps_per_epoch))
+        frozen = [v for v in self.frozen_variables() if v.trainable]
+        if not frozen or not self.freeze_last_layer:
+            return
+        if not hasattr(self.optimizer, "freeze"):
+            warnings.warn(
+                "freeze_last_layer needs keras_pqcl.optimizers.AdamW; with "
+                f"{type(self.optimizer).__name__} the last layer is trained from step 0.",
+                stacklevel=3,
+            )
+            return
+        strategy = getattr(self, "distribute_strategy", None)
+        with strategy.scope() if strategy is not None else _null():
+            self.optimizer.build(self.trainable_variables)
+        self.optimizer.freeze(frozen, self.freeze_last_layer * steps_per_epoch)
+
+    # -------------------------------------------------------------- metrics
+    @property
+    def metrics(self):
+        return list(self.trackers.values())
+
+    def collect_logs(self, loss, logs):
+        """Update epoch averages of the loss terms; pass schedule values through."""
+        self.trackers["loss"].update_state(loss)
+        out = {"loss": self.trackers["loss"].result()}
+        for name, value in logs.items():
+            if name in self.trackers:
+                self.trackers[name].update_state(value)
+                out[name] = self.trackers[name].result()
+            else:
+                out[name] = value
+        return out
+
+    def schedule_logs(self, step):
+        logs = {"teacher_momentum": self.teacher_momentum_at(step)}
+        if self.optimizer is not None:
+            logs["learning_rate"] = ops.cast(self.optimizer.learning_rate, "float32")
+            current_wd = getattr(self.optimizer, "current_weight_decay", None)
+            if current_wd is not None and current_wd() is not None:
+                logs["weight_decay"] = ops.cast(current_wd(), "float32")
+        return logs
+
+    # ------------------------------------------------------------------ fit
+    def build(self, input_shape=None):
+        self.built = True
+
+    def ssl_forward(self, data, step, training=True):
+        raise NotImplementedError
+
+    def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callbacks=None, steps_per_epoch=None, **kwargs):
+        """``keras.Model.fit`` that first sets the schedules' clock.
+
+        The number of steps per epoch is read from the dataset's cardinality unless
+        ``steps_per_epoch`` is given; a :class:`~keras_pqcl.callbacks.TeacherEMA` with the
+        model's default momentum is added when none is passed.
+        """
+        from keras_pqcl.callbacks import TeacherEMA
+
+        steps = steps_per_epoch or _cardinality(x)
+        if not steps:
+            raise ValueError(
+                "Cannot tell how many steps an epoch has (the dataset's length is unknown "
+                "or infinite); pass steps_per_epoch= to fit so that the learning-rate, "
+                "temperature and momentum schedules know their length."
+            )
+        if self.optimizer is None:
+            raise ValueError(
+                "Compile the model first, e.g. model.compile(optimizer="
+                "kp.optimizers.dino_adamw(batch_size, epochs, steps_per_epoch))."
+            )
+        self.configure_schedules(epochs, steps)
+        callbacks = list(callbacks or [])
+        if not any(isinstance(c, TeacherEMA) for c in callbacks):
+            callbacks.insert(0, TeacherEMA(self.teacher_momentum, self.teacher_momentum_end))
+        return super().fit(
+            x, y, batch_size=batch_size, epochs=epochs, verbose=verbose, callbacks=callbacks,
+            steps_per_epoch=steps_per_epoch, **kwargs,
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            teacher_momentum=self.teacher_momentum,
+            teacher_momentum_end=self.teacher_momentum_end,
+            freeze_last_layer=self.freeze_last_layer,
+        )
+        return config
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _cardinality(data):
+    try:
+        import tensorflow as tf
+    except ImportError:  # pragma: no cover - TF is a core dependency
+        tf = None
+    if tf is not None and isinstance(data, tf.data.Dataset):
+        n = int(data.cardinality())
+        return n if n > 0 else None
+    try:
+        return len(data)
+    except TypeError:
+        return None
+
+
+def crop_major(crops):
+    """``(batch, crops, H, W, C)`` -> ``(crops * batch, H, W, C)``: all images of crop 0 first.
+
+    This is the order of DINO's multi-crop wrapper, so ``reshape(out, (crops, batch, ...))``
+    recovers per-crop outputs.
+    """
+    shape = crops.shape
+    x = ops.transpose(crops, (1, 0, 2, 3, 4))
+    return ops.reshape(x, (-1, shape[2], shape[3], shape[4]))

@@ -1,0 +1,162 @@
+"""DINO: self-distillation with no labels (Caron et al., ICCV 2021)."""
+
+import keras
+from keras import ops
+
+from keras_pqcl import schedules
+from keras_pqcl.heads.dino_head import DINOHead
+from keras_pqcl.losses.dino_loss import DINOLoss
+from keras_pqcl.models.base import SelfSupervisedModel, crop_major
+
+
+def clone_backbone(backbone, **overrides):
+    """A new, built backbone of the same architecture (fresh variables, own names)."""
+    config = backbone.get_config()
+    config.update(overrides)
+    clone = backbone.__class__.from_config(config)
+    clone.build()
+    return clone
+
+
+@keras.saving.register_keras_serializable(package="keras_pqcl")
+class DINO(SelfSupervisedModel):
+    """Student ViT + EMA teacher, DINO heads and the DINO loss.
+
+    Args:
+        backbone: the student backbone (e.g. ``vit_small(16, drop_path_rate=0.1)``); the
+            teacher is a copy with stochastic depth off.
+        out_dim: prototypes ``K`` (65536).
+        hidden_dim, bottleneck_dim, head_layers: head MLP (2048, 256, 3).
+        norm_last_layer: freeze the student's weight-norm gain at 1 (True; the reference
+            recommends False for ViT-S with care).
+        student_temp: 0.1.
+        warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs: the teacher
+            temperature rises linearly from 0.04 to 0.07 over 30 epochs, then stays.
+        center_momentum: 0.9.
+        teacher_momentum, teacher_momentum_end: EMA range when ``fit`` gets no
+            ``TeacherEMA`` callback (0.996 -> 1).
+        freeze_last_layer: epochs the student's last layer is frozen (1).
+
+    Data: ``fit`` takes batches as dicts (see :mod:`keras_pqcl.data`) with
+        ``"global_crops"`` ``(B, G, H, W, 3)`` and optionally ``"local_crops"``
+        ``(B, L, h, w, 3)``.
+
+    Logs: ``loss``, ``teacher_temp``, ``teacher_momentum``, ``learning_rate``,
+        ``weight_decay`` and ``teacher_entropy`` (entropy of the teacher's mean output; near 0
+        means collapse to one prototype, near ``ln K`` uniform collapse).
+    """
+
+    def __init__(
+        self,
+        backbone,
+        out_dim=65536,
+        hidden_dim=2048,
+        bottleneck_dim=256,
+        head_layers=3,
+        norm_last_layer=True,
+        student_temp=0.1,
+        warmup_teacher_temp=0.04,
+        teacher_temp=0.07,
+        warmup_teacher_temp_epochs=30,
+        center_momentum=0.9,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.out_dim = out_dim
+        self.hidden_dim = hidden_dim
+        self.bottleneck_dim = bottleneck_dim
+        self.head_layers = head_layers
+        self.norm_last_layer = norm_last_layer
+        self.student_temp = student_temp
+        self.warmup_teacher_temp = warmup_teacher_temp
+        self.teacher_temp = teacher_temp
+        self.warmup_teacher_temp_epochs = warmup_teacher_temp_epochs
+        self.center_momentum = center_momentum
+
+        self.student_backbone = backbone
+        if not backbone.built:
+            backbone.build()
+        self.teacher_backbone = clone_backbone(backbone, drop_path_rate=0.0, name="teacher_backbone")
+        head_args = dict(out_dim=out_dim, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim, num_layers=head_layers)
+        dim = backbone.embed_dim
+        self.student_head = DINOHead(norm_last_layer=norm_last_layer, name="student_head", **head_args)
+        self.teacher_head = DINOHead(norm_last_layer=True, name="teacher_head", **head_args)
+        self.student_head.build((None, dim))
+        self.teacher_head.build((None, dim))
+        self.dino_loss = DINOLoss(out_dim, student_temp=student_temp, center_momentum=center_momentum, name="dino_loss")
+        self.add_teacher(self.teacher_backbone, self.student_backbone)
+        self.add_teacher(self.teacher_head, self.student_head)
+        self.built = True
+
+    def frozen_variables(self):
+        return list(self.student_head.last_layer.trainable_variables)
+
+    def teacher_temp_at(self, step):
+        return schedules.warmup_then_constant(
+            self.epoch_at(step), self.warmup_teacher_temp, self.teacher_temp, self.warmup_teacher_temp_epochs
+        )
+
+    def ssl_forward(self, data, step, training=True):
+        if "global_crops" not in data:
+            raise ValueError(
+                "DINO expects batches as dicts with 'global_crops' (B, G, H, W, 3) and optionally "
+                f"'local_crops'; got keys {sorted(data)}. Use keras_pqcl.data.pretrain_dataset."
+            )
+        global_crops = data["global_crops"]
+        n_global, batch = global_crops.shape[1], ops.shape(global_crops)[0]
+        globals_flat = crop_major(global_crops)
+
+        teacher_cls = self.teacher_backbone(globals_flat, training=False)["cls"]
+        teacher_logits = ops.stop_gradient(self.teacher_head(teacher_cls))
+
+        # Same-resolution crops go through the backbone together, then one head call.
+        student_cls = [self.student_backbone(globals_flat, training=training)["cls"]]
+        if data.get("local_crops") is not None and data["local_crops"].shape[1]:
+            student_cls.append(self.student_backbone(crop_major(data["local_crops"]), training=training)["cls"])
+        student_logits = self.student_head(ops.concatenate(student_cls, axis=0))
+
+        k = self.out_dim
+        temp = self.teacher_temp_at(step)
+        loss = self.dino_loss(
+            ops.reshape(student_logits, (-1, batch, k)),
+            ops.reshape(teacher_logits, (n_global, batch, k)),
+            temp,
+        )
+        logs = self.schedule_logs(step)
+        logs["teacher_temp"] = temp
+        logs["teacher_entropy"] = mean_output_entropy(teacher_logits, self.dino_loss.center, temp)
+        return loss, logs
+
+    def call(self, images, training=False):
+        """Student CLS features ``(batch, D)`` of ``images``."""
+        return self.student_backbone(images, training=training)["cls"]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            backbone=keras.saving.serialize_keras_object(self.student_backbone),
+            out_dim=self.out_dim,
+            hidden_dim=self.hidden_dim,
+            bottleneck_dim=self.bottleneck_dim,
+            head_layers=self.head_layers,
+            norm_last_layer=self.norm_last_layer,
+            student_temp=self.student_temp,
+            warmup_teacher_temp=self.warmup_teacher_temp,
+            teacher_temp=self.teacher_temp,
+            warmup_teacher_temp_epochs=self.warmup_teacher_temp_epochs,
+            center_momentum=self.center_momentum,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
+        return cls(**config)
+
+
+def mean_output_entropy(teacher_logits, center, temp):
+    """Entropy (nats) of the batch-averaged teacher distribution: a collapse monitor."""
+    t = ops.stop_gradient(ops.cast(teacher_logits, "float32"))
+    p = ops.mean(ops.softmax((t - center) / temp, axis=-1), axis=0)
+    return -ops.sum(p * ops.log(p + 1e-12))
