@@ -1,0 +1,132 @@
+"""Recipes: one dataclass holds every setting of a pre-training run, with the paper defaults.
+
+A recipe file in ``recipes/`` defines ``get_recipe()`` returning a :class:`Recipe` that names
+only what differs from these defaults (big_vision's "configs as code").
+"""
+
+import dataclasses
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class Recipe:
+    """All settings of one pre-training run. Defaults: DINO ViT-S/16 (Caron et al. 2021).
+
+    Attributes:
+        name: recipe name (written to the output folder).
+        description: one line shown by ``keras-pqcl recipes``.
+        method: ``"dino"`` (more methods register in :data:`keras_pqcl.training.METHODS`).
+        backbone: ViT preset (``vit_tiny|vit_small|vit_base|vit_large``).
+        patch_size: 16.
+        drop_path_rate: student stochastic depth (0.1); the teacher uses 0.
+        pos_embed: ``"learned"`` or ``"sincos"``.
+        backbone_args: extra ``VisionTransformer`` arguments (e.g. ``depth`` for tiny runs).
+        method_args: method arguments (``out_dim``, ``norm_last_layer``, temperatures...).
+        data: data source (``"synthetic_scenes"``, a folder, ``"tfds:NAME"``).
+        crops: ``keras_pqcl.data.MultiCropConfig`` arguments.
+        batch_size: global batch (split over devices).
+        epochs: 100.
+        base_lr: 5e-4, scaled by ``batch_size / 256``.
+        min_lr: 1e-6.
+        warmup_epochs: 10 (linear learning-rate warm-up).
+        weight_decay, weight_decay_end: cosine 0.04 -> 0.4.
+        clip_grad: per-tensor gradient clipping (3.0).
+        teacher_momentum: EMA momentum at step 0, rising to 1 (0.996).
+        precision: ``"float32"`` or ``"mixed_bfloat16"``.
+        jit_compile: passed to ``compile`` (``"auto"``: JAX compiles, TF on CPU does not).
+        seed: random seed for weights and data.
+        checkpoint_every: epochs between checkpoints.
+        steps_per_epoch: cap the steps of an epoch (``None``: the whole dataset).
+    """
+
+    name: str = "custom"
+    description: str = ""
+    method: str = "dino"
+    backbone: str = "vit_small"
+    patch_size: int = 16
+    drop_path_rate: float = 0.1
+    pos_embed: str = "learned"
+    backbone_args: dict = field(default_factory=dict)
+    method_args: dict = field(default_factory=dict)
+    data: str = "synthetic_scenes"
+    crops: dict = field(default_factory=dict)
+    batch_size: int = 64
+    epochs: int = 100
+    base_lr: float = 5e-4
+    min_lr: float = 1e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0
+    teacher_momentum: float = 0.996
+    precision: str = "float32"
+    jit_compile: object = "auto"
+    seed: int = 0
+    checkpoint_every: int = 1
+    steps_per_epoch: Optional[int] = None
+
+    def replace(self, **changes):
+        """A copy with ``changes`` applied (``None`` values are ignored)."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"Unknown recipe fields {sorted(unknown)}.")
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self):
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+def recipes_dir():
+    """The ``recipes/`` folder of a source checkout (None when installed without it)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.path.join(os.path.dirname(here), "recipes")
+    return path if os.path.isdir(path) else None
+
+
+def available_recipes():
+    names = set()
+    folder = recipes_dir()
+    if folder:
+        names |= {f[:-3] for f in os.listdir(folder) if f.endswith(".py") and not f.startswith("_")}
+    try:
+        from keras_pqcl import recipes as packaged
+
+        folder = os.path.dirname(packaged.__file__)
+        names |= {f[:-3] for f in os.listdir(folder) if f.endswith(".py") and not f.startswith("_")}
+    except ImportError:
+        pass
+    return sorted(names)
+
+
+def load_recipe(name_or_path):
+    """Load a recipe by name (``"tiny"``) or by path to a ``.py`` file defining ``get_recipe``."""
+    path = name_or_path
+    if not name_or_path.endswith(".py"):
+        path = None
+        folder = recipes_dir()
+        if folder and os.path.exists(os.path.join(folder, name_or_path + ".py")):
+            path = os.path.join(folder, name_or_path + ".py")
+        else:
+            try:
+                module = importlib.import_module(f"keras_pqcl.recipes.{name_or_path}")
+                return module.get_recipe()
+            except ImportError:
+                pass
+        if path is None:
+            raise ValueError(
+                f"Unknown recipe {name_or_path!r}. Available: {', '.join(available_recipes()) or 'none'}; "
+                "or pass the path of a .py file that defines get_recipe()."
+            )
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Recipe file {path} does not exist.")
+    spec = importlib.util.spec_from_file_location(f"_recipe_{os.path.basename(path)[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_recipe"):
+        raise ValueError(f"Recipe file {path} must define get_recipe() returning a keras_pqcl.Recipe.")
+    return module.get_recipe()

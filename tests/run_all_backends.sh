@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Run the whole test suite once per Keras backend (TensorFlow, JAX, PyTorch).
+# Usage: bash tests/run_all_backends.sh [extra pytest args]
+set -u
+cd "$(dirname "$0")/.."
+status=0
+for backend in tensorflow jax torch; do
+    echo "=== KERAS_BACKEND=$backend"
+    KERAS_BACKEND=$backend python -m pytest tests -q -p no:cacheprovider "$@"
+    rc=$?
+    # pytest exits 5 when it collects nothing: that is a failure of the suite here.
+    if [ $rc -ne 0 ]; then echo "=== $backend: FAILED (exit $rc)"; status=1; fi
+done
+[ $status -eq 0 ] && echo "=== all backends passed"
+exit $status
