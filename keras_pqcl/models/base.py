@@ -185,6 +185,8 @@ class SelfSupervisedModel(TrainStep, keras.Model):
                 "kp.optimizers.dino_adamw(batch_size, epochs, steps_per_epoch))."
             )
         self.configure_schedules(epochs, steps)
+        if _is_dataset(x):
+            kwargs.setdefault("shuffle", False)  # tf.data shuffles itself; avoids Keras' warning
         callbacks = list(callbacks or [])
         if not any(isinstance(c, TeacherEMA) for c in callbacks):
             callbacks.insert(0, TeacherEMA(self.teacher_momentum, self.teacher_momentum_end))
@@ -209,6 +211,14 @@ class _null:
 
     def __exit__(self, *exc):
         return False
+
+
+def _is_dataset(data):
+    try:
+        import tensorflow as tf
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(data, tf.data.Dataset)
 
 
 def _cardinality(data):
