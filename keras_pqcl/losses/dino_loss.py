@@ -22,14 +22,14 @@ class DINOLoss(CenteredTeacherLoss):
     Call args:
         student_logits: ``(V, B, K)``, crop-major: the ``G`` global crops first.
         teacher_logits: ``(G, B, K)`` for the global crops.
-        teacher_temp: scalar ``tau_t`` (follows its schedule; see ``schedules``).
+        teacher_temp: keyword-only scalar ``tau_t`` (follows its schedule; see ``schedules``).
         update_center: update the center after computing the loss (default True).
 
     Returns:
         scalar float32 loss, the mean over pairs of per-pair batch means.
     """
 
-    def call(self, student_logits, teacher_logits, teacher_temp, update_center=True):
+    def call(self, student_logits, teacher_logits, *, teacher_temp, update_center=True):
         n_global = teacher_logits.shape[0]
         n_crops = student_logits.shape[0]
         if n_crops < n_global:

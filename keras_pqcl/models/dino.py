@@ -120,7 +120,7 @@ class DINO(SelfSupervisedModel):
         loss = self.dino_loss(
             ops.reshape(student_logits, (-1, batch, k)),
             ops.reshape(teacher_logits, (n_global, batch, k)),
-            temp,
+            teacher_temp=temp,
         )
         logs = self.schedule_logs(step)
         logs["teacher_temp"] = temp

@@ -1,5 +1,7 @@
 """AdamW with the DINO/iBOT conventions, usable on every backend."""
 
+import math
+
 import keras
 from keras import ops
 
@@ -60,7 +62,7 @@ class AdamW(keras.optimizers.Optimizer):
         self._m, self._v = self.add_optimizer_variables(var_list, ["m", "v"])
         self._decays = [len(v.shape) >= 2 and not v.name.endswith("bias") for v in var_list]
         self.freeze_until = self.add_variable(
-            shape=(), dtype="int64", initializer="zeros", name="freeze_until"
+            shape=(), dtype=self.iterations.dtype, initializer="zeros", name="freeze_until"
         )
 
     def freeze(self, variables, until_step):
@@ -85,9 +87,15 @@ class AdamW(keras.optimizers.Optimizer):
             norm = ops.sqrt(ops.sum(ops.square(g)))
             g = g * ops.minimum(1.0, self.clip_per_tensor / (norm + 1e-6))
         lr = ops.cast(learning_rate, dtype)
-        step = ops.cast(self.iterations + 1, dtype)
-        bias1 = 1.0 - ops.power(ops.cast(self.beta_1, dtype), step)
-        bias2 = 1.0 - ops.power(ops.cast(self.beta_2, dtype), step)
+        iterations = self.iterations
+        if index in self._frozen_indices:
+            # torch keeps one step count per parameter and a parameter whose grad is None
+            # does not step: after unfreezing, bias corrections restart from step 1.
+            iterations = iterations - ops.minimum(iterations, self.freeze_until)
+        step = ops.cast(iterations + 1, dtype)
+        # 1 - beta**t as -expm1(t log beta): float32 keeps torch's float64 accuracy for small t.
+        bias1 = -ops.expm1(step * math.log(self.beta_1))
+        bias2 = -ops.expm1(step * math.log(self.beta_2))
         new_m = m * self.beta_1 + g * (1.0 - self.beta_1)
         new_v = v * self.beta_2 + ops.square(g) * (1.0 - self.beta_2)
         new_p = p
