@@ -47,6 +47,15 @@ def _use_backend(backend):
 
 
 def main(argv=None):
+    try:
+        return _main(argv)
+    except (ValueError, FileNotFoundError, FloatingPointError) as error:
+        # Bad input or a diverged run: the message says what to change, a traceback adds noise.
+        print(f"keras-pqcl: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _main(argv):
     args = _parser().parse_args(argv)
     _use_backend(getattr(args, "backend", None))
     from keras_pqcl.recipe import available_recipes, load_recipe

@@ -107,12 +107,21 @@ def pretrain(recipe, output_dir, resume=False, verbose=1):
 
     crops = kdata.MultiCropConfig(**recipe.crops)
     crops.check_patch_size(recipe.patch_size)
-    dataset = kdata.pretrain_dataset(
-        recipe.data, crops=crops, batch_size=recipe.batch_size, shuffle=True, seed=recipe.seed
+    dataset, info = kdata.pretrain_dataset(
+        recipe.data, crops=crops, batch_size=recipe.batch_size, shuffle=True, seed=recipe.seed,
+        return_info=True,
     )
     steps = kdata.steps_per_epoch(dataset)
+    if steps is None and info.num_examples:
+        # Folders drop undecodable files on the fly, so the length is only known up to them;
+        # repeating keeps every epoch exactly `steps` batches long.
+        steps = info.num_examples // recipe.batch_size
+        dataset = dataset.repeat()
     if recipe.steps_per_epoch:
         steps = min(steps or recipe.steps_per_epoch, recipe.steps_per_epoch)
+    if not steps:
+        raise ValueError(f"Cannot tell how many batches {recipe.data!r} holds; set steps_per_epoch in the recipe.")
+    if kdata.steps_per_epoch(dataset) != steps:
         dataset = dataset.take(steps)
     _atomic_write(os.path.join(output_dir, "recipe.json"), lambda p: open(p, "w").write(recipe.to_json()))
 

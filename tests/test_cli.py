@@ -84,10 +84,17 @@ def test_mixed_bfloat16_trains_with_float32_loss(recipe_file, tmp_path):
     assert all(v.dtype == "float32" for v in model.trainable_variables)
 
 
-def test_bad_output_checkpoint_is_a_clear_error(recipe_file, tmp_path):
+def test_bad_output_checkpoint_is_a_clear_error(recipe_file, tmp_path, capsys):
     out = tmp_path / "broken"
     (out / "checkpoints").mkdir(parents=True)
     (out / "checkpoints" / "checkpoint.keras").write_bytes(b"not a zip")
     (out / "checkpoints" / "checkpoint.json").write_text('{"epochs_done": 1, "step": 2}')
-    with pytest.raises(ValueError, match="Could not restore the checkpoint"):
-        cli.main(["pretrain", "--recipe", recipe_file(), "--output", str(out), "--resume", "--quiet"])
+    assert cli.main(["pretrain", "--recipe", recipe_file(), "--output", str(out), "--resume", "--quiet"]) == 2
+    assert "Could not restore the checkpoint" in capsys.readouterr().err
+
+
+def test_empty_data_folder_is_a_clear_error(recipe_file, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    argv = ["pretrain", "--recipe", recipe_file(), "--data", str(tmp_path / "empty"), "--output", str(tmp_path / "o")]
+    assert cli.main(argv) == 2
+    assert "no image files found" in capsys.readouterr().err

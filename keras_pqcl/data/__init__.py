@@ -1,0 +1,64 @@
+"""Data pipeline for self-supervised pre-training (DINO, iBOT, PQCL).
+
+Everything runs in ``tf.data`` with TensorFlow ops only, so the same
+pipeline feeds ``fit`` under ``KERAS_BACKEND`` = tensorflow, jax or torch.
+keras-cv is imported only when a :class:`MultiCrop` with photometric
+augmentations is built (never at package import).
+
+Main entry points:
+
+* :func:`pretrain_dataset` - batched multi-crop dataset of dicts.
+* :class:`MultiCropConfig` / :class:`MultiCrop` - the per-example transform.
+* :func:`load_source` - folders, numpy arrays, ``"synthetic_scenes"``,
+  ``"tfds:NAME"``.
+* :func:`synthetic_scenes` - the embedded procedural dataset.
+"""
+
+from keras_pqcl.data.augment import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    color_jitter,
+    gaussian_blur,
+    normalize,
+    photometric_augment,
+    solarize,
+    to_grayscale,
+)
+from keras_pqcl.data.crops import (
+    crop_and_resize,
+    random_resized_crop,
+    sample_crop_box,
+)
+from keras_pqcl.data.multicrop import MultiCrop, MultiCropConfig
+from keras_pqcl.data.pipeline import pretrain_dataset, steps_per_epoch
+from keras_pqcl.data.sources import (
+    IMAGE_EXTENSIONS,
+    SourceInfo,
+    list_image_files,
+    load_source,
+)
+from keras_pqcl.data.synthetic import SYNTHETIC_CLASS_NAMES, synthetic_scenes
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMAGE_EXTENSIONS",
+    "MultiCrop",
+    "MultiCropConfig",
+    "SYNTHETIC_CLASS_NAMES",
+    "SourceInfo",
+    "color_jitter",
+    "crop_and_resize",
+    "gaussian_blur",
+    "list_image_files",
+    "load_source",
+    "normalize",
+    "photometric_augment",
+    "pretrain_dataset",
+    "random_resized_crop",
+    "sample_crop_box",
+    "solarize",
+    "steps_per_epoch",
+    "synthetic_scenes",
+    "to_grayscale",
+]

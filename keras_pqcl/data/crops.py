@@ -1,0 +1,210 @@
+"""Crop geometry: RandomResizedCrop box sampling, crop + resize, flips.
+
+Everything here is plain TensorFlow (``tf.random`` stateless ops, ``tf.image``)
+so it runs inside ``tf.data.Dataset.map`` whatever ``KERAS_BACKEND`` is.
+
+Conventions
+-----------
+* A *box* is a float32 vector ``[top, left, height, width]`` in pixels of the
+  source image (integer valued, like torchvision's ``get_params``). PQCL needs
+  these exact source coordinates to place positional queries (spec §5.2), so
+  they are sampled explicitly rather than hidden inside a resize op.
+* A *seed* is an int32/int64 tensor of shape ``[2]`` for the ``tf.random``
+  stateless ops. The same seed always gives the same box / flip, which is what
+  makes a seeded pipeline reproducible.
+
+Why not ``keras_cv.layers.RandomCropAndResize``: it does not return the box
+it used, and draws from a stateful generator (not reproducible per example);
+Keras core has no RandomResizedCrop (keras#21822).
+"""
+
+import math
+
+import tensorflow as tf
+
+__all__ = [
+    "sample_crop_box",
+    "crop_and_resize",
+    "horizontal_flip",
+    "random_resized_crop",
+    "split_seed",
+]
+
+
+def split_seed(seed, num):
+    """Derives ``num`` independent stateless seeds from one seed.
+
+    Args:
+        seed: int tensor ``[2]``.
+        num: Python int.
+
+    Returns:
+        int64 tensor ``[num, 2]``.
+    """
+    seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
+    return tf.random.experimental.stateless_split(seed, num=num)
+
+
+def _image_hw(image):
+    shape = tf.shape(image)
+    return shape[0], shape[1]
+
+
+def sample_crop_box(
+    seed, height, width, scale=(0.08, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0),
+    num_tries=10,
+):
+    """Samples a RandomResizedCrop box exactly like torchvision's ``get_params``.
+
+    For each of ``num_tries`` attempts (drawn all at once, vectorised, then the
+    first acceptable one is kept, which is the same as trying them in order):
+
+    * ``area = U(scale) * H * W``
+    * ``ar = exp(U(log ratio[0], log ratio[1]))`` (log-uniform aspect ratio)
+    * ``w = round(sqrt(area * ar))``, ``h = round(sqrt(area / ar))``
+    * accepted if ``0 < w <= W`` and ``0 < h <= H``; then
+      ``top ~ randint[0, H - h]`` and ``left ~ randint[0, W - w]`` (inclusive).
+
+    If no attempt is accepted, torchvision's fallback is used: a centre crop
+    whose aspect ratio is the image's, clamped to ``ratio``.
+
+    Rounding uses ``tf.round`` (half to even), the same rule as Python's
+    ``round`` used by torchvision.
+
+    Args:
+        seed: int tensor ``[2]`` for the stateless RNG.
+        height, width: source image size (int scalars or tensors).
+        scale: ``(min, max)`` fraction of the image area.
+        ratio: ``(min, max)`` aspect ratio ``w / h``.
+        num_tries: number of rejection-sampling attempts (torchvision: 10).
+
+    Returns:
+        float32 tensor ``[4]``: ``(top, left, height, width)`` in source pixels.
+    """
+    seeds = split_seed(seed, 4)
+    H = tf.cast(height, tf.float32)
+    W = tf.cast(width, tf.float32)
+    area = H * W
+
+    target_area = area * tf.random.stateless_uniform(
+        [num_tries], seeds[0], minval=scale[0], maxval=scale[1]
+    )
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = tf.exp(
+        tf.random.stateless_uniform(
+            [num_tries], seeds[1], minval=log_lo, maxval=log_hi
+        )
+    )
+    w = tf.round(tf.sqrt(target_area * aspect))
+    h = tf.round(tf.sqrt(target_area / aspect))
+    ok = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    # argmax on the 0/1 vector returns the first accepted attempt.
+    first = tf.argmax(tf.cast(ok, tf.int32), output_type=tf.int32)
+    any_ok = tf.reduce_any(ok)
+
+    # torchvision fallback: keep the whole image if its ratio is in range,
+    # otherwise the largest centred box with the clamped ratio.
+    in_ratio = W / H
+    fb_w = tf.where(
+        in_ratio < ratio[0], W,
+        tf.where(in_ratio > ratio[1], tf.round(H * ratio[1]), W),
+    )
+    fb_h = tf.where(
+        in_ratio < ratio[0], tf.round(W / ratio[0]),
+        tf.where(in_ratio > ratio[1], H, H),
+    )
+    # Guard against a 0-pixel side on degenerate inputs (e.g. a 1-pixel-high
+    # image with a huge ratio); torchvision would crash there.
+    fb_w = tf.clip_by_value(fb_w, 1.0, W)
+    fb_h = tf.clip_by_value(fb_h, 1.0, H)
+
+    crop_h = tf.where(any_ok, tf.gather(h, first), fb_h)
+    crop_w = tf.where(any_ok, tf.gather(w, first), fb_w)
+
+    # randint[0, H - h] inclusive: integer stateless draw with exclusive max.
+    max_top = tf.cast(H - crop_h, tf.int32) + 1
+    max_left = tf.cast(W - crop_w, tf.int32) + 1
+    rand_top = tf.random.stateless_uniform(
+        [], seeds[2], minval=0, maxval=max_top, dtype=tf.int32
+    )
+    rand_left = tf.random.stateless_uniform(
+        [], seeds[3], minval=0, maxval=max_left, dtype=tf.int32
+    )
+    top = tf.where(
+        any_ok, tf.cast(rand_top, tf.float32), tf.floor((H - crop_h) / 2.0)
+    )
+    left = tf.where(
+        any_ok, tf.cast(rand_left, tf.float32), tf.floor((W - crop_w) / 2.0)
+    )
+    return tf.stack([top, left, crop_h, crop_w])
+
+
+def crop_and_resize(image, box, size, method="bicubic", antialias=True):
+    """Cuts ``box`` out of ``image`` and resizes it to ``size x size``.
+
+    Bicubic with ``antialias=True`` mimics PIL's bicubic resize used by
+    torchvision on PIL images (PIL always low-pass filters when shrinking).
+
+    Args:
+        image: ``[H, W, C]`` tensor (any real dtype; cast to float32 without
+            rescaling, so convert uint8 to [0, 1] first if you want that).
+        box: float/int tensor ``[4]`` = ``(top, left, height, width)``.
+        size: int or ``(height, width)`` of the output.
+        method, antialias: passed to ``tf.image.resize``.
+
+    Returns:
+        float32 ``[size, size, C]``. Not clipped: bicubic can overshoot the
+        input range slightly; callers clip where the range matters.
+    """
+    if isinstance(size, int):
+        size = (size, size)
+    image = tf.cast(image, tf.float32)
+    box = tf.cast(tf.round(tf.cast(box, tf.float32)), tf.int32)
+    crop = tf.slice(
+        image,
+        tf.stack([box[0], box[1], 0]),
+        tf.stack([box[2], box[3], -1]),
+    )
+    out = tf.image.resize(crop, size, method=method, antialias=antialias)
+    # Static shape for downstream batching (channels known when input's are).
+    out.set_shape([size[0], size[1], image.shape[-1]])
+    return out
+
+
+def horizontal_flip(image, flip):
+    """Mirrors ``image [H, W, C]`` left-right when the bool scalar ``flip``."""
+    return tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
+
+
+def random_resized_crop(
+    image, seed, size, scale=(0.08, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0),
+    flip_p=0.5, method="bicubic", antialias=True, num_tries=10,
+):
+    """RandomResizedCrop + RandomHorizontalFlip, returning the geometry.
+
+    The flip is applied after the crop (as in DINO), and recorded so that
+    models can mirror positional coordinates of flipped views (spec §5.2).
+
+    Args:
+        image: ``[H, W, C]`` tensor (float values kept as they are).
+        seed: int tensor ``[2]``.
+        size: output side (int) or ``(height, width)``.
+        scale, ratio, num_tries: see :func:`sample_crop_box`.
+        flip_p: probability of a horizontal flip.
+
+    Returns:
+        ``(crop, box, flipped)``: float32 ``[size, size, C]``, float32 ``[4]``
+        ``(top, left, height, width)`` in source pixels, bool scalar.
+    """
+    seeds = split_seed(seed, 2)
+    height, width = _image_hw(image)
+    box = sample_crop_box(
+        seeds[0], height, width, scale=scale, ratio=ratio, num_tries=num_tries
+    )
+    crop = crop_and_resize(image, box, size, method=method, antialias=antialias)
+    if flip_p <= 0:
+        flipped = tf.constant(False)
+    else:
+        flipped = tf.random.stateless_uniform([], seeds[1]) < flip_p
+        crop = horizontal_flip(crop, flipped)
+    return crop, box, flipped
