@@ -28,3 +28,8 @@ class TeacherEMA(keras.callbacks.Callback):
                 f"TeacherEMA needs a keras_pqcl self-supervised model, got {type(self.model).__name__}."
             )
         self.model.set_teacher_momentum(self.momentum, self.final_momentum)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        # Again at every epoch: BackupAndRestore restores the saved range after
+        # on_train_begin, and the range passed to this fit must win.
+        self.model.set_teacher_momentum(self.momentum, self.final_momentum)
