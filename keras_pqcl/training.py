@@ -7,6 +7,7 @@ Used by ``keras-pqcl pretrain``; importable for scripts and notebooks::
     pretrain(load_recipe("tiny"), "runs/tiny")
 """
 
+import contextlib
 import csv
 import json
 import os
@@ -74,15 +75,7 @@ def distribution_scope():
         gpus = tf.config.list_logical_devices("GPU")
         if len(gpus) > 1:
             return tf.distribute.MirroredStrategy().scope()
-    return _Nothing()
-
-
-class _Nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    return contextlib.nullcontext()
 
 
 def pretrain(recipe, output_dir, resume=False, verbose=1):

@@ -13,7 +13,7 @@ from the optimizer's step counter, with the clock (steps per epoch, total steps)
 momentum range stored in non-trainable variables so that they are saved and resumed.
 """
 
-import math
+import contextlib
 import warnings
 
 import keras
@@ -86,10 +86,7 @@ class SelfSupervisedModel(TrainStep, keras.Model):
 
     def teacher_momentum_at(self, step):
         """Cosine schedule from ``momentum_start`` to ``momentum_end`` over all steps."""
-        step = ops.cast(step, "float32")
-        progress = ops.clip(step / ops.maximum(self.total_steps, 1.0), 0.0, 1.0)
-        start, end = self.momentum_start, self.momentum_end
-        return end - (end - start) * (1.0 + ops.cos(math.pi * progress)) / 2.0
+        return schedules.cosine(step, self.total_steps, self.momentum_start, self.momentum_end)
 
     def update_teacher(self, step):
         """``teacher <- m teacher + (1 - m) student`` for every registered pair."""
@@ -126,7 +123,7 @@ class SelfSupervisedModel(TrainStep, keras.Model):
             )
             return
         strategy = getattr(self, "distribute_strategy", None)
-        with strategy.scope() if strategy is not None else _null():
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
             self.optimizer.build(self.trainable_variables)
         self.optimizer.freeze(frozen, self.freeze_last_layer * steps_per_epoch)
 
@@ -203,14 +200,6 @@ class SelfSupervisedModel(TrainStep, keras.Model):
             freeze_last_layer=self.freeze_last_layer,
         )
         return config
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _is_dataset(data):
