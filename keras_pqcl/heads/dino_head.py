@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_pqcl.layers.dense import Dense
 from keras_pqcl.layers.init import linear_init
 from keras_pqcl.layers.weight_norm import WeightNormDense
 
@@ -42,7 +43,7 @@ class DINOHead(keras.layers.Layer):
         policy = self.dtype_policy
         widths = [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
         self.mlp = [
-            keras.layers.Dense(
+            Dense(
                 width,
                 activation="gelu" if i < num_layers - 1 else None,
                 dtype=policy,

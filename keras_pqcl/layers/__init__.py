@@ -2,6 +2,7 @@
 
 from keras_pqcl.layers.attention import Attention
 from keras_pqcl.layers.block import Block
+from keras_pqcl.layers.dense import Dense
 from keras_pqcl.layers.drop_path import DropPath
 from keras_pqcl.layers.mlp import Mlp
 from keras_pqcl.layers.patch_embed import PatchEmbed

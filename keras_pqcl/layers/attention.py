@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_pqcl.layers.dense import Dense
 from keras_pqcl.layers.init import linear_init
 
 
@@ -37,10 +38,10 @@ class Attention(keras.layers.Layer):
         self.head_dim = dim // num_heads
         self.qkv_bias = qkv_bias
         self.scale = self.head_dim**-0.5
-        self.qkv = keras.layers.Dense(
+        self.qkv = Dense(
             3 * dim, use_bias=qkv_bias, dtype=self.dtype_policy, name="qkv", **linear_init()
         )
-        self.proj = keras.layers.Dense(dim, dtype=self.dtype_policy, name="proj", **linear_init())
+        self.proj = Dense(dim, dtype=self.dtype_policy, name="proj", **linear_init())
 
     def build(self, input_shape=None):
         self.qkv.build((None, None, self.dim))

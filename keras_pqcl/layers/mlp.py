@@ -2,6 +2,7 @@
 
 import keras
 
+from keras_pqcl.layers.dense import Dense
 from keras_pqcl.layers.init import linear_init
 
 
@@ -20,10 +21,10 @@ class Mlp(keras.layers.Layer):
         super().__init__(**kwargs)
         self.dim = dim
         self.hidden_dim = hidden_dim
-        self.fc1 = keras.layers.Dense(
+        self.fc1 = Dense(
             hidden_dim, activation="gelu", dtype=self.dtype_policy, name="fc1", **linear_init()
         )
-        self.fc2 = keras.layers.Dense(dim, dtype=self.dtype_policy, name="fc2", **linear_init())
+        self.fc2 = Dense(dim, dtype=self.dtype_policy, name="fc2", **linear_init())
 
     def build(self, input_shape=None):
         self.fc1.build((None, self.dim))
