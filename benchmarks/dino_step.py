@@ -3,7 +3,7 @@
 Default setting (issue #3): ViT-S/16, batch 8, 2 x 224 + 6 x 96 crops, out_dim 65536, the full
 trainer (clipping, centering, schedules, EMA). Each backend runs in its own subprocess; the
 table gives images/s, the first step (compile) time, the share of the step spent in the
-teacher EMA, and the fraction of the measured fp32 matmul peak.
+teacher EMA, and the fraction of this machine's fp32 matmul peak (NumPy GEMM).
 
     python benchmarks/dino_step.py                       # all three backends
     python benchmarks/dino_step.py --backends jax --steps 5
@@ -90,7 +90,6 @@ def worker(args):
     step_s = float(np.median(timer.times[1:]))
 
     ema_s = time_ema(model, backend, args)
-    peak = matmul_gflops(backend)
     flops = step_flops(args)
     print(json.dumps({
         "backend": backend,
@@ -100,7 +99,6 @@ def worker(args):
         "compile_s": compile_s,
         "ema_share": ema_s / step_s,
         "gflops": flops / step_s / 1e9,
-        "peak_gflops": peak,
     }))
 
 
@@ -141,21 +139,6 @@ def time_ema(model, backend, args, repeats=5):
         fn()
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
-
-
-def matmul_gflops(backend, n=2048, repeats=5):
-    """fp32 matmul throughput of this backend on this machine (GFLOP/s)."""
-    import numpy as np
-    from keras import ops
-
-    a = ops.convert_to_tensor(np.random.default_rng(0).normal(size=(n, n)).astype("float32"))
-    ops.convert_to_numpy(ops.matmul(a, a))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        ops.convert_to_numpy(ops.matmul(a, a))
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / float(np.median(times)) / 1e9
 
 
 def main():
@@ -201,15 +184,38 @@ def main():
         rows.append(json.loads(line[-1]))
 
     flops = step_flops(args) / args.batch / 1e9
+    peak = machine_peak_gflops()
     print(f"\nDINO step: ViT(dim {args.dim}, depth {args.depth}, patch {args.patch}), batch {args.batch}, "
           f"{args.n_global}x{args.global_size} + {args.n_local}x{args.local_size}, out_dim {args.out_dim}; "
-          f"{flops:.1f} GFLOP per image")
-    print("| backend | jit | images/s | step s | compile s | EMA share | GFLOP/s | matmul peak GFLOP/s | % of peak |")
+          f"{flops:.1f} GFLOP per image; fp32 matmul peak of this machine (numpy, 2048^3): {peak:.0f} GFLOP/s")
+    print(f"Official PyTorch DINO code: {OFFICIAL_SHARE:.0%} of the matmul peak (issue #3); 'x official' = share / {OFFICIAL_SHARE:.0%}.")
+    print("| backend | jit | images/s | step s | compile s | EMA share | GFLOP/s | % of peak | x official |")
     print("|---|---|---|---|---|---|---|---|---|")
-    best_peak = max((r["peak_gflops"] for r in rows), default=1.0)
     for r in rows:
+        share = r["gflops"] / peak
         print(f"| {r['backend']} | {r['jit']} | {r['images_per_s']:.2f} | {r['step_s']:.2f} | {r['compile_s']:.1f} | "
-              f"{100 * r['ema_share']:.1f}% | {r['gflops']:.0f} | {r['peak_gflops']:.0f} | {100 * r['gflops'] / best_peak:.0f}% |")
+              f"{100 * r['ema_share']:.1f}% | {r['gflops']:.0f} | {100 * share:.0f}% | {share / OFFICIAL_SHARE:.2f} |")
+
+
+# The official code's 0.66 images/s on the issue's 2-core machine was 24% of its matmul peak;
+# machines differ, so the comparison is made in shares of each machine's own peak.
+OFFICIAL_SHARE = 0.24
+
+
+def machine_peak_gflops(n=2048, repeats=7):
+    """Best fp32 GEMM rate of this machine through NumPy's BLAS (GFLOP/s)."""
+    import numpy as np
+
+    a = np.random.default_rng(0).normal(size=(n, n)).astype("float32")
+    a @ a
+    best = min(_time(lambda: a @ a) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _time(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 if __name__ == "__main__":

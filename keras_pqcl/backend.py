@@ -45,6 +45,28 @@ def cross_replica_mean(x):
     return x
 
 
+
+def ema_update(pairs, momentum):
+    """``t <- m t + (1 - m) s`` for every ``(t, s)`` variable pair, in the variables' dtype.
+
+    Torch runs eagerly, so one fused ``_foreach_lerp_`` over all tensors replaces a Python
+    loop of small kernels; the other backends compile the loop into the step.
+    """
+    if BACKEND == "torch":
+        import torch
+
+        with torch.no_grad():
+            teachers = [t.value for t, _ in pairs]
+            students = [s.value.detach() for _, s in pairs]
+            weight = 1.0 - momentum.to(teachers[0].dtype) if torch.is_tensor(momentum) else 1.0 - momentum
+            torch._foreach_lerp_(teachers, students, weight)
+        return
+    from keras import ops
+
+    for t, s in pairs:
+        m = ops.cast(momentum, t.dtype)
+        t.assign(t * m + ops.stop_gradient(ops.cast(s, t.dtype)) * (1.0 - m))
+
 # --------------------------------------------------------------------------- train steps
 # Every self-supervised model implements, once and in keras.ops only:
 #   ssl_forward(data, step, training) -> (loss, logs)   forward + loss + center updates

@@ -20,7 +20,7 @@ import keras
 from keras import ops
 
 from keras_pqcl import schedules
-from keras_pqcl.backend import TrainStep
+from keras_pqcl.backend import TrainStep, ema_update
 
 
 def _is_seed_state(variable):
@@ -90,10 +90,7 @@ class SelfSupervisedModel(TrainStep, keras.Model):
 
     def update_teacher(self, step):
         """``teacher <- m teacher + (1 - m) student`` for every registered pair."""
-        m = self.teacher_momentum_at(step)
-        for t, s in self._teacher_pairs:
-            mt = ops.cast(m, t.dtype)
-            t.assign(t * mt + ops.stop_gradient(ops.cast(s, t.dtype)) * (1.0 - mt))
+        ema_update(self._teacher_pairs, self.teacher_momentum_at(step))
 
     def set_teacher_momentum(self, start, end=1.0):
         self.momentum_start.assign(float(start))
