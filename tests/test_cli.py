@@ -98,3 +98,13 @@ def test_empty_data_folder_is_a_clear_error(recipe_file, tmp_path, capsys):
     argv = ["pretrain", "--recipe", recipe_file(), "--data", str(tmp_path / "empty"), "--output", str(tmp_path / "o")]
     assert cli.main(argv) == 2
     assert "no image files found" in capsys.readouterr().err
+
+
+def test_readme_api_names_are_public():
+    import keras_pqcl as kp
+
+    for name in ("backbones.vit_small", "models.DINO", "optimizers.dino_adamw", "callbacks.TeacherEMA",
+                 "data.MultiCropConfig", "data.pretrain_dataset", "data.steps_per_epoch", "Recipe", "pretrain"):
+        obj = kp
+        for part in name.split("."):
+            obj = getattr(obj, part)
