@@ -45,7 +45,6 @@ def cross_replica_mean(x):
     return x
 
 
-
 def ema_update(pairs, momentum):
     """``t <- m t + (1 - m) s`` for every ``(t, s)`` variable pair, in the variables' dtype.
 
@@ -66,6 +65,7 @@ def ema_update(pairs, momentum):
     for t, s in pairs:
         m = ops.cast(momentum, t.dtype)
         t.assign(t * m + ops.stop_gradient(ops.cast(s, t.dtype)) * (1.0 - m))
+
 
 # --------------------------------------------------------------------------- train steps
 # Every self-supervised model implements, once and in keras.ops only:

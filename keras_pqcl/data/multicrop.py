@@ -332,11 +332,7 @@ class MultiCrop:
                  cfg.flip_p, blur_ps[i], sol_ps[i])
             for i in range(cfg.n_global)
         ]
-        out["global_crops"] = tf.stack([r[0] for r in g])
-        out["global_boxes"] = tf.stack([r[1] for r in g])
-        out["global_flips"] = tf.stack([r[2] for r in g])
-        if self.record_augmentations:
-            out["global_augs"] = tf.stack([r[3] for r in g])
+        self._stack_into(out, "global", g)
         if cfg.n_local > 0:
             flip_p = cfg.flip_p if cfg.flip_local else 0.0
             l_fn = self._crop_fn("local")
@@ -345,11 +341,13 @@ class MultiCrop:
                      cfg.local_scale, flip_p, cfg.local_blur_p, 0.0)
                 for i in range(cfg.n_local)
             ]
-            out["local_crops"] = tf.stack([r[0] for r in loc])
-            out["local_boxes"] = tf.stack([r[1] for r in loc])
-            out["local_flips"] = tf.stack([r[2] for r in loc])
-            if self.record_augmentations:
-                out["local_augs"] = tf.stack([r[3] for r in loc])
+            self._stack_into(out, "local", loc)
         out["image_size"] = tf.shape(image)[:2]
         out["label"] = tf.cast(tf.reshape(label, []), tf.int32)
         return out
+
+    def _stack_into(self, out, kind, results):
+        """Stack per-crop ``(crop, box, flip, augs)`` into ``{kind}_crops|boxes|flips|augs``."""
+        names = ["crops", "boxes", "flips"] + (["augs"] if self.record_augmentations else [])
+        for i, name in enumerate(names):
+            out[f"{kind}_{name}"] = tf.stack([r[i] for r in results])

@@ -208,11 +208,7 @@ def _is_dataset(data):
 
 
 def _cardinality(data):
-    try:
-        import tensorflow as tf
-    except ImportError:  # pragma: no cover - TF is a core dependency
-        tf = None
-    if tf is not None and isinstance(data, tf.data.Dataset):
+    if _is_dataset(data):
         n = int(data.cardinality())
         return n if n > 0 else None
     try:
