@@ -16,7 +16,7 @@ import time
 import keras
 
 from keras_pqcl import backbones, callbacks, models, optimizers
-from keras_pqcl.callbacks.checkpoint import _atomic_write
+from keras_pqcl.callbacks.checkpoint import _atomic_write, atomic_write_text
 
 
 def build_dino(recipe, backbone):
@@ -116,7 +116,7 @@ def pretrain(recipe, output_dir, resume=False, verbose=1):
         raise ValueError(f"Cannot tell how many batches {recipe.data!r} holds; set steps_per_epoch in the recipe.")
     if kdata.steps_per_epoch(dataset) != steps:
         dataset = dataset.take(steps)
-    _atomic_write(os.path.join(output_dir, "recipe.json"), lambda p: open(p, "w").write(recipe.to_json()))
+    atomic_write_text(os.path.join(output_dir, "recipe.json"), recipe.to_json())
 
     initial_epoch = 0
     with distribution_scope():
@@ -166,7 +166,7 @@ def pretrain(recipe, output_dir, resume=False, verbose=1):
         "log": csv_path,
         "plot": plot_path,
     }
-    _atomic_write(os.path.join(output_dir, "summary.json"), lambda p: open(p, "w").write(json.dumps(summary, indent=2)))
+    atomic_write_text(os.path.join(output_dir, "summary.json"), json.dumps(summary, indent=2))
     return summary
 
 

@@ -30,6 +30,16 @@ def _atomic_write(path, write):
             os.remove(tmp)
 
 
+def atomic_write_text(path, text):
+    """Write ``text`` to ``path`` atomically (see :func:`_atomic_write`)."""
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    _atomic_write(path, write)
+
+
 class Checkpoint(keras.callbacks.Callback):
     """Save the whole pre-training model (student, teacher, heads, centers, optimizer and
     step) every ``every`` epochs and at the end, atomically, to ``directory``.
@@ -47,7 +57,7 @@ class Checkpoint(keras.callbacks.Callback):
         path = os.path.join(self.directory, CHECKPOINT_FILE)
         _atomic_write(path, lambda tmp: self.model.save(tmp))
         state = json.dumps({"epochs_done": epochs_done, "step": int(self.model.optimizer.iterations)})
-        _atomic_write(os.path.join(self.directory, STATE_FILE), lambda tmp: open(tmp, "w").write(state))
+        atomic_write_text(os.path.join(self.directory, STATE_FILE), state)
 
     def on_epoch_end(self, epoch, logs=None):
         total = self.params.get("epochs") if self.params else None
