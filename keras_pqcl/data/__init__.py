@@ -12,11 +12,15 @@ Main entry points:
 * :func:`load_source` - folders, numpy arrays, ``"synthetic_scenes"``,
   ``"tfds:NAME"``.
 * :func:`synthetic_scenes` - the embedded procedural dataset.
+* :class:`MaskConfig` - iBOT block masks (``global_masks``).
+* :class:`QueryConfig` - PQCL positional queries (``query_coords``,
+  ``query_tables``).
 """
 
 from keras_pqcl.data.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    Photometric,
     color_jitter,
     gaussian_blur,
     normalize,
@@ -28,9 +32,18 @@ from keras_pqcl.data.crops import (
     crop_and_resize,
     random_resized_crop,
     sample_crop_box,
+    sample_crop_boxes,
+)
+from keras_pqcl.data.masks import (
+    MaskConfig,
+    block_mask,
+    random_mask,
+    sample_mask_ratio,
+    sample_masks,
 )
 from keras_pqcl.data.multicrop import MultiCrop, MultiCropConfig
 from keras_pqcl.data.pipeline import pretrain_dataset, steps_per_epoch
+from keras_pqcl.data.queries import QueryConfig, query_coords, sincos_tables
 from keras_pqcl.data.sources import (
     IMAGE_EXTENSIONS,
     SourceInfo,
@@ -43,10 +56,14 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
+    "MaskConfig",
     "MultiCrop",
     "MultiCropConfig",
+    "Photometric",
+    "QueryConfig",
     "SYNTHETIC_CLASS_NAMES",
     "SourceInfo",
+    "block_mask",
     "color_jitter",
     "crop_and_resize",
     "gaussian_blur",
@@ -55,8 +72,14 @@ __all__ = [
     "normalize",
     "photometric_augment",
     "pretrain_dataset",
+    "query_coords",
+    "random_mask",
     "random_resized_crop",
     "sample_crop_box",
+    "sample_crop_boxes",
+    "sample_mask_ratio",
+    "sample_masks",
+    "sincos_tables",
     "solarize",
     "steps_per_epoch",
     "synthetic_scenes",

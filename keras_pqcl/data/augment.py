@@ -1,11 +1,20 @@
 """Photometric augmentations of DINO (colour jitter, grayscale, blur, solarize).
 
-All functions take one float32 image ``[H, W, 3]`` with values in ``[0, 1]``
-and a stateless seed (int tensor ``[2]``), and draw their randomness PER IMAGE
-with ``tf.random.stateless_*``. They run inside ``tf.data.Dataset.map`` under
-any ``KERAS_BACKEND`` because they only use TensorFlow ops.
+The work is split in two halves so the pipeline can be fast:
 
-Why mostly ``tf.image`` and not keras-cv (keras-cv 0.9.0 was checked):
+* :meth:`Photometric.sample` draws every random choice for ``num`` crops of one
+  image (a few scalars per crop, ``tf.random.stateless_*`` from the example's
+  seed). It runs in the per-example ``map``.
+* :meth:`Photometric.apply` applies those choices to a stack of crops
+  ``[..., H, W, 3]``. It has no data-dependent branches: each op is computed for
+  every crop and kept or discarded per crop with ``tf.where``. That makes it
+  compile with XLA and run on a whole batch at once, which on CPU is about ten
+  times faster than per-image ``tf.image`` calls (measured in ``tf.data``; see
+  ``benchmarks/pipeline.py``).
+
+The randomness is still drawn per image, never once per batch.
+
+Why mostly plain TensorFlow and not keras-cv (keras-cv 0.9.0 was checked):
 
 * ``keras_cv.layers.RandomColorJitter`` draws its factors from a stateful
   generator, so a seeded pipeline could not be reproduced per example; it has
@@ -34,8 +43,8 @@ import tensorflow as tf
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "Photometric",
     "to_float01",
-    "random_apply",
     "adjust_brightness",
     "adjust_contrast",
     "adjust_saturation",
@@ -64,6 +73,12 @@ def _split(seed, num):
     return tf.random.experimental.stateless_split(seed, num=num)
 
 
+def _per_image(value):
+    """Per-image values ``[...]`` reshaped to broadcast over ``[..., H, W, C]``."""
+    value = tf.convert_to_tensor(value)
+    return value[..., None, None, None]
+
+
 def to_float01(image):
     """uint8 ``[..., 3]`` → float32 in ``[0, 1]``; floats are only cast."""
     image = tf.convert_to_tensor(image)
@@ -72,170 +87,82 @@ def to_float01(image):
     return tf.cast(image, tf.float32)
 
 
-def random_apply(fn, image, p, seed):
-    """Applies ``fn(image)`` with probability ``p`` (``tf.cond`` on a coin).
-
-    Args:
-        fn: callable image → image (same shape and dtype).
-        image: tensor.
-        p: probability, a Python float (``p <= 0`` and ``p >= 1`` are then
-            resolved in Python so the graph holds no useless branch) or a
-            float scalar tensor.
-        seed: int tensor ``[2]`` for the coin.
-
-    Returns:
-        ``(image, applied)`` with ``applied`` a bool scalar tensor.
-    """
-    if isinstance(p, numbers.Real):
-        if p <= 0:
-            return image, tf.constant(False)
-        if p >= 1:
-            return fn(image), tf.constant(True)
-    applied = tf.random.stateless_uniform([], seed) < p
-    out = tf.cond(applied, lambda: fn(image), lambda: image)
-    return out, applied
-
-
 def _gray(image):
-    """Luma ``[H, W, 1]`` of an RGB float image."""
-    # tensordot (a matmul) is several times faster than multiply + reduce_sum
-    # over a 3-wide last axis on CPU.
-    weights = tf.constant(_LUMA, tf.float32)[:, None]
-    return tf.tensordot(image, weights, axes=1)
+    """Luma ``[..., H, W, 1]`` of an RGB float image."""
+    # Channel slices rather than a dot with the weights: XLA fuses these into
+    # the surrounding elementwise loop.
+    r, g, b = (image[..., i:i + 1] for i in range(3))
+    return _LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b
 
 
+def _mean_gray(image):
+    """Mean luma of each image, shape ``[..., 1, 1, 1]``."""
+    return tf.reduce_mean(_gray(image), axis=[-3, -2, -1], keepdims=True)
+
+
+# Every op below takes images ``[..., H, W, 3]`` in [0, 1] and a factor that is
+# a Python float, a scalar, or one value per image (shape ``[...]``).
 def adjust_brightness(image, factor):
     """torchvision brightness: multiply by ``factor``, clip to [0, 1]."""
-    return tf.clip_by_value(image * factor, 0.0, 1.0)
+    return tf.clip_by_value(image * _per_image(factor), 0.0, 1.0)
 
 
 def adjust_contrast(image, factor):
-    """torchvision contrast: blend with the mean luma of the image."""
-    mean = tf.reduce_mean(_gray(image))
-    return tf.clip_by_value(factor * image + (1.0 - factor) * mean, 0.0, 1.0)
+    """torchvision contrast: blend with the mean luma of each image."""
+    f = _per_image(factor)
+    return tf.clip_by_value(f * image + (1.0 - f) * _mean_gray(image), 0.0, 1.0)
 
 
 def adjust_saturation(image, factor):
     """torchvision saturation: blend with the grayscale version."""
-    gray = _gray(image)
-    return tf.clip_by_value(factor * image + (1.0 - factor) * gray, 0.0, 1.0)
+    f = _per_image(factor)
+    return tf.clip_by_value(f * image + (1.0 - f) * _gray(image), 0.0, 1.0)
 
 
 def adjust_hue(image, delta):
-    """Rotates hue by ``delta`` turns (``[-0.5, 0.5]``), like torchvision."""
-    return tf.clip_by_value(tf.image.adjust_hue(image, delta), 0.0, 1.0)
+    """Rotates hue by ``delta`` turns (``[-0.5, 0.5]``), like torchvision.
 
-
-def _factor_range(strength):
-    return max(0.0, 1.0 - strength), 1.0 + strength
-
-
-def _linear_step(image, coef):
-    """``clip(a * x + g * gray(x) + m * mean(gray(x)))`` for ``coef=(a, g, m)``.
-
-    Brightness ``(f, 0, 0)``, contrast ``(f, 0, 1 - f)`` and saturation
-    ``(f, 1 - f, 0)`` are all of this form (torchvision's ``_blend``), and
-    ``(1, 0, 0)`` is the identity; one formula lets the op of each step be
-    chosen by a gather instead of a ``switch_case`` (much slower in
-    ``tf.data`` on CPU).
+    Written with ``rgb_to_hsv``/``hsv_to_rgb`` rather than
+    ``tf.image.adjust_hue`` because the latter takes one delta for the whole
+    tensor and we need one per image.
     """
-    gray = _gray(image)
-    mean = tf.reduce_mean(gray)
-    out = coef[0] * image + coef[1] * gray + coef[2] * mean
+    hsv = tf.image.rgb_to_hsv(image)
+    hue = tf.math.floormod(hsv[..., :1] + _per_image(delta), 1.0)
+    out = tf.image.hsv_to_rgb(tf.concat([hue, hsv[..., 1:]], axis=-1))
     return tf.clip_by_value(out, 0.0, 1.0)
-
-
-def color_jitter(
-    image, seed, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
-    random_order=True,
-):
-    """torchvision ``ColorJitter`` on one image.
-
-    Factors are drawn per call: brightness, contrast and saturation factors
-    ``~ U(max(0, 1 - s), 1 + s)``, hue shift ``~ U(-hue, hue)``. An op with
-    strength 0 is skipped. With ``random_order`` the ops run in a uniformly
-    random permutation (as torchvision does); otherwise in the fixed order
-    brightness, contrast, saturation, hue. Each op clips to [0, 1], which is
-    the only reason the order matters at all.
-
-    Args:
-        image: float32 ``[H, W, 3]`` in ``[0, 1]``.
-        seed: int tensor ``[2]``.
-
-    Returns:
-        float32 ``[H, W, 3]`` in ``[0, 1]``.
-    """
-    seeds = _split(seed, 6)
-    coefs = []
-    for strength, kind, s in ((brightness, "b", seeds[0]),
-                              (contrast, "c", seeds[1]),
-                              (saturation, "s", seeds[2])):
-        if strength <= 0:
-            continue
-        lo, hi = _factor_range(strength)
-        f = tf.random.stateless_uniform([], s, lo, hi)
-        zero = tf.zeros([])
-        if kind == "b":
-            coefs.append(tf.stack([f, zero, zero]))
-        elif kind == "c":
-            coefs.append(tf.stack([f, zero, 1.0 - f]))
-        else:
-            coefs.append(tf.stack([f, 1.0 - f, zero]))
-    n_lin = len(coefs)
-    delta = (tf.random.stateless_uniform([], seeds[3], -hue, hue)
-             if hue > 0 else None)
-    if n_lin == 0:
-        return adjust_hue(image, delta) if delta is not None else image
-    table = tf.stack(coefs)  # [n_lin, 3]
-
-    if not random_order:
-        for j in range(n_lin):
-            image = _linear_step(image, table[j])
-        return adjust_hue(image, delta) if delta is not None else image
-
-    # A uniform permutation of the n_lin linear ops plus hue = a uniform
-    # permutation of the linear ops and an independent uniform slot for hue.
-    order = tf.argsort(tf.random.stateless_uniform([n_lin], seeds[4]))
-    if delta is None:
-        for j in range(n_lin):
-            image = _linear_step(image, tf.gather(table, order[j]))
-        return image
-    hue_pos = tf.random.stateless_uniform(
-        [], seeds[5], minval=0, maxval=n_lin + 1, dtype=tf.int32
-    )
-    identity = tf.constant([1.0, 0.0, 0.0])
-    # Linear steps before the hue slot, then hue, then the rest; a step on
-    # the wrong side of the slot uses the identity coefficients.
-    for j in range(n_lin):
-        coef = tf.gather(table, order[j])
-        image = _linear_step(image, tf.where(j < hue_pos, coef, identity))
-    image = adjust_hue(image, delta)
-    for j in range(n_lin):
-        coef = tf.gather(table, order[j])
-        image = _linear_step(image, tf.where(j >= hue_pos, coef, identity))
-    return image
 
 
 def to_grayscale(image):
     """RGB → luma replicated on 3 channels (torchvision ``Grayscale(3)``)."""
-    return tf.tile(_gray(image), [1, 1, 3])
+    gray = _gray(image)
+    return tf.concat([gray, gray, gray], axis=-1)
 
 
-def _blur_matrix(n, sigma, radius):
-    """[n, n] row-stochastic matrix of a Gaussian truncated at ``radius``.
-
-    Rows are renormalised where the kernel leaves the image, so borders are
-    not darkened (PIL extends the edge pixels; the effect is similar).
-    """
-    idx = tf.range(n)
-    d = tf.cast(idx[:, None] - idx[None, :], tf.float32)
-    m = tf.exp(-tf.square(d) / (2.0 * tf.square(sigma)))
-    m = m * tf.cast(tf.abs(d) <= float(radius), tf.float32)
-    return m / tf.reduce_sum(m, axis=1, keepdims=True)
+def _blur_axis(planes, weights, axis, radius):
+    """Border-renormalised 1-D convolution of ``planes [N, C, H, W]`` along
+    ``axis`` (2 or 3) with per-image taps ``weights [N, 2 * radius + 1]``."""
+    n = planes.shape[axis] if planes.shape[axis] is not None else tf.shape(planes)[axis]
+    pad = [[0, 0]] * 4
+    pad[axis] = [radius, radius]
+    padded = tf.pad(planes, pad)
+    out = 0.0
+    for t in range(2 * radius + 1):
+        begin = [0, 0, 0, 0]
+        begin[axis] = t
+        size = [-1, -1, -1, -1]
+        size[axis] = n
+        out += weights[:, t, None, None, None] * tf.slice(padded, begin, size)
+    # Sum of the taps that fall inside the image, per output position: the
+    # truncated kernel is renormalised there (no dark borders).
+    pos = tf.range(n)[None, :] + tf.range(2 * radius + 1)[:, None] - radius
+    valid = tf.cast((pos >= 0) & (pos < n), tf.float32)        # [T, n]
+    norm = tf.matmul(weights, valid)                              # [N, n]
+    norm = norm[:, None, :, None] if axis == 2 else norm[:, None, None, :]
+    return out / norm
 
 
 def gaussian_blur(image, sigma, radius=6):
-    """Separable Gaussian blur of one image with a (tensor) ``sigma``.
+    """Separable Gaussian blur with one sigma per image.
 
     The kernel support is the fixed ``2 * radius + 1`` taps; its weights use
     the drawn sigma. The default radius 6 equals ``ceil(3 * sigma_max)`` for
@@ -243,31 +170,34 @@ def gaussian_blur(image, sigma, radius=6):
     ``2 * ceil(3 sigma) + 1`` kernel at the largest sigma; for smaller sigmas
     the extra taps get ~0 weight. DINO blurs with PIL, whose ``radius`` is the
     standard deviation in output pixels whatever the crop size (224 or 96),
-    so sigma is not rescaled with the crop size either.
-
-    Implementation: two matmuls with banded ``[H, H]`` / ``[W, W]`` matrices.
-    On CPU this is ~4x faster than ``tf.nn.depthwise_conv2d`` with a
-    13-tap kernel (measured in ``tf.data.map`` at 224 px).
+    so sigma is not rescaled with the crop size either. Where the kernel
+    leaves the image it is renormalised over the taps inside (PIL extends the
+    edge pixels; the effect is similar: no darkened borders).
 
     Args:
-        image: float32 ``[H, W, C]``.
-        sigma: float scalar tensor (> 0).
+        image: float32 ``[..., H, W, C]``.
+        sigma: float, scalar or ``[...]`` (one per image), > 0.
         radius: Python int, half kernel size.
 
     Returns:
-        float32 ``[H, W, C]``.
+        float32 ``[..., H, W, C]``.
     """
     if radius <= 0:
         return image
-    sigma = tf.maximum(tf.cast(sigma, tf.float32), 1e-3)
+    image = tf.convert_to_tensor(image, tf.float32)
     shape = tf.shape(image)
-    h, w, c = shape[0], shape[1], shape[2]
-    m_h = _blur_matrix(h, sigma, radius)
-    m_w = _blur_matrix(w, sigma, radius)
-    # Vertical pass: [H, H] @ [H, W*C].
-    out = tf.reshape(tf.matmul(m_h, tf.reshape(image, [h, -1])), [h, w, c])
-    # Horizontal pass: contract the W axis with m_w.
-    out = tf.einsum("vw,hwc->hvc", m_w, out)
+    flat = tf.reshape(image, tf.concat([[-1], shape[-3:]], 0))
+    flat.set_shape([None] + image.shape[-3:].as_list())
+    sigma = tf.maximum(tf.cast(sigma, tf.float32), 1e-3)
+    sigma = tf.reshape(tf.broadcast_to(sigma, tf.shape(image)[:-3]), [-1, 1])
+    taps = tf.range(-radius, radius + 1, dtype=tf.float32)[None, :]
+    weights = tf.exp(-tf.square(taps) / (2.0 * tf.square(sigma)))   # [N, T]
+    # Channel planes: the shifted slices are then contiguous rows, which XLA
+    # vectorises (about 2x faster than shifting interleaved RGB).
+    planes = tf.transpose(flat, [0, 3, 1, 2])
+    planes = _blur_axis(planes, weights, 2, radius)
+    planes = _blur_axis(planes, weights, 3, radius)
+    out = tf.reshape(tf.transpose(planes, [0, 2, 3, 1]), shape)
     out.set_shape(image.shape)
     return out
 
@@ -280,8 +210,8 @@ def solarize(image, threshold=128.0):
 def normalize(image, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """``(image - mean) / std`` per channel (image in [0, 1])."""
     mean = tf.constant(mean, tf.float32)
-    std = tf.constant(std, tf.float32)
-    return (image - mean) / std
+    inv_std = tf.constant([1.0 / s for s in std], tf.float32)
+    return (image - mean) * inv_std
 
 
 _KERAS_CV_STATE = {"tried": False, "ok": False}
@@ -343,44 +273,181 @@ def make_ops(use_keras_cv=True, solarize_threshold=128.0):
     return {"grayscale": kcv_gray, "solarize": kcv_solarize, "impl": "keras_cv"}
 
 
+def _is_zero(p):
+    """True when a probability (float or tuple of floats) is 0 everywhere."""
+    values = p if isinstance(p, (tuple, list)) else (p,)
+    return all(isinstance(v, numbers.Real) and v <= 0 for v in values)
+
+
+def _coin(seed, num, p):
+    """``num`` bools, each True with probability ``p`` (a float or ``num``
+    per-crop floats)."""
+    values = p if isinstance(p, (tuple, list)) else (p,) * num
+    if all(v >= 1 for v in values):
+        return tf.ones([num], tf.bool)
+    if all(v <= 0 for v in values):
+        return tf.zeros([num], tf.bool)
+    return tf.random.stateless_uniform([num], seed) < tf.constant(values, tf.float32)
+
+
+class Photometric:
+    """DINO's photometric chain, drawn per crop and applied crop by crop.
+
+    Order (as in DINO): colour jitter (p ``jitter_p``) → grayscale
+    (p ``grayscale_p``) → Gaussian blur with ``sigma ~ U(blur_sigma)``
+    (p per crop) → solarize (p per crop). Normalisation is separate
+    (:func:`normalize`).
+
+    Colour jitter is torchvision's ``ColorJitter``: brightness, contrast and
+    saturation factors ``~ U(max(0, 1 - s), 1 + s)``, hue shift
+    ``~ U(-hue, hue)``; an op with strength 0 is skipped. With
+    ``random_order`` the ops run in a uniformly random permutation per crop
+    (as torchvision does), otherwise in the order b, c, s, h. Each op clips
+    to [0, 1], which is the only reason the order matters.
+
+    :meth:`apply` branches per crop (``tf.cond`` / ``tf.switch_case``), so
+    under XLA only the ops a crop actually draws are computed: the blur of a
+    crop with blur probability 0.1 costs a tenth of a blur on average.
+
+    Args:
+        color_jitter: ``(brightness, contrast, saturation, hue)`` strengths.
+        jitter_p: probability of applying the jitter.
+        random_order: torchvision's random order of the jitter ops.
+        grayscale_p: probability of grayscale (3 channels kept).
+        blur_sigma: ``(min, max)`` of the blur sigma in output pixels.
+        ops: dict from :func:`make_ops` (grayscale and solarize transforms);
+            ``None`` = the ``tf.image`` versions.
+    """
+
+    def __init__(self, color_jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8,
+                 random_order=True, grayscale_p=0.2, blur_sigma=(0.1, 2.0),
+                 ops=None):
+        self.strengths = tuple(float(s) for s in color_jitter)
+        self.jitter_p = jitter_p
+        self.random_order = random_order
+        self.grayscale_p = grayscale_p
+        self.blur_sigma = tuple(blur_sigma)
+        self.radius = int(math.ceil(3.0 * self.blur_sigma[1]))
+        self.ops = ops if ops is not None else make_ops(use_keras_cv=False)
+        # Jitter ops that are on: 0 brightness, 1 contrast, 2 saturation, 3 hue.
+        self.jitter_ops = [i for i in range(4) if self.strengths[i] > 0]
+
+    def sample(self, seed, num, blur_p=0.5, solarize_p=0.0):
+        """Draws the random choices for ``num`` crops.
+
+        Args:
+            seed: int tensor ``[2]``.
+            num: Python int, number of crops.
+            blur_p, solarize_p: a probability for all crops or a tuple of one
+                per crop.
+
+        Returns:
+            dict of tensors with leading axis ``[num]``: ``jitter`` (bool),
+            ``factors`` ``[num, 4]`` (brightness, contrast and saturation
+            factors, hue shift), ``perm`` ``[num, k]`` (the order of the
+            ``k`` active jitter ops, as indices into :attr:`jitter_ops`);
+            ``grayscale``; ``blur`` and ``sigma``; ``solarize``. Keys of ops
+            that can never fire are left out, and :meth:`apply` then skips
+            those ops entirely.
+        """
+        seeds = _split(seed, 8)
+        params = {}
+        k = len(self.jitter_ops)
+        if not _is_zero(self.jitter_p) and k:
+            params["jitter"] = _coin(seeds[0], num, self.jitter_p)
+            b, c, s, h = self.strengths
+            lo = tf.constant([max(0.0, 1.0 - b), max(0.0, 1.0 - c),
+                              max(0.0, 1.0 - s), -h])
+            hi = tf.constant([1.0 + b, 1.0 + c, 1.0 + s, h])
+            u = tf.random.stateless_uniform([num, 4], seeds[1])
+            params["factors"] = lo + u * (hi - lo)
+            if self.random_order:
+                params["perm"] = tf.argsort(
+                    tf.random.stateless_uniform([num, k], seeds[2]), axis=-1,
+                    stable=True)
+            else:
+                params["perm"] = tf.tile(tf.range(k)[None], [num, 1])
+        if not _is_zero(self.grayscale_p):
+            params["grayscale"] = _coin(seeds[3], num, self.grayscale_p)
+        if not _is_zero(blur_p):
+            params["blur"] = _coin(seeds[4], num, blur_p)
+            params["sigma"] = tf.random.stateless_uniform(
+                [num], seeds[5], self.blur_sigma[0], self.blur_sigma[1])
+        if not _is_zero(solarize_p):
+            params["solarize"] = _coin(seeds[6], num, solarize_p)
+        return params
+
+    def apply(self, images, params):
+        """Applies :meth:`sample`'s choices to ``images [num, H, W, 3]``."""
+        crops = [self.apply_one(images[i], {k: v[i] for k, v in params.items()})
+                 for i in range(images.shape[0])]
+        return tf.stack(crops)
+
+    def apply_one(self, x, p):
+        """One crop ``[H, W, 3]`` with its choices ``p`` (scalars per key)."""
+        shape = x.shape
+
+        def maybe(key, fn, x):
+            out = tf.cond(p[key], lambda: fn(x), lambda: x)
+            out.set_shape(shape)
+            return out
+
+        if "jitter" in p:
+            x = maybe("jitter", lambda y: self._jitter(y, p), x)
+        if "grayscale" in p:
+            x = maybe("grayscale", self.ops["grayscale"], x)
+        if "blur" in p:
+            x = maybe("blur", lambda y: gaussian_blur(y, p["sigma"], self.radius), x)
+        if "solarize" in p:
+            x = maybe("solarize", self.ops["solarize"], x)
+        return x
+
+    def _jitter(self, x, p):
+        f = p["factors"]
+        shape = x.shape
+        kinds = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+        branches = [kinds[op] for op in self.jitter_ops]
+        for slot in range(len(branches)):
+            x = tf.switch_case(
+                p["perm"][slot],
+                [lambda fn=fn, op=op: fn(x, f[op])
+                 for fn, op in zip(branches, self.jitter_ops)])
+            x.set_shape(shape)
+        return x
+
+    @staticmethod
+    def applied(params, shape):
+        """int32 ``[*shape, 4]`` flags (jitter, grayscale, blur, solarize)
+        for params of crops with leading shape ``shape``."""
+        zeros = tf.zeros(shape, tf.bool)
+        flags = [params.get(k, zeros)
+                 for k in ("jitter", "grayscale", "blur", "solarize")]
+        return tf.cast(tf.stack(flags, axis=-1), tf.int32)
+
+
+def color_jitter(
+    image, seed, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
+    random_order=True,
+):
+    """torchvision ``ColorJitter`` on one image ``[H, W, 3]`` in [0, 1]
+    (always applied; see :class:`Photometric` for the semantics)."""
+    chain = Photometric((brightness, contrast, saturation, hue), jitter_p=1.0,
+                        random_order=random_order, grayscale_p=0.0)
+    return chain.apply(image[None], chain.sample(seed, 1, blur_p=0.0))[0]
+
+
 def photometric_augment(
     image, seed, *, color_jitter_strength=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8,
     jitter_random_order=True, grayscale_p=0.2, blur_p=0.5,
     blur_sigma=(0.1, 2.0), solarize_p=0.0, ops=None,
 ):
-    """DINO photometric chain for one crop, each op drawn per image.
-
-    Order (as in DINO): colour jitter (p ``jitter_p``) → grayscale
-    (p ``grayscale_p``) → Gaussian blur with ``sigma ~ U(blur_sigma)``
-    (p ``blur_p``) → solarize (p ``solarize_p``). Normalisation is separate
-    (:func:`normalize`).
-
-    Args:
-        image: float32 ``[H, W, 3]`` in ``[0, 1]``.
-        seed: int tensor ``[2]``.
-        color_jitter_strength: ``(brightness, contrast, saturation, hue)``.
-        ops: dict from :func:`make_ops`; ``None`` = plain ``tf.image`` ops.
+    """DINO photometric chain on one image ``[H, W, 3]`` in [0, 1].
 
     Returns:
-        ``(image, applied)``: float32 ``[H, W, 3]`` in ``[0, 1]`` and int32
-        ``[4]`` flags for (jitter, grayscale, blur, solarize).
+        ``(image, applied)``: float32 ``[H, W, 3]`` and int32 ``[4]`` flags for
+        (jitter, grayscale, blur, solarize).
     """
-    if ops is None:
-        ops = make_ops(use_keras_cv=False)
-    seeds = _split(seed, 6)
-    b, c, s, h = color_jitter_strength
-    image, j_on = random_apply(
-        lambda x: color_jitter(x, seeds[0], b, c, s, h, jitter_random_order),
-        image, jitter_p, seeds[1],
-    )
-    image, g_on = random_apply(ops["grayscale"], image, grayscale_p, seeds[2])
-    sigma = tf.random.stateless_uniform(
-        [], seeds[3], minval=blur_sigma[0], maxval=blur_sigma[1]
-    )
-    radius = int(math.ceil(3.0 * blur_sigma[1]))
-    image, b_on = random_apply(
-        lambda x: gaussian_blur(x, sigma, radius), image, blur_p, seeds[4]
-    )
-    image, s_on = random_apply(ops["solarize"], image, solarize_p, seeds[5])
-    applied = tf.cast(tf.stack([j_on, g_on, b_on, s_on]), tf.int32)
-    return image, applied
+    chain = Photometric(color_jitter_strength, jitter_p, jitter_random_order,
+                        grayscale_p, blur_sigma, ops)
+    params = chain.sample(seed, 1, blur_p=blur_p, solarize_p=solarize_p)
+    return chain.apply(image[None], params)[0], chain.applied(params, [1])[0]

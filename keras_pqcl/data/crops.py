@@ -24,6 +24,7 @@ import tensorflow as tf
 
 __all__ = [
     "sample_crop_box",
+    "sample_crop_boxes",
     "crop_and_resize",
     "horizontal_flip",
     "random_resized_crop",
@@ -50,14 +51,15 @@ def _image_hw(image):
     return shape[0], shape[1]
 
 
-def sample_crop_box(
-    seed, height, width, scale=(0.08, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0),
+def sample_crop_boxes(
+    seed, height, width, num, scale=(0.08, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0),
     num_tries=10,
 ):
-    """Samples a RandomResizedCrop box exactly like torchvision's ``get_params``.
+    """Samples ``num`` RandomResizedCrop boxes like torchvision's ``get_params``.
 
-    For each of ``num_tries`` attempts (drawn all at once, vectorised, then the
-    first acceptable one is kept, which is the same as trying them in order):
+    For each box, ``num_tries`` attempts are drawn at once (vectorised) and
+    the first acceptable one is kept, which is the same as trying them in
+    order:
 
     * ``area = U(scale) * H * W``
     * ``ar = exp(U(log ratio[0], log ratio[1]))`` (log-uniform aspect ratio)
@@ -74,69 +76,64 @@ def sample_crop_box(
     Args:
         seed: int tensor ``[2]`` for the stateless RNG.
         height, width: source image size (int scalars or tensors).
+        num: Python int, number of boxes.
         scale: ``(min, max)`` fraction of the image area.
         ratio: ``(min, max)`` aspect ratio ``w / h``.
         num_tries: number of rejection-sampling attempts (torchvision: 10).
 
     Returns:
-        float32 tensor ``[4]``: ``(top, left, height, width)`` in source pixels.
+        float32 tensor ``[num, 4]``: ``(top, left, height, width)`` in source
+        pixels.
     """
-    seeds = split_seed(seed, 4)
+    seeds = split_seed(seed, 3)
     H = tf.cast(height, tf.float32)
     W = tf.cast(width, tf.float32)
     area = H * W
 
     target_area = area * tf.random.stateless_uniform(
-        [num_tries], seeds[0], minval=scale[0], maxval=scale[1]
+        [num, num_tries], seeds[0], minval=scale[0], maxval=scale[1]
     )
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = tf.exp(
-        tf.random.stateless_uniform(
-            [num_tries], seeds[1], minval=log_lo, maxval=log_hi
-        )
-    )
+    aspect = tf.exp(tf.random.stateless_uniform(
+        [num, num_tries], seeds[1], minval=log_lo, maxval=log_hi
+    ))
     w = tf.round(tf.sqrt(target_area * aspect))
     h = tf.round(tf.sqrt(target_area / aspect))
     ok = (w > 0) & (w <= W) & (h > 0) & (h <= H)
-    # argmax on the 0/1 vector returns the first accepted attempt.
-    first = tf.argmax(tf.cast(ok, tf.int32), output_type=tf.int32)
-    any_ok = tf.reduce_any(ok)
+    # argmax on the 0/1 rows returns the first accepted attempt.
+    first = tf.argmax(tf.cast(ok, tf.int32), axis=1, output_type=tf.int32)
+    any_ok = tf.reduce_any(ok, axis=1)
 
     # torchvision fallback: keep the whole image if its ratio is in range,
     # otherwise the largest centred box with the clamped ratio.
     in_ratio = W / H
-    fb_w = tf.where(
-        in_ratio < ratio[0], W,
-        tf.where(in_ratio > ratio[1], tf.round(H * ratio[1]), W),
-    )
-    fb_h = tf.where(
-        in_ratio < ratio[0], tf.round(W / ratio[0]),
-        tf.where(in_ratio > ratio[1], H, H),
-    )
+    fb_w = tf.where(in_ratio > ratio[1], tf.round(H * ratio[1]), W)
+    fb_h = tf.where(in_ratio < ratio[0], tf.round(W / ratio[0]), H)
     # Guard against a 0-pixel side on degenerate inputs (e.g. a 1-pixel-high
     # image with a huge ratio); torchvision would crash there.
     fb_w = tf.clip_by_value(fb_w, 1.0, W)
     fb_h = tf.clip_by_value(fb_h, 1.0, H)
 
-    crop_h = tf.where(any_ok, tf.gather(h, first), fb_h)
-    crop_w = tf.where(any_ok, tf.gather(w, first), fb_w)
+    crop_h = tf.where(any_ok, tf.gather(h, first, batch_dims=1), fb_h)
+    crop_w = tf.where(any_ok, tf.gather(w, first, batch_dims=1), fb_w)
 
-    # randint[0, H - h] inclusive: integer stateless draw with exclusive max.
-    max_top = tf.cast(H - crop_h, tf.int32) + 1
-    max_left = tf.cast(W - crop_w, tf.int32) + 1
-    rand_top = tf.random.stateless_uniform(
-        [], seeds[2], minval=0, maxval=max_top, dtype=tf.int32
-    )
-    rand_left = tf.random.stateless_uniform(
-        [], seeds[3], minval=0, maxval=max_left, dtype=tf.int32
-    )
-    top = tf.where(
-        any_ok, tf.cast(rand_top, tf.float32), tf.floor((H - crop_h) / 2.0)
-    )
-    left = tf.where(
-        any_ok, tf.cast(rand_left, tf.float32), tf.floor((W - crop_w) / 2.0)
-    )
-    return tf.stack([top, left, crop_h, crop_w])
+    # randint[0, H - h] inclusive, as floor(u * (H - h + 1)) with u in [0, 1):
+    # the integer stateless op only takes scalar bounds.
+    u = tf.random.stateless_uniform([2, num], seeds[2])
+    top = tf.minimum(tf.floor(u[0] * (H - crop_h + 1.0)), H - crop_h)
+    left = tf.minimum(tf.floor(u[1] * (W - crop_w + 1.0)), W - crop_w)
+    top = tf.where(any_ok, top, tf.floor((H - crop_h) / 2.0))
+    left = tf.where(any_ok, left, tf.floor((W - crop_w) / 2.0))
+    return tf.stack([top, left, crop_h, crop_w], axis=1)
+
+
+def sample_crop_box(
+    seed, height, width, scale=(0.08, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0),
+    num_tries=10,
+):
+    """One box of :func:`sample_crop_boxes`: float32 ``[4]``
+    ``(top, left, height, width)``."""
+    return sample_crop_boxes(seed, height, width, 1, scale, ratio, num_tries)[0]
 
 
 def crop_and_resize(image, box, size, method="bicubic", antialias=True):
@@ -146,8 +143,8 @@ def crop_and_resize(image, box, size, method="bicubic", antialias=True):
     torchvision on PIL images (PIL always low-pass filters when shrinking).
 
     Args:
-        image: ``[H, W, C]`` tensor (any real dtype; cast to float32 without
-            rescaling, so convert uint8 to [0, 1] first if you want that).
+        image: ``[H, W, C]`` tensor of any real dtype. The output is float32
+            on the input's scale (uint8 in gives values in 0..255).
         box: float/int tensor ``[4]`` = ``(top, left, height, width)``.
         size: int or ``(height, width)`` of the output.
         method, antialias: passed to ``tf.image.resize``.
@@ -158,14 +155,17 @@ def crop_and_resize(image, box, size, method="bicubic", antialias=True):
     """
     if isinstance(size, int):
         size = (size, size)
-    image = tf.cast(image, tf.float32)
+    image = tf.convert_to_tensor(image)
     box = tf.cast(tf.round(tf.cast(box, tf.float32)), tf.int32)
     crop = tf.slice(
         image,
         tf.stack([box[0], box[1], 0]),
         tf.stack([box[2], box[3], -1]),
     )
-    out = tf.image.resize(crop, size, method=method, antialias=antialias)
+    # Resizing the uint8 slice directly (the op outputs float32) avoids
+    # converting the whole source image once per crop.
+    out = tf.cast(tf.image.resize(crop, size, method=method,
+                                  antialias=antialias), tf.float32)
     # Static shape for downstream batching (channels known when input's are).
     out.set_shape([size[0], size[1], image.shape[-1]])
     return out

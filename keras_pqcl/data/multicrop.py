@@ -14,9 +14,15 @@ key                shape                                        dtype
 ``local_flips``    ``[n_local]``                                int32
 ``image_size``     ``[2]`` (source height, width)               int32
 ``label``          ``[]`` (-1 when unknown)                     int32
+``global_masks``   ``[n_global, S_g/p, S_g/p]`` (iBOT, optional) bool
+``query_coords``   ``[n_global, n_local, L*L, 2]`` (PQCL, opt.)  float32
+``query_tables``   ``[n_global, n_local, L*L, D]`` (PQCL, opt.)  float32
 =================  ===========================================  =========
 
-The ``local_*`` keys are present only when ``n_local > 0``. Boxes are in
+The ``local_*`` keys are present only when ``n_local > 0``; the mask and
+query keys only when a :class:`~keras_pqcl.data.MaskConfig` /
+:class:`~keras_pqcl.data.QueryConfig` is given (``p`` = patch size,
+``L`` = local crop size / p, ``D`` = ``QueryConfig.embed_dim``). Boxes are in
 pixels of the source image; crops are ImageNet-normalised. With
 ``record_augmentations=True`` two more keys, ``global_augs`` and
 ``local_augs`` (int32 ``[n, 4]``: jitter, grayscale, blur, solarize applied),
@@ -31,6 +37,8 @@ import tensorflow as tf
 
 from keras_pqcl.data import augment as aug
 from keras_pqcl.data import crops as crops_lib
+from keras_pqcl.data import masks as masks_lib
+from keras_pqcl.data import queries as queries_lib
 
 __all__ = ["MultiCropConfig", "MultiCrop"]
 
@@ -77,6 +85,11 @@ class MultiCropConfig:
             (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225).
         use_keras_cv: use keras-cv's Grayscale/Solarization layers when it
             imports (same numbers as the tf.image fallback). Default True.
+        antialias: low-pass filter when a crop is shrunk, as PIL's bicubic
+            resize does (PIL-exact to about one grey level). Default False:
+            plain bicubic is about 2.5x faster and the shrink factors of
+            multi-crop are small (global crops of 256-500 px images to 224 px
+            shrink by at most ~2); see ``benchmarks/pipeline.py``.
     """
 
     global_size: int = 224
@@ -100,6 +113,7 @@ class MultiCropConfig:
     mean: Tuple[float, float, float] = aug.IMAGENET_MEAN
     std: Tuple[float, float, float] = aug.IMAGENET_STD
     use_keras_cv: bool = True
+    antialias: bool = False
 
     def __post_init__(self):
         for name in ("global_size", "local_size"):
@@ -225,12 +239,26 @@ class MultiCropConfig:
 
 
 class MultiCrop:
-    """Per-example multi-crop transform (for ``tf.data.Dataset.map``).
+    """Multi-crop transform, in two stages so that the heavy part runs batched.
 
-    Each crop: RandomResizedCrop (box sampled in source pixels, bicubic with
-    antialias) → horizontal flip (recorded) → photometric augmentation →
-    ImageNet normalisation. Global crop ``g`` uses ``global_blur_p[g]`` and
-    ``solarize_p[g]``; local crops use ``local_blur_p`` and no solarize.
+    * :meth:`sample` (per example, in ``Dataset.map``): samples every box,
+      flip and photometric choice of one image from its seed, cuts and
+      resizes the crops (bicubic), and adds iBOT masks and PQCL query
+      coordinates when asked. The crops are not yet flipped or coloured.
+    * :meth:`finish` (per example): flips, photometric augmentation and
+      normalisation of the crops, which now have static shapes. It compiles
+      with XLA (``pretrain_dataset`` does so), which fuses the dozens of
+      elementwise ops of the photometric chain and makes it several times
+      faster on CPU; per-crop ``tf.cond`` then computes only the ops each
+      crop drew.
+
+    Calling the transform directly (``transform(image, label, seed)``) runs
+    both stages on one image, which is what tests and notebooks want.
+
+    Each crop: RandomResizedCrop (box sampled in source pixels) → horizontal
+    flip (recorded) → photometric augmentation → ImageNet normalisation.
+    Global crop ``g`` uses ``global_blur_p[g]`` and ``solarize_p[g]``; local
+    crops use ``local_blur_p`` and no solarize.
 
     Args:
         config: :class:`MultiCropConfig` (default: DINO).
@@ -241,6 +269,12 @@ class MultiCrop:
             values, unclipped (e.g. coordinate-encoded test images);
             otherwise crops are clipped to [0, 1].
         record_augmentations: add ``global_augs`` / ``local_augs`` keys.
+        masks: :class:`keras_pqcl.data.MaskConfig` to add iBOT block masks
+            ``global_masks`` (bool ``[n_global, S_g / p, S_g / p]``).
+        queries: :class:`keras_pqcl.data.QueryConfig` to add PQCL
+            ``query_coords`` (float32 ``[n_global, n_local, L * L, 2]``) and,
+            with ``embed_dim`` set, ``query_tables``
+            (``[n_global, n_local, L * L, embed_dim]``).
 
     Call:
         ``transform(image, label=-1, seed=None)`` with ``image`` uint8
@@ -250,104 +284,129 @@ class MultiCrop:
     """
 
     def __init__(self, config=None, photometric=True, normalize=True,
-                 record_augmentations=False):
-        self.config = config if config is not None else MultiCropConfig()
+                 record_augmentations=False, masks=None, queries=None):
+        self.config = cfg = config if config is not None else MultiCropConfig()
         self.photometric = photometric
         self.normalize = normalize
         self.record_augmentations = record_augmentations
+        self.masks = masks
+        self.queries = queries
+        if masks is not None:
+            self._mask_grid = masks.grid(cfg.global_size)
+        if queries is not None:
+            cfg.check_patch_size(queries.patch_size)
+            if cfg.n_local < 1:
+                raise ValueError(
+                    "PQCL queries come from local crops, but n_local=0; set "
+                    "MultiCropConfig(n_local=1) or more (the PQCL recipe uses 1)."
+                )
         # Built eagerly here, never while tracing a map function.
-        self._ops = (
-            aug.make_ops(self.config.use_keras_cv,
-                         self.config.solarize_threshold)
+        self._chain = (
+            aug.Photometric(cfg.color_jitter, cfg.jitter_p,
+                            cfg.jitter_random_order, cfg.grayscale_p,
+                            cfg.blur_sigma,
+                            aug.make_ops(cfg.use_keras_cv, cfg.solarize_threshold))
             if photometric else None
         )
-        self._crop_fns = {}
 
-    def _one_crop(self, image, seed, size, scale, flip_p, blur_p, solarize_p):
+    def _kinds(self):
         cfg = self.config
-        seeds = crops_lib.split_seed(seed, 2)
-        crop, box, flipped = crops_lib.random_resized_crop(
-            image, seeds[0], size, scale=scale, ratio=cfg.ratio, flip_p=flip_p
-        )
-        applied = tf.zeros([4], tf.int32)
-        if self.photometric or self.normalize:
-            # Bicubic overshoots the [0, 1] range a little; PIL saturates at
-            # 0/255 too. (Only raw float geometry tests skip this.)
-            crop = tf.clip_by_value(crop, 0.0, 1.0)
-        if self.photometric:
-            crop, applied = aug.photometric_augment(
-                crop, seeds[1],
-                color_jitter_strength=cfg.color_jitter,
-                jitter_p=cfg.jitter_p,
-                jitter_random_order=cfg.jitter_random_order,
-                grayscale_p=cfg.grayscale_p,
-                blur_p=blur_p,
-                blur_sigma=cfg.blur_sigma,
-                solarize_p=solarize_p,
-                ops=self._ops,
-            )
-        if self.normalize:
-            crop = aug.normalize(crop, cfg.mean, cfg.std)
-        return crop, box, tf.cast(flipped, tf.int32), applied
+        yield ("global", cfg.n_global, cfg.global_size, cfg.global_scale,
+               cfg.flip_p, cfg.global_blur_p, cfg.solarize_p)
+        if cfg.n_local > 0:
+            yield ("local", cfg.n_local, cfg.local_size, cfg.local_scale,
+                   cfg.flip_p if cfg.flip_local else 0.0, cfg.local_blur_p, 0.0)
 
-    def _crop_fn(self, kind):
-        """One ``tf.function`` per crop kind, traced once and called for
-        every crop of that kind: tracing the photometric chain 10 times
-        (2 global + 8 local) made building a pipeline several times slower.
+    def sample(self, image, label=-1, seed=None):
+        """Stage 1 for one image: geometry, raw crops and random choices.
+
+        Returns the final dict's geometry keys plus raw ``*_crops`` in [0, 1]
+        (unflipped) and private ``_*_aug`` entries that :meth:`finish`
+        consumes.
         """
-        if kind not in self._crop_fns:
-            # autograph=False: the code has no tensor-dependent Python
-            # control flow (explicit tf.cond), and conversion is slow.
-            self._crop_fns[kind] = tf.function(
-                self._one_crop, autograph=False, reduce_retracing=True
-            )
-        return self._crop_fns[kind]
-
-    def __call__(self, image, label=-1, seed=None):
         cfg = self.config
         image = tf.convert_to_tensor(image)
         if image.shape.rank != 3:
             raise ValueError(
                 f"MultiCrop expects one image [H, W, C], got shape {image.shape}"
             )
-        image = aug.to_float01(image)
+        if image.dtype not in (tf.uint8, tf.float16, tf.float32, tf.float64):
+            image = tf.cast(image, tf.float32)
         if seed is None:
             seed = tf.random.uniform([2], maxval=2 ** 62, dtype=tf.int64)
-        n_total = cfg.n_global + cfg.n_local
-        seeds = crops_lib.split_seed(seed, n_total)
+        seeds = crops_lib.split_seed(seed, 8)
+        height, width = tf.shape(image)[0], tf.shape(image)[1]
 
         out = {}
-        # Per-crop probabilities that differ between global crops are passed
-        # as tensors so all global crops share one trace; equal ones stay
-        # Python floats (p = 0 or 1 then needs no tf.cond at all).
-        blur_ps = cfg.global_blur_p
-        sol_ps = cfg.solarize_p
-        if len(set(blur_ps)) > 1:
-            blur_ps = [tf.constant(p, tf.float32) for p in blur_ps]
-        if len(set(sol_ps)) > 1:
-            sol_ps = [tf.constant(p, tf.float32) for p in sol_ps]
-        g_fn = self._crop_fn("global")
-        g = [
-            g_fn(image, seeds[i], cfg.global_size, cfg.global_scale,
-                 cfg.flip_p, blur_ps[i], sol_ps[i])
-            for i in range(cfg.n_global)
-        ]
-        self._stack_into(out, "global", g)
-        if cfg.n_local > 0:
-            flip_p = cfg.flip_p if cfg.flip_local else 0.0
-            l_fn = self._crop_fn("local")
-            loc = [
-                l_fn(image, seeds[cfg.n_global + i], cfg.local_size,
-                     cfg.local_scale, flip_p, cfg.local_blur_p, 0.0)
-                for i in range(cfg.n_local)
-            ]
-            self._stack_into(out, "local", loc)
+        for k, (kind, num, size, scale, flip_p, blur_p, sol_p) in enumerate(self._kinds()):
+            boxes = crops_lib.sample_crop_boxes(seeds[3 * k], height, width,
+                                                num, scale, cfg.ratio)
+            if flip_p > 0:
+                flips = tf.random.stateless_uniform([num], seeds[3 * k + 1]) < flip_p
+            else:
+                flips = tf.zeros([num], tf.bool)
+            # Kept as a tuple of crops on the 0..255 scale for uint8 input:
+            # finish() scales and stacks them inside its compiled function,
+            # which saves two passes over every pixel here.
+            out[f"{kind}_crops"] = tuple(
+                crops_lib.crop_and_resize(image, boxes[i], size,
+                                          antialias=cfg.antialias)
+                for i in range(num)
+            )
+            out[f"{kind}_boxes"] = boxes
+            out[f"{kind}_flips"] = tf.cast(flips, tf.int32)
+            if self._chain is not None:
+                out[f"_{kind}_aug"] = self._chain.sample(
+                    seeds[3 * k + 2], num, blur_p=blur_p, solarize_p=sol_p)
+        if self.masks is not None:
+            out["global_masks"] = masks_lib.sample_masks(
+                seeds[6], self.masks, cfg.global_size, cfg.n_global)
+        if self.queries is not None:
+            q = self.queries
+            coords = queries_lib.query_coords(
+                out["global_boxes"], out["global_flips"],
+                out["local_boxes"], out["local_flips"],
+                cfg.global_size // q.patch_size, cfg.local_size // q.patch_size,
+                flip_correct=q.flip_correct)
+            out["query_coords"] = coords
+            if q.embed_dim is not None:
+                out["query_tables"] = queries_lib.sincos_tables(coords, q.embed_dim)
         out["image_size"] = tf.shape(image)[:2]
         out["label"] = tf.cast(tf.reshape(label, []), tf.int32)
+        out["_scale"] = tf.constant(1.0 / 255.0 if image.dtype == tf.uint8 else 1.0)
         return out
 
-    def _stack_into(self, out, kind, results):
-        """Stack per-crop ``(crop, box, flip, augs)`` into ``{kind}_crops|boxes|flips|augs``."""
-        names = ["crops", "boxes", "flips"] + (["augs"] if self.record_augmentations else [])
-        for i, name in enumerate(names):
-            out[f"{kind}_{name}"] = tf.stack([r[i] for r in results])
+    def finish(self, example):
+        """Stage 2 on one :meth:`sample` output: flips, photometric
+        augmentation, normalisation. XLA-compilable."""
+        cfg = self.config
+        out = dict(example)
+        scale = out.pop("_scale")
+        for kind, *_ in self._kinds():
+            flips = out[f"{kind}_flips"]                            # [n]
+            params = out.pop(f"_{kind}_aug", None)
+            crops = []
+            for i, crop in enumerate(out[f"{kind}_crops"]):         # [S, S, C]
+                crop = crop * scale
+                crop = tf.cond(flips[i] > 0,
+                               lambda c=crop: tf.reverse(c, axis=[1]),
+                               lambda c=crop: c)
+                if self.photometric or self.normalize:
+                    # Bicubic overshoots the [0, 1] range a little; PIL
+                    # saturates at 0/255 too. (Only raw float geometry tests
+                    # skip this.)
+                    crop = tf.clip_by_value(crop, 0.0, 1.0)
+                if params is not None:
+                    crop = self._chain.apply_one(
+                        crop, {k: v[i] for k, v in params.items()})
+                if self.normalize:
+                    crop = aug.normalize(crop, cfg.mean, cfg.std)
+                crops.append(crop)
+            out[f"{kind}_crops"] = tf.stack(crops)
+            if self.record_augmentations:
+                out[f"{kind}_augs"] = aug.Photometric.applied(
+                    params or {}, tf.shape(flips))
+        return out
+
+    def __call__(self, image, label=-1, seed=None):
+        return self.finish(self.sample(image, label, seed))

@@ -5,7 +5,11 @@ Order of operations::
     load_source (shuffled at the cheapest point: indices / file names)
       → repeat (optional)
       → zip with a per-example random key (tf.data.Dataset.random)
-      → map(MultiCrop) per example, stateless RNG seeded by the key
+      → map per example:
+          MultiCrop.sample: boxes, crops, masks, queries and every random
+            choice, stateless RNG seeded by the key
+          MultiCrop.finish, XLA-compiled: flips, colour, blur, solarize,
+            normalisation
       → batch(drop_remainder=True) → prefetch
 
 Reproducibility: every random draw of the augmentation is a
@@ -52,6 +56,9 @@ def pretrain_dataset(
     num_parallel_calls=tf.data.AUTOTUNE,
     *,
     photometric=True,
+    masks=None,
+    queries=None,
+    jit_compile=True,
     record_augmentations=False,
     return_info=False,
     source_kwargs=None,
@@ -73,6 +80,13 @@ def pretrain_dataset(
             and ``fit`` needs ``steps_per_epoch``).
         num_parallel_calls: parallelism of the per-example map.
         photometric: False disables colour/blur/solarize (geometry only).
+        masks: :class:`~keras_pqcl.data.MaskConfig` for iBOT block masks
+            (``global_masks``), or None.
+        queries: :class:`~keras_pqcl.data.QueryConfig` for PQCL query
+            coordinates (``query_coords``, optionally ``query_tables``), or
+            None.
+        jit_compile: compile the photometric stage with XLA (several times
+            faster on CPU). False runs the same ops without XLA.
         record_augmentations: add ``global_augs`` / ``local_augs`` keys.
         return_info: also return the source's :class:`SourceInfo`.
         source_kwargs: extra keyword arguments for ``load_source`` (e.g.
@@ -110,14 +124,18 @@ def pretrain_dataset(
     keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
     ds = tf.data.Dataset.zip((ds, keys))
     transform = MultiCrop(crops, photometric=photometric,
-                          record_augmentations=record_augmentations)
+                          record_augmentations=record_augmentations,
+                          masks=masks, queries=queries)
+
+    finish = tf.function(transform.finish, jit_compile=jit_compile,
+                         autograph=False)
 
     # Plain TF ops with explicit tf.cond: skip autograph's (slow) conversion.
     @tf.autograph.experimental.do_not_convert
     def to_views(example, key):
         image, label = example
         example_seed = tf.stack([key, tf.zeros([], tf.int64)])
-        return transform(image, label, example_seed)
+        return finish(transform.sample(image, label, example_seed))
 
     deterministic = True if seed is not None else None
     ds = ds.map(to_views, num_parallel_calls=num_parallel_calls,

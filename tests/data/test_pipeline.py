@@ -229,19 +229,78 @@ def test_color_jitter_is_a_permutation_of_torchvision_ops():
                       tf.float32)
     # Strong factors and clipping make the orders distinguishable.
     strengths = (0.9, 0.9, 0.9, 0.3)
+    chain = A.Photometric(strengths, jitter_p=1.0, grayscale_p=0.0)
     for k in range(4):
-        seed = tf.constant([k, 3], tf.int64)
-        out = A.color_jitter(img, seed, *strengths, random_order=True).numpy()
-        # Recover the factors drawn for this seed with the fixed-order path.
-        seeds = A._split(seed, 6)
-        f = [tf.random.stateless_uniform([], seeds[i], 0.1, 1.9).numpy()
-             for i in range(3)]
-        f.append(tf.random.stateless_uniform([], seeds[3], -0.3, 0.3).numpy())
-        errs = [np.abs(_direct_jitter(img, p, f) - out).max()
-                for p in itertools.permutations(range(4))]
-        assert min(errs) < 1e-5
-    fixed = A.color_jitter(img, seed, *strengths, random_order=False).numpy()
-    np.testing.assert_allclose(fixed, _direct_jitter(img, range(4), f), atol=1e-5)
+        params = chain.sample(tf.constant([k, 3], tf.int64), 1, blur_p=0.0)
+        p = {key: v.numpy()[0] for key, v in params.items()}
+        out = chain.apply(img[None], params)[0].numpy()
+        ref = _direct_jitter(img, list(p["perm"]), p["factors"])
+        np.testing.assert_allclose(out, ref, atol=1e-5)
+        # Another order gives another image (so the check above has teeth).
+        other = _direct_jitter(img, list(p["perm"])[::-1], p["factors"])
+        assert np.abs(other - out).max() > 1e-3
+    fixed = A.Photometric(strengths, jitter_p=1.0, random_order=False)
+    params = fixed.sample(tf.constant([1, 3]), 1, blur_p=0.0)
+    np.testing.assert_array_equal(params["perm"].numpy(), [[0, 1, 2, 3]])
+    # The 24 orders are equally likely (torchvision: randperm(4)); factors
+    # are uniform on their ranges.
+    chain = A.Photometric(strengths, jitter_p=1.0)
+    params = chain.sample(tf.constant([7, 7]), 4800, blur_p=0.0)
+    perms = [tuple(p) for p in params["perm"].numpy()]
+    counts = np.array([perms.count(p) for p in itertools.permutations(range(4))])
+    assert counts.min() > 200 * 0.7 and counts.max() < 200 * 1.3
+    f = params["factors"].numpy()
+    assert f[:, :3].min() >= 0.1 and f[:, :3].max() <= 1.9
+    assert f[:, 3].min() >= -0.3 and f[:, 3].max() <= 0.3
+    np.testing.assert_allclose(f.mean(0), [1.0, 1.0, 1.0, 0.0], atol=0.03)
+
+
+def test_photometric_apply_per_crop_matches_ops():
+    # apply() with per-crop choices equals the primitive ops composed by hand.
+    rng = np.random.default_rng(8)
+    imgs = tf.constant(rng.uniform(size=(6, 10, 10, 3)), tf.float32)
+    chain = A.Photometric(jitter_p=0.0, grayscale_p=0.5, blur_sigma=(0.5, 1.5))
+    params = chain.sample(tf.constant([1, 2]), 6, blur_p=0.5, solarize_p=0.5)
+    out = tf.function(chain.apply, jit_compile=True)(imgs, params).numpy()
+    p = {k: v.numpy() for k, v in params.items()}
+    for i in range(6):
+        ref = imgs[i]
+        if p["grayscale"][i]:
+            ref = A.to_grayscale(ref)
+        if p["blur"][i]:
+            ref = A.gaussian_blur(ref, p["sigma"][i], chain.radius)
+        if p["solarize"][i]:
+            ref = A.solarize(ref)
+        np.testing.assert_allclose(out[i], ref.numpy(), atol=1e-5)
+    assert 0 < p["blur"].sum() < 6 or 0 < p["solarize"].sum() < 6
+
+
+def test_gaussian_blur_matches_numpy_formula():
+    # Truncated Gaussian (radius 6), renormalised over the taps inside the
+    # image, applied along rows then columns.
+    rng = np.random.default_rng(10)
+    img = rng.uniform(size=(2, 9, 11, 3)).astype(np.float32)
+    sigmas = np.array([0.7, 1.6], np.float32)
+
+    def blur_1d(x, sigma, axis):
+        n = x.shape[axis]
+        d = np.arange(n)[:, None] - np.arange(n)[None, :]
+        m = np.exp(-d ** 2 / (2 * sigma ** 2)) * (np.abs(d) <= 6)
+        m /= m.sum(1, keepdims=True)
+        return np.moveaxis(np.tensordot(m, np.moveaxis(x, axis, 0), 1), 0, axis)
+
+    ours = A.gaussian_blur(img, sigmas).numpy()
+    for i in range(2):
+        ref = blur_1d(blur_1d(img[i], sigmas[i], 0), sigmas[i], 1)
+        np.testing.assert_allclose(ours[i], ref, atol=1e-5)
+
+
+def test_adjust_hue_matches_tf_image():
+    img = tf.constant(np.random.default_rng(9).uniform(size=(8, 8, 3)), tf.float32)
+    for delta in (-0.3, 0.07, 0.5):
+        ref = tf.clip_by_value(tf.image.adjust_hue(img, delta), 0.0, 1.0)
+        np.testing.assert_allclose(A.adjust_hue(img, delta).numpy(), ref.numpy(),
+                                   atol=1e-5)
 
 
 def test_photometric_primitives():
