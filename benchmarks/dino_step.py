@@ -14,13 +14,9 @@ Compare ratios measured in one run; shared machines are noisy.
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+from _subprocess import run_worker
 
 
 def vit_flops_per_image(size, patch, dim, depth, mlp_ratio=4.0):
@@ -173,15 +169,12 @@ def main():
         if backend == "tensorflow":
             configs.append((backend, "True"))  # XLA, off by default on CPU
     for backend, jit in configs:
-        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
-        cmd = [sys.executable, __file__, "--worker", "--steps", str(args.steps), "--batch", str(args.batch),
-               "--n-local", str(args.n_local), "--jit", jit] + (["--quick"] if args.quick else [])
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        line = [l for l in out.stdout.splitlines() if l.startswith("{")]
-        if out.returncode or not line:
-            print(f"{backend} (jit={jit}) failed:\n{out.stderr[-3000:]}", file=sys.stderr)
-            continue
-        rows.append(json.loads(line[-1]))
+        row = run_worker(
+            [__file__, "--worker", "--steps", str(args.steps), "--batch", str(args.batch),
+             "--n-local", str(args.n_local), "--jit", jit] + (["--quick"] if args.quick else []),
+            f"{backend} (jit={jit})", KERAS_BACKEND=backend)
+        if row:
+            rows.append(row)
 
     flops = step_flops(args) / args.batch / 1e9
     peak = machine_peak_gflops()

@@ -21,13 +21,13 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 
+from _subprocess import run_worker
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 
 OFFICIAL_PER_CORE = 41.0    # torchvision/PIL DINO pipeline, issue #4's machine
 H100_DINO_RATE = 1200.0     # images/s one H100 trains ViT-S/16 DINO at (issue #4)
@@ -123,12 +123,9 @@ def worker(args):
 def step_rate():
     """images/s of the DINO training step (torch backend, ViT-S/16, batch 8,
     2x224 + 10x96) from benchmarks/dino_step.py, on this machine."""
-    env = dict(os.environ, KERAS_BACKEND="torch", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
-    cmd = [sys.executable, os.path.join(HERE, "dino_step.py"), "--worker", "--steps", "2",
-           "--batch", "8", "--n-local", "10", "--jit", "auto"]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
-    return json.loads(lines[-1])["images_per_s"] if lines else None
+    row = run_worker([os.path.join(HERE, "dino_step.py"), "--worker", "--steps", "2", "--batch", "8",
+                      "--n-local", "10", "--jit", "auto"], "the DINO step", KERAS_BACKEND="torch")
+    return row["images_per_s"] if row else None
 
 
 def main():
@@ -154,15 +151,11 @@ def main():
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     rows = []
     for index in range(len(settings(args.quick))):
-        cmd = [sys.executable, __file__, "--worker", "--index", str(index), "--folder", args.folder,
-               "--batch", str(args.batch), "--seconds", str(args.seconds)] + (["--quick"] if args.quick else [])
-        env = dict(os.environ, PYTHONPATH=ROOT)
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
-        if out.returncode or not lines:
-            print(f"setting {index} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
-            continue
-        rows.append(json.loads(lines[-1]))
+        row = run_worker([__file__, "--worker", "--index", str(index), "--folder", args.folder,
+                          "--batch", str(args.batch), "--seconds", str(args.seconds)]
+                         + (["--quick"] if args.quick else []), f"setting {index}")
+        if row:
+            rows.append(row)
     step = None if (args.no_step or args.quick) else step_rate()
 
     print(f"\nInput pipeline: {args.images} JPEGs of 256-500 px, batch {args.batch}, {cores} cores, "
