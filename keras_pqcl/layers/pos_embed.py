@@ -102,3 +102,32 @@ def interpolate_grid(pos, in_hw, out_hw):
     grid = ops.einsum("oh,hwd->owd", mat_h, grid)
     grid = ops.einsum("pw,owd->opd", mat_w, grid)
     return ops.reshape(grid, (1, out_h * out_w, dim))
+
+
+def sincos_embedding(coords, dim):
+    """2-D sin-cos embedding of positions, in ``keras.ops`` (runs inside compiled steps).
+
+    The same layout as :func:`sincos_from_coords` and the PQCL backbone's fixed table, so a
+    PQCL query built from a local patch's coordinates in a global view carries exactly the
+    position code of the global-view patch found at that place.
+
+    Args:
+        coords: tensor ``(..., 2)``: ``(x, y)`` = (column, row) in patch units, possibly
+            fractional, negative or beyond the grid (sin-cos extrapolates).
+        dim: embedding size; must be divisible by 4.
+
+    Returns:
+        float32 tensor ``(..., dim)`` laid out ``[sin(x w), cos(x w), sin(y w), cos(y w)]``
+        with ``w_k = 10000 ** (-k / (dim / 4))``.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs a dim divisible by 4, got {dim}.")
+    quarter = dim // 4
+    # The frequencies are constants: computed once in float64, like the NumPy table.
+    omega = ops.convert_to_tensor(
+        (1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)).astype(np.float32)
+    )
+    coords = ops.cast(coords, "float32")
+    x = coords[..., 0:1] * omega
+    y = coords[..., 1:2] * omega
+    return ops.concatenate([ops.sin(x), ops.cos(x), ops.sin(y), ops.cos(y)], axis=-1)

@@ -18,8 +18,109 @@ def clone_backbone(backbone, **overrides):
     return clone
 
 
+class SelfDistillation(SelfSupervisedModel):
+    """What DINO, iBOT and PQCL share: a ViT student with a projection head, their EMA
+    teacher copies, the per-epoch teacher temperatures, ``call`` and (de)serialisation.
+
+    A subclass calls ``super().__init__`` with the common arguments (see :class:`DINO`),
+    then :meth:`add_heads` with its head class, then creates its loss.
+    """
+
+    def __init__(
+        self,
+        backbone,
+        out_dim,
+        hidden_dim=2048,
+        bottleneck_dim=256,
+        head_layers=3,
+        norm_last_layer=True,
+        student_temp=0.1,
+        warmup_teacher_temp=0.04,
+        teacher_temp=0.07,
+        warmup_teacher_temp_epochs=30,
+        center_momentum=0.9,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.out_dim = out_dim
+        self.hidden_dim = hidden_dim
+        self.bottleneck_dim = bottleneck_dim
+        self.head_layers = head_layers
+        self.norm_last_layer = norm_last_layer
+        self.student_temp = student_temp
+        self.warmup_teacher_temp = warmup_teacher_temp
+        self.teacher_temp = teacher_temp
+        self.warmup_teacher_temp_epochs = warmup_teacher_temp_epochs
+        self.center_momentum = center_momentum
+
+        self.student_backbone = backbone
+        if not backbone.built:
+            backbone.build()
+        self.teacher_backbone = clone_backbone(backbone, drop_path_rate=0.0, name="teacher_backbone")
+
+    def add_heads(self, head_class, **head_kwargs):
+        """Build ``student_head`` and its EMA twin ``teacher_head`` (gain frozen at 1, as the
+        reference builds it) and register both networks with the EMA."""
+        args = dict(
+            out_dim=self.out_dim,
+            hidden_dim=self.hidden_dim,
+            bottleneck_dim=self.bottleneck_dim,
+            num_layers=self.head_layers,
+            **head_kwargs,
+        )
+        self.student_head = head_class(norm_last_layer=self.norm_last_layer, name="student_head", **args)
+        self.teacher_head = head_class(norm_last_layer=True, name="teacher_head", **args)
+        dim = self.student_backbone.embed_dim
+        self.student_head.build((None, dim))
+        self.teacher_head.build((None, dim))
+        self.add_teacher(self.teacher_backbone, self.student_backbone)
+        self.add_teacher(self.teacher_head, self.student_head)
+
+    def frozen_variables(self):
+        layers = getattr(self.student_head, "last_layers", [self.student_head.last_layer])
+        return [v for layer in layers for v in layer.trainable_variables]
+
+    def warmup_temp(self, step, start, end, start_epoch=0):
+        """``linspace(start, end, warmup_teacher_temp_epochs)`` per epoch, then ``end``;
+        held at ``start`` before ``start_epoch`` (iBOT's delayed patch temperature)."""
+        epoch = self.epoch_at(step)
+        if start_epoch:
+            epoch = ops.maximum(epoch - float(start_epoch), 0.0)
+        return schedules.warmup_then_constant(epoch, start, end, self.warmup_teacher_temp_epochs)
+
+    def teacher_temp_at(self, step):
+        return self.warmup_temp(step, self.warmup_teacher_temp, self.teacher_temp)
+
+    def call(self, images, training=False):
+        """Student CLS features ``(batch, D)`` of ``images``."""
+        return self.student_backbone(images, training=training)["cls"]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            backbone=keras.saving.serialize_keras_object(self.student_backbone),
+            out_dim=self.out_dim,
+            hidden_dim=self.hidden_dim,
+            bottleneck_dim=self.bottleneck_dim,
+            head_layers=self.head_layers,
+            norm_last_layer=self.norm_last_layer,
+            student_temp=self.student_temp,
+            warmup_teacher_temp=self.warmup_teacher_temp,
+            teacher_temp=self.teacher_temp,
+            warmup_teacher_temp_epochs=self.warmup_teacher_temp_epochs,
+            center_momentum=self.center_momentum,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
+        return cls(**config)
+
+
 @keras.saving.register_keras_serializable(package="keras_pqcl")
-class DINO(SelfSupervisedModel):
+class DINO(SelfDistillation):
     """Student ViT + EMA teacher, DINO heads and the DINO loss.
 
     Args:
@@ -61,40 +162,23 @@ class DINO(SelfSupervisedModel):
         center_momentum=0.9,
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        self.out_dim = out_dim
-        self.hidden_dim = hidden_dim
-        self.bottleneck_dim = bottleneck_dim
-        self.head_layers = head_layers
-        self.norm_last_layer = norm_last_layer
-        self.student_temp = student_temp
-        self.warmup_teacher_temp = warmup_teacher_temp
-        self.teacher_temp = teacher_temp
-        self.warmup_teacher_temp_epochs = warmup_teacher_temp_epochs
-        self.center_momentum = center_momentum
-
-        self.student_backbone = backbone
-        if not backbone.built:
-            backbone.build()
-        self.teacher_backbone = clone_backbone(backbone, drop_path_rate=0.0, name="teacher_backbone")
-        head_args = dict(out_dim=out_dim, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim, num_layers=head_layers)
-        dim = backbone.embed_dim
-        self.student_head = DINOHead(norm_last_layer=norm_last_layer, name="student_head", **head_args)
-        self.teacher_head = DINOHead(norm_last_layer=True, name="teacher_head", **head_args)
-        self.student_head.build((None, dim))
-        self.teacher_head.build((None, dim))
-        self.dino_loss = DINOLoss(out_dim, student_temp=student_temp, center_momentum=center_momentum, name="dino_loss")
-        self.add_teacher(self.teacher_backbone, self.student_backbone)
-        self.add_teacher(self.teacher_head, self.student_head)
-        self.built = True
-
-    def frozen_variables(self):
-        return list(self.student_head.last_layer.trainable_variables)
-
-    def teacher_temp_at(self, step):
-        return schedules.warmup_then_constant(
-            self.epoch_at(step), self.warmup_teacher_temp, self.teacher_temp, self.warmup_teacher_temp_epochs
+        super().__init__(
+            backbone,
+            out_dim=out_dim,
+            hidden_dim=hidden_dim,
+            bottleneck_dim=bottleneck_dim,
+            head_layers=head_layers,
+            norm_last_layer=norm_last_layer,
+            student_temp=student_temp,
+            warmup_teacher_temp=warmup_teacher_temp,
+            teacher_temp=teacher_temp,
+            warmup_teacher_temp_epochs=warmup_teacher_temp_epochs,
+            center_momentum=center_momentum,
+            **kwargs,
         )
+        self.add_heads(DINOHead)
+        self.dino_loss = DINOLoss(out_dim, student_temp=student_temp, center_momentum=center_momentum, name="dino_loss")
+        self.built = True
 
     def ssl_forward(self, data, step, training=True):
         if "global_crops" not in data:
@@ -126,33 +210,6 @@ class DINO(SelfSupervisedModel):
         logs["teacher_temp"] = temp
         logs["teacher_entropy"] = mean_output_entropy(teacher_logits, self.dino_loss.center, temp)
         return loss, logs
-
-    def call(self, images, training=False):
-        """Student CLS features ``(batch, D)`` of ``images``."""
-        return self.student_backbone(images, training=training)["cls"]
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            backbone=keras.saving.serialize_keras_object(self.student_backbone),
-            out_dim=self.out_dim,
-            hidden_dim=self.hidden_dim,
-            bottleneck_dim=self.bottleneck_dim,
-            head_layers=self.head_layers,
-            norm_last_layer=self.norm_last_layer,
-            student_temp=self.student_temp,
-            warmup_teacher_temp=self.warmup_teacher_temp,
-            teacher_temp=self.teacher_temp,
-            warmup_teacher_temp_epochs=self.warmup_teacher_temp_epochs,
-            center_momentum=self.center_momentum,
-        )
-        return config
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
-        return cls(**config)
 
 
 def mean_output_entropy(teacher_logits, center, temp):
