@@ -226,3 +226,11 @@ def crop_major(crops):
     shape = crops.shape
     x = ops.transpose(crops, (1, 0, 2, 3, 4))
     return ops.reshape(x, (-1, shape[2], shape[3], shape[4]))
+
+
+def require(data, key, method, hint):
+    """``data[key]``, or a ValueError naming the key and how to make the pipeline emit it."""
+    if not isinstance(data, dict) or data.get(key) is None:
+        keys = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{method} needs '{key}' in every batch; got {keys}. {hint}")
+    return data[key]

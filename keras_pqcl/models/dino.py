@@ -6,7 +6,7 @@ from keras import ops
 from keras_pqcl import schedules
 from keras_pqcl.heads.dino_head import DINOHead
 from keras_pqcl.losses.dino_loss import DINOLoss
-from keras_pqcl.models.base import SelfSupervisedModel, crop_major
+from keras_pqcl.models.base import SelfSupervisedModel, crop_major, require
 
 
 def clone_backbone(backbone, **overrides):
@@ -181,12 +181,10 @@ class DINO(SelfDistillation):
         self.built = True
 
     def ssl_forward(self, data, step, training=True):
-        if "global_crops" not in data:
-            raise ValueError(
-                "DINO expects batches as dicts with 'global_crops' (B, G, H, W, 3) and optionally "
-                f"'local_crops'; got keys {sorted(data)}. Use keras_pqcl.data.pretrain_dataset."
-            )
-        global_crops = data["global_crops"]
+        global_crops = require(
+            data, "global_crops", "DINO",
+            "Batches are dicts with 'global_crops' (B, G, H, W, 3) and optionally 'local_crops'; "
+            "use keras_pqcl.data.pretrain_dataset.")
         n_global, batch = global_crops.shape[1], ops.shape(global_crops)[0]
         globals_flat = crop_major(global_crops)
 

@@ -10,16 +10,8 @@ from keras import ops
 
 from keras_pqcl.heads.ibot_head import iBOTHead
 from keras_pqcl.losses.ibot_loss import iBOTLoss
-from keras_pqcl.models.base import crop_major
+from keras_pqcl.models.base import crop_major, require
 from keras_pqcl.models.dino import SelfDistillation, mean_output_entropy
-
-
-def require(data, key, method, hint):
-    """``data[key]``, or a ValueError naming the key and how to make the pipeline emit it."""
-    if not isinstance(data, dict) or data.get(key) is None:
-        keys = sorted(data) if isinstance(data, dict) else type(data).__name__
-        raise ValueError(f"{method} needs '{key}' in every batch; got {keys}. {hint}")
-    return data[key]
 
 
 def views_major(x):

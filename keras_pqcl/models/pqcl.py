@@ -11,9 +11,9 @@ from keras import ops
 
 from keras_pqcl.layers.pos_embed import sincos_embedding
 from keras_pqcl.losses.query_loss import QueryLoss
-from keras_pqcl.models.base import crop_major
+from keras_pqcl.models.base import crop_major, require
 from keras_pqcl.models.dino import mean_output_entropy
-from keras_pqcl.models.ibot import IBOT, encode, require, views_major
+from keras_pqcl.models.ibot import IBOT, encode, views_major
 
 BASES = ("ibot", "dino")
 
