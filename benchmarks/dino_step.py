@@ -17,6 +17,7 @@ import json
 import time
 
 from _subprocess import run_worker
+from _timing import time_fit_steps
 
 
 def vit_flops_per_image(size, patch, dim, depth, mlp_ratio=4.0):
@@ -62,28 +63,7 @@ def worker(args):
     model = kp.models.DINO(backbone, out_dim=args.out_dim)
     model.compile(optimizer=kp.optimizers.dino_adamw(args.batch, 100, 1000), jit_compile=args.jit)
 
-    import tensorflow as tf
-
-    dataset = tf.data.Dataset.from_tensors(batch).repeat()
-
-    class Timer(keras.callbacks.Callback):
-        # Keras syncs the logs to host for callbacks that are not async-safe, so the time
-        # between batch begin and end is the whole step.
-        def __init__(self):
-            super().__init__()
-            self.times = []
-
-        def on_train_batch_begin(self, batch, logs=None):
-            self.t0 = time.perf_counter()
-
-        def on_train_batch_end(self, batch, logs=None):
-            float(logs["loss"])
-            self.times.append(time.perf_counter() - self.t0)
-
-    timer = Timer()
-    model.fit(dataset, epochs=1, steps_per_epoch=args.steps + 1, verbose=0, callbacks=[timer])
-    compile_s = timer.times[0]
-    step_s = float(np.median(timer.times[1:]))
+    compile_s, step_s = time_fit_steps(model, batch, args.steps)
 
     ema_s = time_ema(model, backend, args)
     flops = step_flops(args)

@@ -19,15 +19,20 @@ class Recipe:
     Attributes:
         name: recipe name (written to the output folder).
         description: one line shown by ``keras-pqcl recipes``.
-        method: ``"dino"`` (more methods register in :data:`keras_pqcl.training.METHODS`).
+        method: ``"dino"``, ``"ibot"``, ``"pqcl"`` (iBOT+PQCL), ``"dino_pqcl"`` or ``"adclr"``
+            (see :data:`keras_pqcl.training.METHODS`).
         backbone: ViT preset (``vit_tiny|vit_small|vit_base|vit_large``).
         patch_size: 16.
         drop_path_rate: student stochastic depth (0.1); the teacher uses 0.
-        pos_embed: ``"learned"`` or ``"sincos"``.
+        pos_embed: ``"learned"`` or ``"sincos"``; ``None`` = the method's (sin-cos for PQCL,
+            learned otherwise).
         backbone_args: extra ``VisionTransformer`` arguments (e.g. ``depth`` for tiny runs).
         method_args: method arguments (``out_dim``, ``norm_last_layer``, temperatures...).
         data: data source (``"synthetic_scenes"``, a folder, ``"tfds:NAME"``).
         crops: ``keras_pqcl.data.MultiCropConfig`` arguments.
+        masks: ``keras_pqcl.data.MaskConfig`` arguments for methods with iBOT masks
+            (``patch_size`` comes from the recipe).
+        queries: ``keras_pqcl.data.QueryConfig`` arguments for PQCL (``flip_correct``).
         batch_size: global batch (split over devices).
         epochs: 100.
         base_lr: 5e-4, scaled by ``batch_size / 256``.
@@ -40,6 +45,8 @@ class Recipe:
         jit_compile: passed to ``compile`` (``"auto"``: JAX compiles, TF on CPU does not).
         seed: random seed for weights and data.
         checkpoint_every: epochs between checkpoints.
+        stop_on_collapse: stop (after saving) when the run collapses; otherwise only warn
+            (see :class:`keras_pqcl.callbacks.CollapseGuard`).
         steps_per_epoch: cap the steps of an epoch (``None``: the whole dataset).
     """
 
@@ -49,11 +56,13 @@ class Recipe:
     backbone: str = "vit_small"
     patch_size: int = 16
     drop_path_rate: float = 0.1
-    pos_embed: str = "learned"
+    pos_embed: Optional[str] = None
     backbone_args: dict = field(default_factory=dict)
     method_args: dict = field(default_factory=dict)
     data: str = "synthetic_scenes"
     crops: dict = field(default_factory=dict)
+    masks: dict = field(default_factory=dict)
+    queries: dict = field(default_factory=dict)
     batch_size: int = 64
     epochs: int = 100
     base_lr: float = 5e-4
@@ -67,6 +76,7 @@ class Recipe:
     jit_compile: object = "auto"
     seed: int = 0
     checkpoint_every: int = 1
+    stop_on_collapse: bool = False
     steps_per_epoch: Optional[int] = None
 
     def replace(self, **changes):
@@ -76,6 +86,16 @@ class Recipe:
         if unknown:
             raise ValueError(f"Unknown recipe fields {sorted(unknown)}.")
         return dataclasses.replace(self, **changes)
+
+    def derive(self, **changes):
+        """A copy with ``changes``, where dict fields (``method_args``, ``crops``, ``masks``...)
+        are merged key by key instead of replaced: ``tiny.derive(method="ibot",
+        crops=dict(n_local=2))`` keeps the other crop settings."""
+        merged = {
+            key: {**getattr(self, key), **value} if isinstance(getattr(self, key, None), dict) and value else value
+            for key, value in changes.items()
+        }
+        return self.replace(**merged)
 
     def to_json(self):
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

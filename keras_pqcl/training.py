@@ -9,9 +9,11 @@ Used by ``keras-pqcl pretrain``; importable for scripts and notebooks::
 
 import contextlib
 import csv
+import dataclasses
 import json
 import os
 import time
+from typing import Callable
 
 import keras
 
@@ -19,30 +21,118 @@ from keras_pqcl import backbones, callbacks, models, optimizers
 from keras_pqcl.callbacks.checkpoint import _atomic_write, atomic_write_text
 
 
-def build_dino(recipe, backbone):
-    return models.DINO(backbone, teacher_momentum=recipe.teacher_momentum, **recipe.method_args)
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """How the runner builds one pre-training method.
+
+    Attributes:
+        model: ``(recipe, backbone, **method_args) -> model`` (uncompiled).
+        backbone_args: ``recipe -> dict`` of backbone arguments the method needs
+            (a mask token, the sin-cos table); the recipe's ``pos_embed`` wins when it is set.
+        dataset_args: ``recipe -> dict`` of extra :func:`keras_pqcl.data.pretrain_dataset`
+            arguments (iBOT ``masks``, PQCL ``queries``).
+    """
+
+    model: Callable
+    backbone_args: Callable = lambda recipe: {}
+    dataset_args: Callable = lambda recipe: {}
 
 
-#: method name -> function(recipe, backbone) returning an uncompiled model.
-METHODS = {"dino": build_dino}
+def _base(recipe, default="ibot"):
+    return recipe.method_args.get("base", default)
+
+
+def _masks(recipe):
+    from keras_pqcl.data import MaskConfig
+
+    return MaskConfig(patch_size=recipe.patch_size, **recipe.masks)
+
+
+def _queries(recipe):
+    from keras_pqcl.data import QueryConfig
+
+    return QueryConfig(patch_size=recipe.patch_size, **recipe.queries)
+
+
+def _pqcl_data(recipe):
+    args = {"queries": _queries(recipe)}
+    if _base(recipe) == "ibot":
+        args["masks"] = _masks(recipe)
+    return args
+
+
+def _adclr_data(recipe):
+    args = {}
+    if recipe.method_args.get("query_position", "crop") == "global":
+        args["queries"] = _queries(recipe)
+    if _base(recipe, "dino") == "ibot":
+        args["masks"] = _masks(recipe)
+    return args
+
+
+def _model(name, **fixed):
+    def build(recipe, backbone):
+        return getattr(models, name)(
+            backbone, teacher_momentum=recipe.teacher_momentum, **{**fixed, **recipe.method_args}
+        )
+
+    return build
+
+
+#: method name -> :class:`Method`. ``dino_pqcl`` is ``pqcl`` with ``base="dino"``.
+METHODS = {
+    "dino": Method(_model("DINO"), backbone_args=lambda recipe: {"pos_embed": "learned"}),
+    "ibot": Method(
+        _model("IBOT"),
+        backbone_args=lambda recipe: {"use_mask_token": True, "pos_embed": "learned"},
+        dataset_args=lambda recipe: {"masks": _masks(recipe)},
+    ),
+    "pqcl": Method(
+        _model("PQCL"),
+        backbone_args=lambda recipe: {"use_mask_token": True, "pos_embed": "sincos"},
+        dataset_args=_pqcl_data,
+    ),
+    "dino_pqcl": Method(
+        _model("PQCL", base="dino"),
+        backbone_args=lambda recipe: {"use_mask_token": True, "pos_embed": "sincos"},
+        dataset_args=lambda recipe: {"queries": _queries(recipe)},
+    ),
+    "adclr": Method(
+        _model("ADCLR"),
+        backbone_args=lambda recipe: {
+            # The IBOT base class expects a mask token even where only base="ibot" uses it.
+            "use_mask_token": True,
+            "pos_embed": "sincos" if recipe.method_args.get("query_position") == "global" else "learned",
+        },
+        dataset_args=_adclr_data,
+    ),
+}
+
+
+def method_of(recipe):
+    if recipe.method not in METHODS:
+        raise ValueError(f"Unknown method {recipe.method!r}; available: {sorted(METHODS)}.")
+    return METHODS[recipe.method]
 
 
 def build_backbone(recipe, image_size):
+    """The student backbone of ``recipe`` for ``image_size`` global crops (random init)."""
+    args = dict(method_of(recipe).backbone_args(recipe))
+    if recipe.pos_embed is not None:
+        args["pos_embed"] = recipe.pos_embed
+    args.update(recipe.backbone_args)
     return backbones.vit(
         recipe.backbone,
         patch_size=recipe.patch_size,
         image_size=image_size,
         drop_path_rate=recipe.drop_path_rate,
-        pos_embed=recipe.pos_embed,
-        **recipe.backbone_args,
+        **args,
     )
 
 
 def build_model(recipe, steps_per_epoch, crops):
-    if recipe.method not in METHODS:
-        raise ValueError(f"Unknown method {recipe.method!r}; available: {sorted(METHODS)}.")
     backbone = build_backbone(recipe, crops.global_size)
-    model = METHODS[recipe.method](recipe, backbone)
+    model = method_of(recipe).model(recipe, backbone)
     optimizer = optimizers.dino_adamw(
         recipe.batch_size,
         recipe.epochs,
@@ -102,7 +192,7 @@ def pretrain(recipe, output_dir, resume=False, verbose=1):
     crops.check_patch_size(recipe.patch_size)
     dataset, info = kdata.pretrain_dataset(
         recipe.data, crops=crops, batch_size=recipe.batch_size, shuffle=True, seed=recipe.seed,
-        return_info=True,
+        return_info=True, **method_of(recipe).dataset_args(recipe),
     )
     steps = kdata.steps_per_epoch(dataset)
     if steps is None and info.num_examples:
@@ -131,9 +221,11 @@ def pretrain(recipe, output_dir, resume=False, verbose=1):
             model = build_model(recipe, steps, crops)
 
     csv_path = os.path.join(output_dir, "log.csv")
+    collapse = callbacks.CollapseGuard(stop=recipe.stop_on_collapse)
     cbs = [
         callbacks.TeacherEMA(recipe.teacher_momentum, 1.0),
         callbacks.NaNGuard(),
+        collapse,
         callbacks.Checkpoint(ckpt_dir, every=recipe.checkpoint_every),
         keras.callbacks.CSVLogger(csv_path, append=initial_epoch > 0),
         keras.callbacks.TensorBoard(os.path.join(output_dir, "tensorboard"), write_graph=False),
@@ -165,6 +257,7 @@ def pretrain(recipe, output_dir, resume=False, verbose=1):
         "student_backbone": paths["student"],
         "log": csv_path,
         "plot": plot_path,
+        "collapse": collapse.message,
     }
     atomic_write_text(os.path.join(output_dir, "summary.json"), json.dumps(summary, indent=2))
     return summary
@@ -187,7 +280,10 @@ def read_log(csv_path):
 
 
 def plot_log(history, path):
-    """Loss (and teacher entropy, when logged) per epoch as a PNG; returns the path or None."""
+    """Loss and its terms, teacher entropy, query agreement and schedules per epoch as a PNG.
+
+    Returns the path, or None when the log holds no loss.
+    """
     if not history.get("loss"):
         return None
     import matplotlib
@@ -196,10 +292,16 @@ def plot_log(history, path):
     import matplotlib.pyplot as plt
 
     epochs = [int(e) + 1 for e in history.get("epoch", range(len(history["loss"])))]
-    panels = [k for k in ("loss", "teacher_entropy", "learning_rate", "teacher_temp") if k in history]
+    keys = ("loss", "teacher_entropy", "query_agreement", "learning_rate", "teacher_temp")
+    panels = [k for k in keys if k in history]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
     for ax, key in zip(axes[0], panels):
-        ax.plot(epochs, history[key], marker="o", markersize=3)
+        # The loss panel also shows each term, so a term that stalls (MIM, queries) is visible.
+        lines = [key] + ([t for t in ("cls", "mim", "query") if t in history] if key == "loss" else [])
+        for line in lines:
+            ax.plot(epochs, history[line], marker="o", markersize=3, label=line)
+        if len(lines) > 1:
+            ax.legend(fontsize=8)
         ax.set_title(key.replace("_", " "))
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)

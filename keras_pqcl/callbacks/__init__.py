@@ -1,4 +1,5 @@
 """Callbacks for pre-training."""
 
+from keras_pqcl.callbacks.collapse import CollapseGuard
 from keras_pqcl.callbacks.checkpoint import Checkpoint, NaNGuard, load_checkpoint
 from keras_pqcl.callbacks.teacher_ema import TeacherEMA

@@ -19,7 +19,7 @@ BASES = ("ibot", "dino")
 
 QUERY_HINT = (
     "Build the dataset with pretrain_dataset(..., queries=keras_pqcl.data.QueryConfig(patch_size=p)), "
-    "p = the backbone's patch size, and MultiCropConfig(n_local >= 1, flip_local=False)."
+    "p = the backbone's patch size, and MultiCropConfig(n_local >= 1)."
 )
 
 

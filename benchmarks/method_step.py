@@ -1,0 +1,133 @@
+"""Images/s of one training step of each method, per Keras backend, and what PQCL costs.
+
+Each row builds its model from the method's paper recipe (``recipes/*_vit_small.py``: ViT-S/16,
+its head size and temperatures) through the recipe runner's registry, then times ``fit``
+steps on one synthetic batch holding every key the method reads (crops, iBOT masks, PQCL
+query coordinates). Default: batch 8, 2 x 224 global crops and 1 x 96 local crop, the PQCL
+README setting, so each plug-in is compared with its base on the same crops; extra rows give
+iBOT with its paper's 10 local crops, and ADCLR beside DINO with 4 local crops.
+
+    python benchmarks/method_step.py                          # all backends, all rows
+    python benchmarks/method_step.py --backends torch --steps 2
+    python benchmarks/method_step.py --quick                  # tiny ViT, a smoke test
+
+"x base" is the plug-in's step time over its base's, from the same backend in the same run
+(machines are shared and noisy: compare ratios, not absolute numbers across runs).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+from _subprocess import run_worker
+from _timing import time_fit_steps
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+# (row label, method, paper recipe, local crops, label of the base row for "x base")
+ROWS = (
+    ("DINO", "dino", "dino_vit_small", 1, None),
+    ("DINO+PQCL", "dino_pqcl", "dino_pqcl_vit_small", 1, "DINO"),
+    ("iBOT", "ibot", "ibot_vit_small", 1, None),
+    ("iBOT+PQCL", "pqcl", "pqcl_vit_small", 1, "iBOT"),
+    ("iBOT, 10 local (paper)", "ibot", "ibot_vit_small", 10, "iBOT"),
+    ("DINO, 4 local", "dino", "dino_vit_small", 4, None),
+    ("ADCLR, 4 query crops", "adclr", "adclr_vit_small", 4, "DINO, 4 local"),
+)
+
+
+def make_batch(recipe, batch_size, rng):
+    """One batch with every key any method reads, shaped for ``recipe``'s crops."""
+    import numpy as np
+
+    crops, p = recipe.crops, recipe.patch_size
+    n_global, n_local = crops.get("n_global", 2), crops["n_local"]
+    size, local = crops["global_size"], crops["local_size"]
+    grid, local_grid = size // p, local // p
+    return {
+        "global_crops": rng.normal(size=(batch_size, n_global, size, size, 3)).astype("float32"),
+        "local_crops": rng.normal(size=(batch_size, n_local, local, local, 3)).astype("float32"),
+        # iBOT's expected masked share: half the crops at U(0.1, 0.5).
+        "global_masks": rng.random((batch_size, n_global, grid, grid)) < 0.15,
+        "query_coords": rng.uniform(0, grid - 1, (batch_size, n_global, n_local, local_grid**2, 2)).astype("float32"),
+    }
+
+
+def worker(args):
+    import keras
+    import numpy as np
+
+    from keras_pqcl import optimizers
+    from keras_pqcl.recipe import load_recipe
+    from keras_pqcl.training import METHODS, build_backbone
+
+    label, method, recipe_name, n_local, _ = ROWS[args.row]
+    keras.utils.set_random_seed(0)
+    recipe = load_recipe(recipe_name).derive(crops=dict(n_local=n_local))
+    if args.quick:
+        head = dict(out_dim=256, hidden_dim=64, bottleneck_dim=32)
+        if "patch_out_dim" in recipe.method_args:
+            head["patch_out_dim"] = 256
+        recipe = recipe.derive(
+            patch_size=8, backbone_args=dict(embed_dim=32, depth=2, num_heads=2), method_args=head,
+            crops=dict(global_size=32, local_size=16),
+        )
+    backbone = build_backbone(recipe, recipe.crops["global_size"])
+    model = METHODS[method].model(recipe, backbone)
+    model.compile(optimizer=optimizers.dino_adamw(args.batch, 100, 1000), jit_compile="auto")
+    batch = make_batch(recipe, args.batch, np.random.default_rng(0))
+    compile_s, step_s = time_fit_steps(model, batch, args.steps)
+    print(json.dumps({
+        "backend": keras.backend.backend(),
+        "row": label,
+        "crops": f"2x{recipe.crops['global_size']} + {n_local}x{recipe.crops['local_size']}",
+        "out_dim": recipe.method_args["out_dim"],
+        "images_per_s": args.batch / step_s,
+        "step_s": step_s,
+        "compile_s": compile_s,
+    }))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backends", default="tensorflow,jax,torch")
+    parser.add_argument("--rows", default=None, help="comma-separated row numbers (default: all)")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps after the first")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help="tiny ViT (smoke test)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--row", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    rows = [int(r) for r in args.rows.split(",")] if args.rows else range(len(ROWS))
+    results = []
+    for backend in args.backends.split(","):
+        for i in rows:
+            result = run_worker(
+                [__file__, "--worker", "--row", str(i), "--steps", str(args.steps), "--batch", str(args.batch)]
+                + (["--quick"] if args.quick else []),
+                f"{ROWS[i][0]} on {backend}", KERAS_BACKEND=backend,
+            )
+            if result:
+                result["base"] = ROWS[i][4]
+                results.append(result)
+                print(f"  {backend:10s} {result['row']:24s} {result['images_per_s']:.2f} images/s", file=sys.stderr)
+
+    step = {(r["backend"], r["row"]): r["step_s"] for r in results}
+    model = "tiny ViT/8" if args.quick else "ViT-S/16"
+    print(f"\nOne training step per method: {model}, batch {args.batch}, median of {args.steps} steps after the first.")
+    print("| backend | method | crops | K | images/s | step s | first step s | x base (step time) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        base = step.get((r["backend"], r["base"]))
+        ratio = f"{r['step_s'] / base:.2f} vs {r['base']}" if base else ""
+        print(f"| {r['backend']} | {r['row']} | {r['crops']} | {r['out_dim']} | {r['images_per_s']:.2f} | "
+              f"{r['step_s']:.2f} | {r['compile_s']:.1f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+"""iBOT at the ``tiny`` recipe's scale: embedded data, 4-block ViT/8, CPU minutes."""
+
+from keras_pqcl.recipe import load_recipe
+
+
+def get_recipe():
+    tiny = load_recipe("tiny")
+    # The extra teacher temperatures follow the CLS one, as in the paper recipes.
+    warm, temp = tiny.method_args.get("warmup_teacher_temp", 0.04), tiny.method_args.get("teacher_temp", 0.07)
+    return tiny.derive(
+        name="tiny_ibot",
+        description="iBOT, tiny ViT/8 on synthetic_scenes (embedded), CPU minutes",
+        method="ibot",
+        method_args=dict(patch_out_dim=None, shared_head=True, warmup_teacher_patch_temp=warm, teacher_patch_temp=temp),
+        masks=dict(ratio=(0.0, 0.3), ratio_var=(0.0, 0.2)),
+    )
