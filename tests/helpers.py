@@ -227,3 +227,22 @@ def interpolate_pos(patch_pos, in_hw, out_hw):
     grid = bicubic_1d(grid, oh, (oh + 0.1) / ih)
     grid = bicubic_1d(grid.transpose(1, 0, 2), ow, (ow + 0.1) / iw).transpose(1, 0, 2)
     return grid.reshape(oh * ow, dim)
+
+
+def coord_image(height, width):
+    """Float image whose channels 0 and 1 hold each pixel's own row and column."""
+    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    return np.stack([rows, cols, np.zeros_like(rows)], -1).astype(np.float32)
+
+
+def bilinear(img, r, c):
+    """img [H, W, C] sampled at pixel-centre coordinates (r, c)."""
+    h, w = img.shape[:2]
+    r = np.clip(r - 0.5, 0, h - 1)
+    c = np.clip(c - 0.5, 0, w - 1)
+    r0, c0 = int(np.floor(r)), int(np.floor(c))
+    r1, c1 = min(r0 + 1, h - 1), min(c0 + 1, w - 1)
+    fr, fc = r - r0, c - c0
+    top = img[r0, c0] * (1 - fc) + img[r0, c1] * fc
+    bot = img[r1, c0] * (1 - fc) + img[r1, c1] * fc
+    return top * (1 - fr) + bot * fr

@@ -9,6 +9,7 @@ from keras_pqcl.layers.patch_embed import PatchEmbed
 from keras_pqcl.layers.pos_embed import (
     bicubic_matrix,
     interpolate_grid,
+    sincos_embedding,
     sincos_from_coords,
     sincos_grid,
 )

@@ -15,6 +15,11 @@ from keras_pqcl.data import (
     sincos_tables,
 )
 
+try:
+    from tests import helpers
+except ImportError:  # pytest run from inside tests/
+    import helpers
+
 
 def _spec_coords(gbox, gflip, lbox, lflip, G, L, flip_correct):
     """The spec's table, written out for one (global, local) pair: [L*L, 2]."""
@@ -93,22 +98,7 @@ def test_sincos_tables_agree_with_the_backbone_grid():
     np.testing.assert_allclose(tables[1], grid[1 * 5 + 0], atol=1e-5)
 
 
-def _coord_image(height, width):
-    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
-    return np.stack([rows, cols, np.zeros_like(rows)], -1).astype(np.float32)
-
-
-def _bilinear(img, r, c):
-    """img [H, W, C] sampled at pixel-centre coordinates (r, c)."""
-    h, w = img.shape[:2]
-    r = np.clip(r - 0.5, 0, h - 1)
-    c = np.clip(c - 0.5, 0, w - 1)
-    r0, c0 = int(np.floor(r)), int(np.floor(c))
-    r1, c1 = min(r0 + 1, h - 1), min(c0 + 1, w - 1)
-    fr, fc = r - r0, c - c0
-    top = img[r0, c0] * (1 - fc) + img[r0, c1] * fc
-    bot = img[r1, c0] * (1 - fc) + img[r1, c1] * fc
-    return top * (1 - fr) + bot * fr
+_coord_image, _bilinear = helpers.coord_image, helpers.bilinear
 
 
 @pytest.mark.parametrize("flip_correct", [True, False])
