@@ -1,5 +1,6 @@
 """Self-supervised methods: each a small model composing shared layers and losses."""
 
+from keras_pqcl.models.adclr import ADCLR
 from keras_pqcl.models.base import SelfSupervisedModel, crop_major
 from keras_pqcl.models.dino import DINO, SelfDistillation, clone_backbone
 from keras_pqcl.models.ibot import IBOT

@@ -85,6 +85,9 @@ class PQCL(IBOT):
     """
 
     loss_terms = ("cls", "mim", "query", "query_agreement")
+    #: PQCL's queries are sin-cos codes, meaningful only on a sin-cos backbone; a subclass
+    #: whose queries carry other positions (ADCLR) turns the check off and does its own.
+    requires_sincos = True
 
     def __init__(
         self,
@@ -113,7 +116,7 @@ class PQCL(IBOT):
     ):
         if base not in BASES:
             raise ValueError(f"PQCL base must be one of {BASES}, got {base!r}.")
-        if getattr(backbone, "pos_embed_kind", "sincos") != "sincos":
+        if self.requires_sincos and getattr(backbone, "pos_embed_kind", "sincos") != "sincos":
             raise ValueError(
                 f"PQCL needs a backbone with pos_embed='sincos', got {backbone.pos_embed_kind!r}: the "
                 "queries are fixed sin-cos codes of positions, so the image tokens must carry the "
@@ -195,16 +198,21 @@ class PQCL(IBOT):
         logits = ops.reshape(logits, (n_local, -1, per_crop, self.out_dim))
         return ops.reshape(ops.swapaxes(logits, 0, 1), (-1, n_local * per_crop, self.out_dim))
 
-    def _query_inputs(self, data, global_crops, local_crops):
-        """Query tokens ``(G * B, T, D)``, crop-major, from ``query_coords`` (or tables)."""
-        backbone = self.student_backbone
+    #: Appended to the errors about query coordinates (ADCLR names its own option).
+    query_hint = QUERY_HINT
+
+    def query_positions(self, data, global_crops, local_crops):
+        """Sin-cos codes ``(G * B, T, D)``, view-major, of where each local-crop patch lies
+        in each global view: ``sincos_embedding`` of the batch's ``query_coords`` (or its
+        precomputed ``query_tables``), checked against the crops and the backbone."""
+        backbone, name = self.student_backbone, type(self).__name__
         p, dim = backbone.patch_size, backbone.embed_dim
         n_global, n_local = global_crops.shape[1], local_crops.shape[1]
         per_crop = (local_crops.shape[2] // p) * (local_crops.shape[3] // p)
         if global_crops.shape[2] != global_crops.shape[3] or global_crops.shape[2] // p != backbone.grid_size:
             raise ValueError(
-                f"PQCL's queries are sin-cos codes on the global view's patch grid, so the backbone's "
-                f"table must be made for the global crops: got {global_crops.shape[2]}x"
+                f"{name}'s query positions are sin-cos codes on the global view's patch grid, so the "
+                f"backbone's table must be made for the global crops: got {global_crops.shape[2]}x"
                 f"{global_crops.shape[3]}-px global crops and image_size={backbone.image_size}; build the "
                 f"backbone with image_size={global_crops.shape[2]}."
             )
@@ -212,7 +220,7 @@ class PQCL(IBOT):
             key, last = "query_tables", dim
         else:
             key, last = "query_coords", 2
-        values = require(data, key, "PQCL", QUERY_HINT)
+        values = require(data, key, name, self.query_hint)
         expected = (n_global, n_local, per_crop, last)
         if tuple(values.shape[1:]) != expected:
             raise ValueError(
@@ -222,8 +230,12 @@ class PQCL(IBOT):
             )
         values = views_major(ops.reshape(values, (-1, n_global, n_local * per_crop, last)))
         if key == "query_tables":
-            return backbone.positional_queries(ops.cast(values, "float32"))
-        return self.queries_from_coords(values)
+            return ops.cast(values, "float32")
+        return sincos_embedding(values, dim)
+
+    def _query_inputs(self, data, global_crops, local_crops):
+        """Query tokens ``(G * B, T, D)``, view-major: mask token + position codes."""
+        return self.student_backbone.positional_queries(self.query_positions(data, global_crops, local_crops))
 
     # -------------------------------------------------------------------- step
     def ssl_forward(self, data, step, training=True):
@@ -243,15 +255,36 @@ class PQCL(IBOT):
             self.student_backbone, self.student_head, images, masks=masks, queries=queries,
             patches=ibot, training=training,
         )
+        query_temp = self.teacher_query_temp_at(step)
+        student_queries = ops.reshape(student["queries"], (n_global, batch, targets.shape[1], self.out_dim))
+        # The monitor reads the query center before the loss moves it.
+        agreement = self.query_loss.agreement(student_queries, targets, teacher_temp=query_temp)
+        query = self.query_loss(student_queries, targets, teacher_temp=query_temp)
+        return self.combine_terms(data, step, training, student, teacher, masks, query, agreement, query_temp)
+
+    def combine_terms(self, data, step, training, student, teacher, masks, query, agreement, query_temp):
+        """The loss and logs of one step, given the query term.
+
+        Adds DINO's CLS term between the global views (plus the local crops' CLS with
+        ``local_cls_terms``) and, for ``base="ibot"``, iBOT's masked-patch term.
+
+        Args:
+            student, teacher: logits of the ``G * B`` global views, view-major: ``"cls"``
+                ``(G B, K)`` and, for ``base="ibot"``, ``"patches"`` ``(G B, N, K)``.
+            masks: the student's masks ``(G B, h, w)`` (``base="ibot"``) or None.
+            query: the query loss; agreement: its monitor; query_temp: its temperature.
+
+        Returns:
+            ``(loss, logs)``.
+        """
+        ibot, k = self.base == "ibot", self.out_dim
+        n_global, batch = data["global_crops"].shape[1], ops.shape(data["global_crops"])[0]
+        teacher_cls = ops.reshape(teacher["cls"], (n_global, batch, k))
         student_cls = [student["cls"]]
         if self.local_cls_terms:
             student_cls.append(self.local_cls_logits(data, training))
-
-        k, n_queries = self.out_dim, targets.shape[1]
         student_cls = ops.reshape(ops.concatenate(student_cls, axis=0), (-1, batch, k))
-        teacher_cls = ops.reshape(teacher["cls"], (n_global, batch, k))
-        student_queries = ops.reshape(student["queries"], (n_global, batch, n_queries, k))
-        temp, query_temp = self.teacher_temp_at(step), self.teacher_query_temp_at(step)
+        temp = self.teacher_temp_at(step)
         logs = self.schedule_logs(step)
         if ibot:
             n_patches = teacher["patches"].shape[1]
@@ -269,9 +302,7 @@ class PQCL(IBOT):
             logs["masked_fraction"] = ops.mean(ops.cast(masks, "float32"))
         else:
             terms = {"cls": self.ibot_loss.cls_loss(student_cls, teacher_cls, teacher_temp=temp)}
-        # The monitor reads the query center before the loss moves it.
-        agreement = self.query_loss.agreement(student_queries, targets, teacher_temp=query_temp)
-        terms["query"] = self.query_loss(student_queries, targets, teacher_temp=query_temp)
+        terms["query"] = query
 
         loss = self.lambda1 * terms["cls"] + self.lambda3 * terms["query"]
         if ibot:
