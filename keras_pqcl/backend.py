@@ -45,6 +45,33 @@ def cross_replica_mean(x):
     return x
 
 
+def distributable(dataset, model):
+    """``dataset`` made safe to feed ``model.fit`` under a multi-replica ``tf.distribute``
+    strategy (the one ``model`` was created under).
+
+    Keras' TensorFlow trainer builds a distributed model by MEAN-reducing the first batch
+    across replicas, and TensorFlow cannot add booleans: iBOT's ``global_masks`` would stop
+    ``fit`` with "Value for attr 'T' of bool". Boolean entries travel as uint8 instead; the
+    models cast masks back to bool. Anything else is returned unchanged.
+    """
+    if BACKEND != "tensorflow":
+        return dataset
+    import tensorflow as tf
+
+    if getattr(model, "distribute_strategy", tf.distribute.get_strategy()).num_replicas_in_sync < 2:
+        return dataset
+    if not isinstance(dataset, tf.data.Dataset):
+        return dataset
+    spec = dataset.element_spec
+    if not any(s.dtype == tf.bool for s in tf.nest.flatten(spec) if hasattr(s, "dtype")):
+        return dataset
+    return dataset.map(
+        lambda *x: tf.nest.map_structure(lambda t: tf.cast(t, tf.uint8) if t.dtype == tf.bool else t, x[0] if len(x) == 1 else x),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+
+
 def ema_update(pairs, momentum):
     """``t <- m t + (1 - m) s`` for every ``(t, s)`` variable pair, in the variables' dtype.
 

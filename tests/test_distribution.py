@@ -1,4 +1,4 @@
-"""Data-parallel DINO steps equal single-device steps on the same global batch.
+"""Data-parallel DINO and iBOT+PQCL steps equal single-device steps on the same global batch.
 
 Each multi-device run needs a fresh process (device splitting must happen before the
 framework starts), so ``tests/scripts/dist_step.py`` runs in a subprocess. To keep the
@@ -19,11 +19,11 @@ REPO = os.path.dirname(HERE)
 BACKEND = keras.backend.backend()
 
 
-def _run_dist_step(mode, tmp_path):
-    out_path = str(tmp_path / f"{mode}.npz")
+def _run_dist_step(mode, tmp_path, method="dino"):
+    out_path = str(tmp_path / f"{mode}_{method}.npz")
     env = dict(os.environ, KERAS_BACKEND=mode, PYTHONPATH=os.pathsep.join(
         p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
-    cmd = [sys.executable, os.path.join(HERE, "scripts", "dist_step.py"), mode, out_path, str(tmp_path)]
+    cmd = [sys.executable, os.path.join(HERE, "scripts", "dist_step.py"), mode, out_path, str(tmp_path), method]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return np.load(out_path)
@@ -35,6 +35,7 @@ def _check(out):
     np.testing.assert_allclose(out["dist_loss"], out["single_loss"], rtol=0, atol=1e-5)
     names = [str(n) for n in out["names"]]
     assert "center" in names and any(n.startswith("teacher/") for n in names)
+    centers = [n for n in names if n.startswith("center")]
     for i, name in enumerate(names):
         single, dist = out[f"single/{i}"], out[f"dist/{i}"]
         # Every replica / device holds the same value: nothing (center, teacher) diverged.
@@ -44,10 +45,10 @@ def _check(out):
             np.testing.assert_array_equal(copy, dist, err_msg=f"{name}: replicas differ")
         np.testing.assert_allclose(dist, single, rtol=0, atol=1e-5, err_msg=name)
     # The steps moved student, teacher and center, so the comparison is not trivial.
-    for prefix in ("student/", "teacher/", "center"):
+    for prefix in ("student/", "teacher/", *centers):
         moved = max(
             np.abs(out[f"single/{i}"] - out[f"init/{i}"]).max()
-            for i, name in enumerate(names) if name.startswith(prefix)
+            for i, name in enumerate(names) if (name.startswith(prefix) if prefix.endswith("/") else name == prefix)
         )
         assert moved > 1e-5, prefix
 
@@ -60,6 +61,14 @@ def test_mirrored_strategy_two_replicas_match_one(tmp_path):
 @pytest.mark.skipif(BACKEND != "jax", reason="runs once per CI loop: in the KERAS_BACKEND=jax leg")
 def test_jax_data_parallel_two_devices_match_one(tmp_path):
     _check(_run_dist_step("jax", tmp_path))
+
+
+@pytest.mark.skipif(BACKEND not in ("tensorflow", "jax"), reason="TF and JAX legs only (see module docstring)")
+def test_pqcl_two_replicas_match_one_with_three_centers(tmp_path):
+    """The CLS, patch and query centers are updated from the global batch, not per replica."""
+    out = _run_dist_step(BACKEND, tmp_path, "pqcl")
+    assert {"center", "center_patch", "center_query"} <= {str(n) for n in out["names"]}
+    _check(out)
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="torch single-process behaviour; only in the torch leg")

@@ -20,7 +20,7 @@ import keras
 from keras import ops
 
 from keras_pqcl import schedules
-from keras_pqcl.backend import TrainStep, ema_update
+from keras_pqcl.backend import TrainStep, distributable, ema_update
 
 
 def _is_seed_state(variable):
@@ -181,6 +181,7 @@ class SelfSupervisedModel(TrainStep, keras.Model):
         self.configure_schedules(epochs, steps)
         if _is_dataset(x):
             kwargs.setdefault("shuffle", False)  # tf.data shuffles itself; avoids Keras' warning
+            x = distributable(x, self)
         callbacks = list(callbacks or [])
         if not any(isinstance(c, TeacherEMA) for c in callbacks):
             callbacks.insert(0, TeacherEMA(self.teacher_momentum, self.teacher_momentum_end))

@@ -1,8 +1,11 @@
-"""Two-replica DINO steps vs the same steps on one device, in one fresh process.
+"""Two-replica DINO (or iBOT+PQCL) steps vs the same steps on one device, in one fresh process.
 
 Usage::
 
-    python tests/scripts/dist_step.py {tensorflow,jax} OUT.npz WORKDIR
+    python tests/scripts/dist_step.py {tensorflow,jax} OUT.npz WORKDIR [dino|pqcl]
+
+``pqcl`` trains iBOT+PQCL with masks and queries, so its three centers (CLS, patch, query)
+must also match the one-device run.
 
 * ``tensorflow``: the CPU is split into 2 logical devices before anything else touches
   TensorFlow; run A uses the default strategy (one device), run B
@@ -25,7 +28,8 @@ import os
 import sys
 
 MODE = sys.argv[1] if len(sys.argv) > 1 else ""
-if MODE not in ("tensorflow", "jax") or len(sys.argv) != 4:
+METHOD = sys.argv[4] if len(sys.argv) > 4 else "dino"
+if MODE not in ("tensorflow", "jax") or len(sys.argv) not in (4, 5) or METHOD not in ("dino", "pqcl"):
     raise SystemExit(__doc__)
 os.environ["KERAS_BACKEND"] = MODE
 if MODE == "jax":
@@ -56,6 +60,8 @@ EPOCHS, STEPS = 1, 2
 
 def build():
     # Low teacher momentum and no frozen last layer so that every variable moves.
+    if METHOD == "pqcl":
+        return ts.pqcl(teacher_momentum=0.9, freeze_last_layer=0)
     return ts.dino(teacher_momentum=0.9, freeze_last_layer=0)
 
 
@@ -87,7 +93,11 @@ def tracked(model):
             for v in layer.weights:
                 if "seed_generator" not in v.path:
                     out.append((f"{prefix}/{v.path.split('/', 1)[1]}", v))
-    out.append(("center", model.dino_loss.center))
+    if METHOD == "pqcl":
+        out += [("center", model.ibot_loss.center), ("center_patch", model.ibot_loss.center2),
+                ("center_query", model.query_loss.center)]
+    else:
+        out.append(("center", model.dino_loss.center))
     return out
 
 
@@ -105,7 +115,10 @@ def per_replica(variable):
 
 
 def main(out_path, workdir):
-    data = ts.crops(STEPS * ts.BATCH, n_local=0)
+    if METHOD == "pqcl":
+        data = ts.pqcl_inputs(ts.crops(STEPS * ts.BATCH, n_local=1))
+    else:
+        data = ts.crops(STEPS * ts.BATCH, n_local=0)
     dataset = ts.dataset(data)
     init_path = os.path.join(workdir, "init.weights.h5")
     out = {}

@@ -63,6 +63,28 @@ def dino(drop_path_rate=0.0, **kwargs):
     return kp.models.DINO(backbone(drop_path_rate), **{**HEAD, **kwargs})
 
 
+def pqcl(drop_path_rate=0.0, **kwargs):
+    """iBOT+PQCL on a sin-cos backbone with a mask token (three centers)."""
+    import keras_pqcl as kp
+
+    net = kp.backbones.vit_tiny(
+        8, depth=2, embed_dim=32, num_heads=2, image_size=GLOBAL_SIZE, drop_path_rate=drop_path_rate,
+        pos_embed="sincos", use_mask_token=True,
+    )
+    return kp.models.PQCL(net, base="ibot", **{**HEAD, **kwargs})
+
+
+def pqcl_inputs(data, seed=0):
+    """Adds iBOT ``global_masks`` and PQCL ``query_coords`` for the crops of ``data``."""
+    rng = np.random.default_rng(seed)
+    n, n_global = data["global_crops"].shape[:2]
+    n_local, grid, local_grid = data["local_crops"].shape[1], GLOBAL_SIZE // 8, LOCAL_SIZE // 8
+    data = dict(data)
+    data["global_masks"] = rng.random((n, n_global, grid, grid)) < 0.3
+    data["query_coords"] = rng.uniform(0, grid - 1, (n, n_global, n_local, local_grid**2, 2)).astype("float32")
+    return data
+
+
 def probe_images(n=2 * BATCH, seed=123):
     """Fixed inputs for comparing outputs: (n, 32, 32, 3) float32.
 
