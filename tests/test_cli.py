@@ -104,7 +104,9 @@ def test_readme_api_names_are_public():
     import keras_pqcl as kp
 
     for name in ("backbones.vit_small", "models.DINO", "optimizers.dino_adamw", "callbacks.TeacherEMA",
-                 "data.MultiCropConfig", "data.pretrain_dataset", "data.steps_per_epoch", "Recipe", "pretrain"):
+                 "data.MultiCropConfig", "data.pretrain_dataset", "data.steps_per_epoch", "Recipe", "pretrain",
+                 "models.IBOT", "models.PQCL", "models.ADCLR", "callbacks.CollapseGuard", "data.MaskConfig",
+                 "data.QueryConfig", "load_recipe"):
         obj = kp
         for part in name.split("."):
             obj = getattr(obj, part)
