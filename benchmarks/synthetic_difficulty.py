@@ -26,6 +26,8 @@ It prints a Markdown table and writes it to ``<output>/difficulty.md``.
     KERAS_BACKEND=torch python benchmarks/synthetic_difficulty.py --output runs/difficulty
     python benchmarks/synthetic_difficulty.py --teacher runs/tiny/teacher_backbone.keras
 
+``--no-pixels`` drops the two pixel-floor rows (sweeps over recipes); the table ends with the
+run's first/last loss and last teacher entropy from ``log.csv``, so a collapsed run shows.
 ``--teacher`` skips pre-training and evaluates an existing ``teacher_backbone.keras`` (the
 recipe still defines the random-init backbone and the preprocessing). Works on any Keras backend.
 """
@@ -231,7 +233,28 @@ def markdown(rows, meta):
         f"Chance: k-NN {100.0 / meta['num_classes']:.1f} % (uniform over {meta['num_classes']} "
         f"classes); dense: predicting background everywhere gives {meta['bg_acc']:.1f} % accuracy.",
     ]
+    if meta.get("log"):
+        log = meta["log"]
+        lines.append(
+            f"Pre-training log: loss {log['first_loss']:.2f} -> {log['last_loss']:.2f}, teacher entropy "
+            f"{log['last_entropy']:.2f} nats (ln K = {log['ln_k']:.2f}; near ln K with the loss near ln K "
+            "is uniform collapse, near 0 one-prototype collapse)."
+        )
     return "\n".join(lines) + "\n"
+
+
+def training_log(run_dir, recipe):
+    """First/last loss and last teacher entropy from the run's ``log.csv`` (None if absent)."""
+    import math
+
+    from keras_pqcl.training import read_log
+
+    log = read_log(os.path.join(run_dir, "log.csv"))
+    out_dim = recipe.method_args.get("out_dim")
+    if not log.get("loss") or not log.get("teacher_entropy") or not out_dim:
+        return None
+    return dict(first_loss=log["loss"][0], last_loss=log["loss"][-1],
+                last_entropy=log["teacher_entropy"][-1], ln_k=math.log(out_dim))
 
 
 # ----------------------------------------------------------------------------- main
@@ -250,6 +273,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 2 epochs on 256 images, probes on 256 / 128 images")
     p.add_argument("--verbose", type=int, default=2, help="fit verbosity (0, 1, 2)")
+    p.add_argument("--no-pixels", action="store_true", help="skip the pixel-floor rows (faster sweeps)")
     args = p.parse_args(argv)
     if args.quick:
         args.epochs = args.epochs or 2
@@ -328,6 +352,8 @@ def main(argv=None):
         ("pixels: mean RGB per patch", lambda s: pixel_features(s["images"], patch, "mean_rgb")),
         ("pixels: raw patch / image", lambda s: pixel_features(s["images"], patch, "raw")),
     ]
+    if args.no_pixels:
+        feature_sets = feature_sets[:2]
     rows = []
     for name, extract in feature_sets:
         start = time.time()
@@ -345,6 +371,7 @@ def main(argv=None):
         image_size=size, crop_size=crop_size, grid=grid, num_classes=num_classes,
         bg_acc=100.0 * float((splits["test"]["targets"] == 0).mean()),
     )
+    meta["log"] = training_log(os.path.dirname(os.path.abspath(teacher_path)), recipe)
     table = markdown(rows, meta)
     with open(os.path.join(output, "difficulty.md"), "w") as f:
         f.write(table)
