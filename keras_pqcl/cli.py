@@ -4,6 +4,10 @@
     keras-pqcl pretrain --recipe dino_vit_small --data /path/to/images --epochs 100 --batch-size 64
     keras-pqcl pretrain --recipe tiny --output runs/tiny --resume
     keras-pqcl recipes
+    keras-pqcl eval knn --weights runs/tiny/teacher_backbone.keras
+    keras-pqcl eval linear --weights runs/tiny/teacher_backbone.keras --data /path/train --test-data /path/val
+    keras-pqcl eval dense --weights runs/tiny/teacher_backbone.keras
+    keras-pqcl eval attention --weights runs/tiny/teacher_backbone.keras --image photo.jpg --threshold 0.6
 
 The Keras backend is taken from ``KERAS_BACKEND`` or ``--backend``.
 """
@@ -32,7 +36,54 @@ def _parser():
 
     rec = sub.add_parser("recipes", help="list the available recipes")
     rec.add_argument("--backend", choices=["tensorflow", "jax", "torch"], help=argparse.SUPPRESS)
+
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a saved backbone: k-NN, linear probe, dense probe or attention maps",
+        description="Evaluate a saved backbone with the DINO/iBOT protocols. Without --data, held-out "
+        "synthetic_scenes splits are used (train seed 1, test seed 2; pre-training uses seed 0).",
+    )
+    ev.add_argument("protocol", choices=EVAL_PROTOCOLS)
+    ev.add_argument("--weights", required=True,
+                    help="saved backbone (.keras), e.g. runs/tiny/teacher_backbone.keras, or a whole-model checkpoint")
+    ev.add_argument("--use", choices=["teacher", "student"], default="teacher",
+                    help="backbone to take from a whole-model checkpoint (default teacher)")
+    ev.add_argument("--data", help="train split: synthetic_scenes[:N[:S]] (seed 1, default "
+                    "synthetic_scenes:2048), a folder (one sub-folder per class; dense: images) or tfds:NAME")
+    ev.add_argument("--test-data", dest="test_data", help="test split (default for synthetic_scenes: seed 2, a "
+                    "quarter of --data's size; required for folders)")
+    ev.add_argument("--masks", help="dense: folder of masks for --data, paired by file name (class ids, 255 = ignore)")
+    ev.add_argument("--test-masks", dest="test_masks", help="dense: folder of masks for --test-data")
+    ev.add_argument("--split", default="train", help="tfds split of --data (default train)")
+    ev.add_argument("--test-split", dest="test_split", default="test", help="tfds split of --test-data (default test)")
+    ev.add_argument("--image",
+                    help="attention: an image file or a .npy array (H, W, 3); default: a synthetic_scenes image")
+    ev.add_argument("--output", help="output folder (default: eval/<protocol> next to --weights)")
+    ev.add_argument("--image-size", type=int, dest="image_size",
+                    help="input side for the backbone (default: its image_size; attention: the image's own "
+                    "size up to 480)")
+    ev.add_argument("--epochs", type=int, help="linear (default 100) and dense (default 30) probes")
+    ev.add_argument("--lr", type=float, help="probe learning rate (linear default 1e-3 * batch / 256, dense 1e-2)")
+    ev.add_argument("--batch-size", type=int, dest="batch_size", help="probe batch size (linear 256, dense 16)")
+    ev.add_argument("--k", type=int, default=20, help="k-NN neighbours (default 20)")
+    ev.add_argument("--temperature", type=float, default=0.07, help="k-NN vote temperature (default 0.07)")
+    ev.add_argument("--n-last-blocks", type=int, dest="n_last_blocks",
+                    help="CLS tokens of the last n blocks (linear default 4, k-NN 1)")
+    ev.add_argument("--avgpool", type=int, choices=[0, 1, 2], default=0,
+                    help="0 CLS, 1 mean patch token, 2 both (iBOT avgpool_patchtokens)")
+    ev.add_argument("--threshold", type=float,
+                    help="attention: also save masks of the patches holding this fraction of the mass (e.g. 0.6)")
+    ev.add_argument("--backend", choices=["tensorflow", "jax", "torch"], help="Keras backend (default: KERAS_BACKEND)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
+
+
+EVAL_PROTOCOLS = ("knn", "linear", "dense", "attention")
+# Held-out synthetic_scenes splits: pre-training always generates seed 0.
+EVAL_TRAIN_SEED = 1
+EVAL_TEST_SEED = 2
+# The reference visualises attention at 480 px; larger images would make N^2 attention huge.
+ATTENTION_MAX_SIDE = 480
 
 
 def _use_backend(backend):
@@ -64,6 +115,8 @@ def _main(argv):
         for name in available_recipes():
             print(f"{name:20s} {load_recipe(name).description}")
         return 0
+    if args.command == "eval":
+        return _eval(args)
 
     recipe = load_recipe(args.recipe).replace(
         data=args.data,
@@ -87,6 +140,206 @@ def _main(argv):
     width = max(len(k) for k in summary)
     for key, value in summary.items():
         print(f"  {key:{width}s}  {value}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ eval
+def _is_synthetic(spec):
+    return spec is None or spec == "synthetic_scenes" or spec.startswith("synthetic_scenes:")
+
+
+def _synthetic(spec, seed):
+    """``synthetic_scenes[:N[:S]]`` generated with ``seed`` -> (arrays dict, description)."""
+    from keras_pqcl.data.sources import _parse_synthetic
+    from keras_pqcl.data.synthetic import synthetic_scenes
+
+    num, size = _parse_synthetic(spec or "synthetic_scenes")
+    return synthetic_scenes(num, image_size=size, seed=seed), f"synthetic_scenes:{num}:{size} (seed {seed})"
+
+
+def _test_spec(args):
+    """The test split's spec; for synthetic train data a quarter of its size by default."""
+    if args.test_data:
+        return args.test_data
+    if _is_synthetic(args.data):
+        from keras_pqcl.data.sources import _parse_synthetic
+
+        num, size = _parse_synthetic(args.data or "synthetic_scenes")
+        return f"synthetic_scenes:{max(num // 4, 1)}:{size}"
+    if args.data.startswith("tfds:"):
+        return args.data
+    raise ValueError("--test-data is required when --data is a folder (the test images must be held out).")
+
+
+def _labelled(spec, seed, split):
+    """A labelled split for k-NN / linear: arrays for synthetic_scenes, a dataset otherwise."""
+    if _is_synthetic(spec):
+        data, name = _synthetic(spec, seed)
+        return (data["images"], data["labels"]), name
+    from keras_pqcl.data.sources import load_source
+
+    dataset, info = load_source(spec, shuffle=False, split=split)
+    if spec.startswith("tfds:"):
+        return dataset, f"{spec} ({split})"
+    if not info.class_names:
+        raise ValueError(
+            f"{spec!r} has no class sub-folders, so its images have no labels; put each class in its own sub-folder."
+        )
+    return dataset, f"{spec} ({info.num_examples} images, {len(info.class_names)} classes)"
+
+
+def _segmentation(spec, masks, seed, size, what):
+    """``(images, masks, description)`` for the dense probe."""
+    if _is_synthetic(spec):
+        if masks:
+            raise ValueError(
+                f"--{what}masks goes with an image folder, not synthetic_scenes (which has its own masks)."
+            )
+        data, name = _synthetic(spec, seed)
+        return data["images"], data["masks"], name
+    if spec.startswith("tfds:"):
+        raise ValueError("the dense probe reads synthetic_scenes or image/mask folders (--data/--masks), not tfds.")
+    if not masks:
+        raise ValueError(
+            f"--{what}masks is required with a {what or 'train '}image folder: the dense probe needs masks."
+        )
+    from keras_pqcl.eval import load_segmentation_folder
+
+    data = load_segmentation_folder(spec, masks, size=size)
+    return data["images"], data["masks"], f"{spec} + {masks} ({len(data['names'])} pairs)"
+
+
+def _load_backbone(path, use):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"weights file not found: {path!r} (a .keras file written by `keras-pqcl pretrain`)")
+    import keras
+
+    import keras_pqcl  # noqa: F401  (registers the classes load_model needs)
+
+    try:
+        model = keras.saving.load_model(path)
+    except Exception as error:  # a zip/h5/JSON/class error: the file, not the code, is at fault
+        raise ValueError(f"could not load {path!r} as a Keras model: {type(error).__name__}: {error}") from None
+    if hasattr(model, "forward_features"):
+        return model
+    backbone = getattr(model, f"{use}_backbone", None)
+    if backbone is None:
+        raise ValueError(
+            f"{path!r} holds a {type(model).__name__}, neither a ViT backbone nor a self-supervised model with a "
+            f"{use}_backbone."
+        )
+    return backbone
+
+
+def _read_image(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"image not found: {path!r}")
+    import numpy as np
+
+    if path.lower().endswith(".npy"):
+        return np.load(path)
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))  # as DINO's visualize_attention.py
+    except UnidentifiedImageError:
+        raise ValueError(f"{path!r} is not an image file PIL can read.") from None
+
+
+def _eval_attention(args, backbone, output):
+    import numpy as np
+
+    from keras_pqcl import eval as ev
+
+    if args.image:
+        image, source = _read_image(args.image), args.image
+    else:
+        data, source = _synthetic("synthetic_scenes:1", EVAL_TEST_SEED)
+        image, source = data["images"][0], f"{source}, image 0"
+    size = args.image_size
+    if size is None and np.ndim(image) == 3 and max(np.shape(image)[:2]) > ATTENTION_MAX_SIDE:
+        size = ATTENTION_MAX_SIDE
+    shown = ev.prepare_image(image, backbone.patch_size, size)
+    maps = ev.attention_maps(backbone, shown)
+    files = {"attention": ev.save_attention_png(os.path.join(output, "attention.png"), shown, maps)}
+    if args.threshold is not None:
+        masks = ev.attention_maps(backbone, shown, threshold=args.threshold)
+        path = os.path.join(output, "attention_threshold.png")
+        files["attention_threshold"] = ev.save_attention_png(path, shown, masks)
+    files["pca"] = ev.save_pca_png(os.path.join(output, "pca.png"), shown, ev.feature_pca(backbone, shown))
+    results = {"heads": int(maps.shape[0]), "height": int(maps.shape[1]), "width": int(maps.shape[2]),
+               "threshold": args.threshold, **files}
+    return results, {"image": source}
+
+
+def _eval(args):
+    import json
+    import time
+
+    start = time.time()
+    if args.protocol != "attention" and args.image:
+        raise ValueError("--image is for `eval attention`; the other protocols read --data/--test-data.")
+    backbone = _load_backbone(args.weights, args.use)
+    output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.weights)), "eval", args.protocol)
+
+    import keras
+
+    from keras_pqcl import eval as ev
+
+    print(f"keras-pqcl: eval {args.protocol} of {args.weights} ({getattr(backbone, 'name', 'backbone')}) "
+          f"on backend {keras.backend.backend()} -> {output}")
+    verbose = 0 if args.quiet else 2
+    if args.protocol == "attention":
+        results, splits = _eval_attention(args, backbone, output)
+    elif args.protocol == "dense":
+        size = args.image_size or getattr(backbone, "image_size", None)
+        train_images, train_masks, train_name = _segmentation(args.data, args.masks, EVAL_TRAIN_SEED, size, "")
+        if args.test_data is None and not _is_synthetic(args.data):
+            raise ValueError("--test-data (with --test-masks) is required when --data is a folder.")
+        test_spec = _test_spec(args)
+        test_images, test_masks, test_name = _segmentation(test_spec, args.test_masks, EVAL_TEST_SEED, size, "test-")
+        # synthetic_scenes: 0 = background and k + 1 = class k; all K + 1 ids count even if a
+        # tiny split misses one.
+        num_classes = None
+        if _is_synthetic(args.data) and _is_synthetic(test_spec):
+            from keras_pqcl.data.synthetic import SYNTHETIC_CLASS_NAMES
+
+            num_classes = len(SYNTHETIC_CLASS_NAMES) + 1
+        results = ev.dense_probe(
+            backbone, train_images, train_masks, test_images, test_masks, num_classes=num_classes,
+            epochs=args.epochs or 30, lr=args.lr or 1e-2, batch_size=args.batch_size or 16,
+            image_size=args.image_size, verbose=verbose,
+        )
+        splits = {"train": train_name, "test": test_name}
+    else:
+        test_spec = _test_spec(args)
+        train, train_name = _labelled(args.data, EVAL_TRAIN_SEED, args.split)
+        test, test_name = _labelled(test_spec, EVAL_TEST_SEED, args.test_split)
+        splits = {"train": train_name, "test": test_name}
+        if args.protocol == "knn":
+            results = ev.knn_evaluate(backbone, train, test, k=args.k, temperature=args.temperature,
+                                      n_last_blocks=args.n_last_blocks or 1, avgpool_patchtokens=args.avgpool,
+                                      image_size=args.image_size)
+        else:
+            results = ev.linear_probe(
+                backbone, train, test, n_last_blocks=args.n_last_blocks or 4, avgpool_patchtokens=args.avgpool,
+                epochs=args.epochs or 100, lr=args.lr, batch_size=args.batch_size or 256,
+                image_size=args.image_size, verbose=verbose,
+            )
+
+    os.makedirs(output, exist_ok=True)
+    record = {"protocol": args.protocol, "weights": os.path.abspath(args.weights), "backend": keras.backend.backend(),
+              **splits, "results": results, "seconds": round(time.time() - start, 1)}
+    path = os.path.join(output, "eval.json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2, default=str)
+    rows = {**splits, **{k: v for k, v in results.items() if isinstance(v, (int, float, str)) or v is None}}
+    width = max(len(k) for k in rows)
+    for key, value in rows.items():
+        shown = f"{value:.4g}" if isinstance(value, float) else value
+        print(f"  {key:{width}s}  {shown}")
+    print(f"Wrote {path}")
     return 0
 
 

@@ -1,0 +1,92 @@
+"""k-NN accuracy of the backbone on held-out labelled data, logged during pre-training."""
+
+import keras
+
+from keras_pqcl.eval.features import FeatureExtractor
+from keras_pqcl.eval.knn import knn_accuracy
+
+
+class KNNMonitor(keras.callbacks.Callback):
+    """Adds ``knn_top1`` (%, DINO's weighted k-NN on the CLS token) to the epoch logs.
+
+    At the end of every ``every``-th epoch (and of the first epoch of each ``fit``), the CLS
+    features of ``model.teacher_backbone`` (or ``student_backbone``) are extracted for
+    ``train_data`` (the neighbour bank) and ``test_data``, and the k-NN top-1 accuracy is
+    written into the logs dict. Other epochs leave the key out (``CSVLogger`` writes ``NA``).
+
+    Keras hands the *same* logs dict to the callbacks in list order, so the value is only
+    seen by callbacks that come after this one: put ``KNNMonitor`` **before**
+    ``CSVLogger``, ``TensorBoard`` and checkpoints that monitor ``knn_top1``. The first epoch
+    of a ``fit`` is always evaluated because ``CSVLogger`` fixes its columns then.
+
+    Args:
+        train_data, test_data: labelled data, as :func:`keras_pqcl.eval.extract_features`
+            accepts with labels: ``(images, labels)`` arrays (uint8 or float in [0, 1]), a
+            ``tf.data.Dataset`` of ``(image, label)``, a folder... Keep them small: both are
+            re-encoded each time.
+        every: evaluate every ``every`` epochs.
+        k, temperature: k-NN settings (DINO: 20, 0.07).
+        use: ``"teacher"`` (the reference evaluates the teacher) or ``"student"``.
+        image_size: evaluation size; None uses the backbone's ``image_size``.
+        batch_size: images per forward pass.
+        num_classes: defaults to the largest label plus one.
+
+    After training, :attr:`history` holds ``(epoch, top1, top5)`` tuples (0-based epochs).
+    """
+
+    def __init__(self, train_data, test_data, every=1, k=20, temperature=0.07, use="teacher",
+                 image_size=None, batch_size=64, num_classes=None):
+        super().__init__()
+        if use not in ("teacher", "student"):
+            raise ValueError(f"use must be 'teacher' or 'student'; got {use!r}.")
+        if int(every) < 1:
+            raise ValueError(f"every must be >= 1; got {every}.")
+        self.train_data = train_data
+        self.test_data = test_data
+        self.every = int(every)
+        self.k = int(k)
+        self.temperature = float(temperature)
+        self.use = use
+        self.image_size = image_size
+        self.batch_size = int(batch_size)
+        self.num_classes = num_classes
+        self.history = []
+        self._first_epoch = None
+        self._extractor = None
+
+    def _backbone(self):
+        name = f"{self.use}_backbone"
+        backbone = getattr(self.model, name, None)
+        if backbone is None:
+            raise TypeError(
+                f"KNNMonitor needs a model with a {name!r} (a keras_pqcl self-supervised model); "
+                f"got {type(self.model).__name__}."
+            )
+        return backbone
+
+    def on_train_begin(self, logs=None):
+        backbone = self._backbone()  # fail before the first epoch, not after it
+        if self._extractor is None or self._extractor.backbone is not backbone:
+            # Kept across epochs: the compiled forward pass reads the current weights.
+            self._extractor = FeatureExtractor(backbone)
+        self._first_epoch = None
+
+    def evaluate(self):
+        """``{"top1", "top5"}`` of the current backbone (%)."""
+        if self._extractor is None or self._extractor.backbone is not self._backbone():
+            self._extractor = FeatureExtractor(self._backbone())
+        args = dict(batch_size=self.batch_size, image_size=self.image_size, return_labels=True)
+        train_x, train_y = self._extractor.extract(self.train_data, **args)
+        test_x, test_y = self._extractor.extract(self.test_data, **args)
+        return knn_accuracy(train_x, train_y, test_x, test_y, k=self.k, temperature=self.temperature,
+                            num_classes=self.num_classes)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._first_epoch is None:
+            self._first_epoch = epoch
+        if epoch != self._first_epoch and (epoch + 1) % self.every:
+            return
+        scores = self.evaluate()
+        self.history.append((epoch, scores["top1"], scores["top5"]))
+        if logs is not None:
+            logs["knn_top1"] = scores["top1"]
