@@ -1,0 +1,217 @@
+"""Does PQCL improve dense features over its base without hurting global ones? The method comparison.
+
+Pre-trains DINO, iBOT, DINO+PQCL, iBOT+PQCL and ADCLR from the same seed and budget on the
+embedded ``synthetic_scenes`` (the ``tiny`` recipe family: same data, backbone, crops,
+schedule; only the method differs), then scores each teacher backbone on held-out splits
+(probe train: seed 1, probe test: seed 2; pre-training uses seed 0) with
+
+* k-NN top-1 on the CLS token (k = 20, T = 0.07),
+* a linear probe on the last blocks' CLS (top-1),
+* a dense linear probe on the patch tokens (mIoU over background + 10 classes),
+
+plus a random-init backbone (built exactly like the recipes' student) as the floor, and the
+pre-training images/s. Several seeds give the spread (mean ± std). Writes ``compare.md``,
+``compare.json`` and ``compare.png`` (bar chart) to ``--output``.
+
+    python benchmarks/compare_methods.py --quick                    # smoke run, minutes
+    python benchmarks/compare_methods.py --epochs 20 --seeds 0,1,2  # the comparison
+    python benchmarks/compare_methods.py --family tiny_long         # another recipe family
+
+Run under any backend (``KERAS_BACKEND``); every pre-training runs in its own subprocess so
+that one method's compiled functions and memory never affect the next.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from _subprocess import run_worker  # noqa: E402
+
+PROBE_TRAIN_SEED, PROBE_TEST_SEED = 1, 2
+#: (row label, method name in the recipe family: "<family>" or "<family>_<suffix>")
+METHODS = (
+    ("DINO", ""),
+    ("iBOT", "ibot"),
+    ("DINO+PQCL", "dino_pqcl"),
+    ("iBOT+PQCL", "pqcl"),
+    ("ADCLR", "adclr"),
+)
+BASE_OF = {"DINO+PQCL": "DINO", "iBOT+PQCL": "iBOT", "ADCLR": "DINO"}
+
+
+def recipe_name(family, suffix):
+    return family if not suffix else f"{family}_{suffix}"
+
+
+def probe_splits(recipe, n_train, n_test):
+    """Held-out labelled images and masks at the recipe data's image size."""
+    import keras_pqcl as kp
+    from keras_pqcl.data.sources import _parse_synthetic
+
+    if not recipe.data.startswith("synthetic_scenes"):
+        raise SystemExit(f"compare_methods evaluates on synthetic_scenes; the recipe trains on {recipe.data!r}.")
+    _, size = _parse_synthetic(recipe.data)  # the pre-training images' side
+    splits = {}
+    for split, n, seed in (("train", n_train, PROBE_TRAIN_SEED), ("test", n_test, PROBE_TEST_SEED)):
+        data = kp.data.synthetic_scenes(n, image_size=size, seed=seed)
+        splits[split] = data
+    return splits
+
+
+def evaluate(backbone, splits, image_size, args):
+    """k-NN, linear and dense scores of one backbone on the probe splits."""
+    from keras_pqcl import eval as kpe
+
+    train, test = splits["train"], splits["test"]
+    knn = kpe.knn_evaluate(backbone, (train["images"], train["labels"]), (test["images"], test["labels"]),
+                           image_size=image_size)
+    linear = kpe.linear_probe(backbone, (train["images"], train["labels"]), (test["images"], test["labels"]),
+                              epochs=args.linear_epochs, image_size=image_size)
+    dense = kpe.dense_probe(backbone, train["images"], train["masks"], test["images"], test["masks"],
+                            num_classes=11, epochs=args.dense_epochs, image_size=image_size)
+    return {"knn_top1": knn["top1"], "linear_top1": linear["top1"], "dense_miou": dense["miou"],
+            "dense_pixel_acc": dense["pixel_acc"]}
+
+
+def worker(args):
+    """One (method, seed): pre-train (or build the random-init floor) and evaluate; prints JSON."""
+    import keras
+
+    import keras_pqcl as kp
+    from keras_pqcl.training import build_backbone
+
+    recipe = kp.load_recipe(args.recipe).replace(seed=args.seed, epochs=args.epochs)
+    if args.steps_per_epoch:
+        recipe = recipe.replace(steps_per_epoch=args.steps_per_epoch)
+    keras.utils.set_random_seed(args.seed)
+    size = recipe.crops["global_size"]
+    if args.random_init:
+        backbone, images_per_s = build_backbone(recipe, size), None
+    else:
+        summary = kp.pretrain(recipe, os.path.join(args.output, f"{args.recipe}_seed{args.seed}"), verbose=0)
+        backbone = keras.saving.load_model(summary["teacher_backbone"])
+        images_per_s = summary["images_per_second"]
+    scores = evaluate(backbone, probe_splits(recipe, args.probe_train, args.probe_test), size, args)
+    print(json.dumps(dict(scores, images_per_s=images_per_s)))
+
+
+def table(rows, args):
+    """Markdown table of mean ± std per method (and the gap to its base on dense mIoU)."""
+    metrics = ("knn_top1", "linear_top1", "dense_miou", "images_per_s")
+    means = {label: {m: np.mean([r[m] for r in runs]) if runs and runs[0][m] is not None else None
+                     for m in metrics} for label, runs in rows.items()}
+
+    def cell(label, metric):
+        runs = rows[label]
+        if not runs or runs[0][metric] is None:
+            return "-"
+        values = [r[metric] for r in runs]
+        return f"{np.mean(values):.1f} ± {np.std(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+
+    lines = [
+        f"Recipe family `{args.family}`, {args.epochs} epochs, seeds {args.seeds}; probes on "
+        f"{args.probe_train} / {args.probe_test} held-out synthetic_scenes images; backend "
+        f"{os.environ.get('KERAS_BACKEND', 'tensorflow')}.",
+        "",
+        "| method | k-NN top-1 % | linear top-1 % | dense mIoU % | dense mIoU vs base | pre-training images/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label in rows:
+        base = BASE_OF.get(label)
+        gap = "-"
+        if base in means and means[label]["dense_miou"] is not None:
+            gap = f"{means[label]['dense_miou'] - means[base]['dense_miou']:+.1f} vs {base}"
+        lines.append(f"| {label} | {cell(label, 'knn_top1')} | {cell(label, 'linear_top1')} | "
+                     f"{cell(label, 'dense_miou')} | {gap} | {cell(label, 'images_per_s')} |")
+    return "\n".join(lines)
+
+
+def chart(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = (("knn_top1", "k-NN top-1 %"), ("linear_top1", "linear top-1 %"), ("dense_miou", "dense mIoU %"))
+    labels = list(rows)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.6))
+    for ax, (metric, title) in zip(axes, metrics):
+        values = [[r[metric] for r in rows[label]] for label in labels]
+        ax.bar(range(len(labels)), [np.mean(v) for v in values],
+               yerr=[np.std(v) if len(v) > 1 else 0 for v in values], capsize=3,
+               color=["#999999" if label == "random init" else "#3b75af" for label in labels])
+        ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=8)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", default="tiny", help="recipe family: tiny -> tiny, tiny_ibot, ...")
+    parser.add_argument("--methods", default=None, help="comma-separated row labels (default: all)")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--steps-per-epoch", type=int, default=None, dest="steps_per_epoch")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--probe-train", type=int, default=1000, dest="probe_train")
+    parser.add_argument("--probe-test", type=int, default=500, dest="probe_test")
+    parser.add_argument("--linear-epochs", type=int, default=50, dest="linear_epochs")
+    parser.add_argument("--dense-epochs", type=int, default=20, dest="dense_epochs")
+    parser.add_argument("--output", default=os.path.join("runs", "compare_methods"))
+    parser.add_argument("--quick", action="store_true", help="2 epochs of 4 steps, small probes")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--recipe", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--random-init", action="store_true", dest="random_init", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.epochs, args.steps_per_epoch = 2, 4
+        args.probe_train, args.probe_test, args.linear_epochs, args.dense_epochs = 200, 100, 5, 3
+    if args.worker:
+        return worker(args)
+
+    os.makedirs(args.output, exist_ok=True)
+    chosen = set(args.methods.split(",")) if args.methods else None
+    jobs = [("random init", recipe_name(args.family, ""), True)]
+    jobs += [(label, recipe_name(args.family, suffix), False)
+             for label, suffix in METHODS if chosen is None or label in chosen]
+    rows = {}
+    for label, recipe, random_init in jobs:
+        rows[label] = []
+        for seed in args.seeds.split(","):
+            cmd = [os.path.abspath(__file__), "--worker", "--recipe", recipe, "--seed", seed,
+                   "--epochs", str(args.epochs), "--probe-train", str(args.probe_train),
+                   "--probe-test", str(args.probe_test), "--linear-epochs", str(args.linear_epochs),
+                   "--dense-epochs", str(args.dense_epochs), "--output", os.path.abspath(args.output)]
+            if args.steps_per_epoch:
+                cmd += ["--steps-per-epoch", str(args.steps_per_epoch)]
+            if random_init:
+                cmd.append("--random-init")
+            result = run_worker(cmd, f"{label} (seed {seed})")
+            if result:
+                rows[label].append(result)
+                print(f"  {label:12s} seed {seed}: " + ", ".join(
+                    f"{k} {v:.1f}" for k, v in result.items() if v is not None), file=sys.stderr)
+    rows = {label: runs for label, runs in rows.items() if runs}
+    text = table(rows, args)
+    print("\n" + text)
+    with open(os.path.join(args.output, "compare.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(args.output, "compare.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+    print(f"\nchart: {chart(rows, os.path.join(args.output, 'compare.png'))}")
+
+
+if __name__ == "__main__":
+    main()
