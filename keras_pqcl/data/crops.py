@@ -26,6 +26,7 @@ __all__ = [
     "sample_crop_box",
     "sample_crop_boxes",
     "crop_and_resize",
+    "crop_and_resize_many",
     "horizontal_flip",
     "random_resized_crop",
     "split_seed",
@@ -168,6 +169,46 @@ def crop_and_resize(image, box, size, method="bicubic", antialias=True):
                                   antialias=antialias), tf.float32)
     # Static shape for downstream batching (channels known when input's are).
     out.set_shape([size[0], size[1], image.shape[-1]])
+    return out
+
+
+def crop_and_resize_many(image, boxes, size, antialias=False):
+    """:func:`crop_and_resize` (bicubic) of every box, stacked.
+
+    Same numbers as calling :func:`crop_and_resize` per box, with fewer ops
+    per crop (two: a slice and the resize), which matters in ``tf.data``
+    where each op has a fixed cost.
+
+    Args:
+        image: ``[H, W, C]`` tensor of any real dtype.
+        boxes: ``[n, 4]`` ``(top, left, height, width)``, static ``n``.
+        size: output side (int).
+        antialias: PIL-like low-pass filter when shrinking.
+
+    Returns:
+        float32 ``[n, size, size, C]`` on the input's scale, not clipped.
+    """
+    image = tf.convert_to_tensor(image)
+    num = boxes.shape[0]
+    boxes = tf.cast(tf.round(tf.cast(boxes, tf.float32)), tf.int32)
+    # Slicing a 4-D view gives the batch axis the resize op wants for free.
+    image = image[None]
+    zeros = tf.zeros([num, 1], tf.int32)
+    begins = tf.unstack(tf.concat([zeros, boxes[:, :2], zeros], 1))
+    sizes = tf.unstack(tf.concat([zeros + 1, boxes[:, 2:], zeros - 1], 1))
+    crops = []
+    for begin, extent in zip(begins, sizes):
+        crop = tf.slice(image, begin, extent)
+        if antialias:
+            crop = tf.image.resize(crop, (size, size), method="bicubic",
+                                   antialias=True)
+        else:
+            # What tf.image.resize(method="bicubic") runs, minus its checks.
+            crop = tf.raw_ops.ResizeBicubic(images=crop, size=[size, size],
+                                            half_pixel_centers=True)
+        crops.append(tf.cast(crop, tf.float32))
+    out = tf.concat(crops, 0) if num > 1 else crops[0]
+    out.set_shape([num, size, size, image.shape[-1]])
     return out
 
 

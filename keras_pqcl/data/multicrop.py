@@ -66,8 +66,8 @@ class MultiCropConfig:
             iBOT/PQCL recipes use (0.05, 0.25).
         ratio: aspect-ratio (w / h) range. Default (3/4, 4/3).
         flip_p: horizontal flip probability (after the crop). Default 0.5.
-        flip_local: whether local crops may be flipped. Default True (DINO).
-            PQCL sets it to False so local patch order matches coordinates.
+        flip_local: whether local crops may be flipped. Default True (DINO,
+            and PQCL: ``query_coords`` read a flipped crop's patches mirrored).
         color_jitter: (brightness, contrast, saturation, hue) strengths.
             Default (0.4, 0.4, 0.2, 0.1).
         jitter_p: probability of applying colour jitter. Default 0.8.
@@ -239,18 +239,21 @@ class MultiCropConfig:
 
 
 class MultiCrop:
-    """Multi-crop transform, in two stages so that the heavy part runs batched.
+    """Multi-crop transform, in two stages so that the heavy part compiles.
 
     * :meth:`sample` (per example, in ``Dataset.map``): samples every box,
       flip and photometric choice of one image from its seed, cuts and
-      resizes the crops (bicubic), and adds iBOT masks and PQCL query
+      resizes the crops (bicubic; ``[n, S, S, C]`` per kind, on the input's
+      0..255 scale for uint8), and adds iBOT masks and PQCL query
       coordinates when asked. The crops are not yet flipped or coloured.
-    * :meth:`finish` (per example): flips, photometric augmentation and
-      normalisation of the crops, which now have static shapes. It compiles
-      with XLA (``pretrain_dataset`` does so), which fuses the dozens of
-      elementwise ops of the photometric chain and makes it several times
-      faster on CPU; per-crop ``tf.cond`` then computes only the ops each
-      crop drew.
+    * :meth:`finish` (per example, or per batch of examples): flips,
+      photometric augmentation and normalisation of the crops, which now
+      have static shapes. It compiles with XLA (``pretrain_dataset`` does
+      so), which fuses the elementwise ops of the chain and makes it several
+      times faster on CPU. The crops of a kind go through one loop, so XLA
+      compiles the chain once per crop size (seconds) rather than once per
+      crop, and each crop computes only the expensive ops it drew (see
+      :class:`~keras_pqcl.data.Photometric`).
 
     Calling the transform directly (``transform(image, label, seed)``) runs
     both stages on one image, which is what tests and notebooks want.
@@ -345,14 +348,10 @@ class MultiCrop:
                 flips = tf.random.stateless_uniform([num], seeds[3 * k + 1]) < flip_p
             else:
                 flips = tf.zeros([num], tf.bool)
-            # Kept as a tuple of crops on the 0..255 scale for uint8 input:
-            # finish() scales and stacks them inside its compiled function,
-            # which saves two passes over every pixel here.
-            out[f"{kind}_crops"] = tuple(
-                crops_lib.crop_and_resize(image, boxes[i], size,
-                                          antialias=cfg.antialias)
-                for i in range(num)
-            )
+            # On the 0..255 scale for uint8 input: finish() scales them in
+            # its compiled pass, which saves a pass over every pixel here.
+            out[f"{kind}_crops"] = crops_lib.crop_and_resize_many(
+                image, boxes, size, antialias=cfg.antialias)
             out[f"{kind}_boxes"] = boxes
             out[f"{kind}_flips"] = tf.cast(flips, tf.int32)
             if self._chain is not None:
@@ -377,35 +376,58 @@ class MultiCrop:
         return out
 
     def finish(self, example):
-        """Stage 2 on one :meth:`sample` output: flips, photometric
-        augmentation, normalisation. XLA-compilable."""
+        """Stage 2 on :meth:`sample` output: flips, photometric augmentation,
+        normalisation. XLA-compilable.
+
+        Works on one example or on a batch of them (every entry with the
+        same leading batch axes), so it can run after ``Dataset.batch``.
+        """
         cfg = self.config
         out = dict(example)
-        scale = out.pop("_scale")
-        for kind, *_ in self._kinds():
-            flips = out[f"{kind}_flips"]                            # [n]
-            params = out.pop(f"_{kind}_aug", None)
-            crops = []
-            for i, crop in enumerate(out[f"{kind}_crops"]):         # [S, S, C]
-                crop = crop * scale
-                crop = tf.cond(flips[i] > 0,
-                               lambda c=crop: tf.reverse(c, axis=[1]),
-                               lambda c=crop: c)
-                if self.photometric or self.normalize:
+        # One value per example, all equal (it depends on the input dtype).
+        scale = tf.reshape(out.pop("_scale"), [-1])[0]
+        clip = self.photometric or self.normalize
+        chain = self._chain
+        if self.normalize:
+            mean = tf.constant(cfg.mean, tf.float32)
+            inv_std = tf.constant([1.0 / s for s in cfg.std], tf.float32)
+
+        def one(crop, item):
+            flip, params = item
+
+            def pre(c):
+                # A select rather than a tf.cond: under XLA a cond copies
+                # the crop, while the reversed read fuses into the pass.
+                c = tf.where(flip > 0, tf.reverse(c, axis=[1]), c) * scale
+                if clip:
                     # Bicubic overshoots the [0, 1] range a little; PIL
-                    # saturates at 0/255 too. (Only raw float geometry tests
-                    # skip this.)
-                    crop = tf.clip_by_value(crop, 0.0, 1.0)
-                if params is not None:
-                    crop = self._chain.apply_one(
-                        crop, {k: v[i] for k, v in params.items()})
-                if self.normalize:
-                    crop = aug.normalize(crop, cfg.mean, cfg.std)
-                crops.append(crop)
-            out[f"{kind}_crops"] = tf.stack(crops)
+                    # saturates at 0/255 too. (Only raw float geometry
+                    # tests skip this.)
+                    c = tf.clip_by_value(c, 0.0, 1.0)
+                return c
+
+            def post(c):
+                return (c - mean) * inv_std if self.normalize else c
+
+            if params:
+                return chain.apply_one(crop, params, pre=pre, post=post)
+            return post(pre(crop))
+
+        for kind, *_ in self._kinds():
+            flips = out[f"{kind}_flips"]                            # [..., n]
+            params = out.pop(f"_{kind}_aug", None) or {}
+            crops = out[f"{kind}_crops"]                   # [..., n, S, S, C]
+            lead = flips.shape.rank
+            flat = tf.reshape(crops, [-1] + crops.shape[lead:].as_list())
+            flat_params = {k: tf.reshape(v, [-1] + v.shape[lead:].as_list())
+                           for k, v in params.items()}
+            done = aug.map_crops(one, flat, (tf.reshape(flips, [-1]), flat_params))
+            done = tf.reshape(done, tf.shape(crops))
+            done.set_shape(crops.shape)
+            out[f"{kind}_crops"] = done
             if self.record_augmentations:
                 out[f"{kind}_augs"] = aug.Photometric.applied(
-                    params or {}, tf.shape(flips))
+                    params, tf.shape(flips))
         return out
 
     def __call__(self, image, label=-1, seed=None):

@@ -174,3 +174,60 @@ def test_flip_rate_and_flip_local_false():
     rate = out["global_flips"].numpy().mean()
     assert abs(rate - 0.5) < 0.08
     assert out["local_flips"].numpy().sum() == 0
+
+
+def _keys_taps(in_size, out_size, a=-0.5):
+    """Bicubic taps of TF's ResizeBicubic (half-pixel centres): 4 source
+    indices and weights per output position. Like the kernel, the fractional
+    position is rounded to 1/1024 (its weight table) and taps falling outside
+    the source get weight 0, the others being renormalised."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    pos = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+    base = np.floor(pos)
+    t = np.round((pos - base) * 1024.0) / 1024.0
+    dist = np.stack([t + 1, t, 1 - t, 2 - t], -1).astype(np.float64)
+    near = ((a + 2) * dist - (a + 3)) * dist * dist + 1
+    far = ((a * dist - 5 * a) * dist + 8 * a) * dist - 4 * a
+    w = np.where(dist <= 1, near, far)
+    idx = base[:, None].astype(int) + np.arange(-1, 3)
+    inside = (idx >= 0) & (idx < in_size)
+    w = np.where(inside, w, 0.0)
+    w /= w.sum(1, keepdims=True)
+    return np.clip(idx, 0, in_size - 1), w
+
+
+def _numpy_bicubic(crop, size):
+    """Separable Keys (a = -0.5) resize of ``crop [h, w, C]`` in float64."""
+    yi, yw = _keys_taps(crop.shape[0], size)
+    xi, xw = _keys_taps(crop.shape[1], size)
+    rows = np.einsum("yk,ykwc->ywc", yw, crop.astype(np.float64)[yi])
+    return np.einsum("xk,yxkc->yxc", xw, rows[:, xi])
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_crop_and_resize_many_matches_tf_and_numpy_bicubic(dtype):
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 256, (57, 71, 3)).astype(dtype)
+    # Shrinking, enlarging, same size, a 1-pixel-wide box and a whole-image one.
+    boxes = np.array([[3, 5, 40, 52], [10, 20, 7, 9], [0, 0, 24, 24],
+                      [30, 70, 20, 1], [0, 0, 57, 71]], np.float32)
+    out = C.crop_and_resize_many(img, tf.constant(boxes), 24, antialias=False)
+    assert out.shape == (5, 24, 24, 3) and out.dtype == tf.float32
+    for got, (top, left, h, w) in zip(out.numpy(), boxes.astype(int)):
+        crop = img[top:top + h, left:left + w]
+        ref = tf.image.resize(crop, (24, 24), method="bicubic").numpy()
+        np.testing.assert_allclose(got, ref, atol=1e-4)
+        np.testing.assert_allclose(got, _numpy_bicubic(crop, 24), atol=1e-4)
+        # And the same numbers as the one-box function.
+        one = C.crop_and_resize(img, tf.constant([top, left, h, w], tf.float32),
+                                24, antialias=False)
+        np.testing.assert_array_equal(got, one.numpy())
+
+
+def test_crop_and_resize_many_antialias_matches_one_box():
+    img = np.random.default_rng(4).integers(0, 256, (60, 50, 3), np.uint8)
+    boxes = tf.constant([[5, 3, 48, 40], [0, 0, 60, 50]], tf.float32)
+    out = C.crop_and_resize_many(img, boxes, 12, antialias=True).numpy()
+    for got, box in zip(out, boxes):
+        ref = C.crop_and_resize(img, box, 12, antialias=True).numpy()
+        np.testing.assert_allclose(got, ref, atol=1e-4)

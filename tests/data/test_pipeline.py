@@ -303,6 +303,61 @@ def test_adjust_hue_matches_tf_image():
                                    atol=1e-5)
 
 
+def test_adjust_hue_matches_hsv_round_trip_per_image():
+    # One delta per image, gray pixels (no hue) and ties between channels.
+    rng = np.random.default_rng(12)
+    img = rng.uniform(size=(3, 6, 7, 3)).astype(np.float32)
+    img[0, 0, :] = 0.4                                   # gray
+    img[1, 1, :, :2] = img[1, 1, :, 2:3]                 # r == g == b
+    img[2, 2, :, 0] = img[2, 2, :, 1]                    # r == g
+    deltas = np.array([-0.5, 0.03, 0.45], np.float32)
+    ours = A.adjust_hue(tf.constant(img), tf.constant(deltas)).numpy()
+    hsv = tf.image.rgb_to_hsv(img)
+    hue = tf.math.floormod(hsv[..., :1] + deltas[:, None, None, None], 1.0)
+    ref = tf.image.hsv_to_rgb(tf.concat([hue, hsv[..., 1:]], -1)).numpy()
+    np.testing.assert_allclose(ours, np.clip(ref, 0, 1), atol=1e-5)
+    np.testing.assert_array_equal(ours[0, 0], img[0, 0])
+
+
+def test_map_crops_is_a_loop_over_crops():
+    crops = tf.constant(np.random.default_rng(13).uniform(size=(4, 5, 6, 3)),
+                        tf.float32)
+    scale = tf.constant([1.0, 2.0, 3.0, 4.0])
+    out = A.map_crops(lambda c, s: c * s, crops, scale).numpy()
+    np.testing.assert_allclose(out, crops.numpy() * np.arange(1, 5)[:, None, None, None])
+
+
+def test_apply_one_pre_post_equal_composition():
+    # pre/post are fused into the chain's branches; the numbers are those of
+    # applying them around it.
+    rng = np.random.default_rng(14)
+    imgs = tf.constant(rng.uniform(size=(6, 10, 10, 3)), tf.float32)
+    chain = A.Photometric(blur_sigma=(0.5, 1.5))
+    params = chain.sample(tf.constant([5, 6]), 6, blur_p=0.5, solarize_p=0.5)
+    pre = lambda x: tf.clip_by_value(tf.reverse(x, [-2]) * 1.3, 0.0, 1.0)
+    post = lambda x: A.normalize(x)
+    run = tf.function(lambda x, p: A.map_crops(
+        lambda c, q: chain.apply_one(c, q, pre=pre, post=post), x, p),
+        jit_compile=True)
+    out = run(imgs, params).numpy()
+    ref = post(chain.apply(pre(imgs), params)).numpy()
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_finish_on_a_batch_equals_per_example(small_images):
+    cfg = MultiCropConfig(**SMALL)
+    mc = MultiCrop(cfg, record_augmentations=True)
+    images = tf.constant(small_images[0][:3])
+    samples = [mc.sample(images[i], i, tf.constant([i, 9])) for i in range(3)]
+    single = [mc.finish(s) for s in samples]
+    batch = tf.nest.map_structure(lambda *t: tf.stack(t), *samples)
+    batched = tf.function(mc.finish, jit_compile=True)(batch)
+    for key in batched:
+        np.testing.assert_allclose(batched[key].numpy(),
+                                   np.stack([s[key].numpy() for s in single]),
+                                   atol=1e-5, err_msg=key)
+
+
 def test_photometric_primitives():
     rng = np.random.default_rng(3)
     img = tf.constant(rng.uniform(size=(20, 20, 3)), tf.float32)
