@@ -45,6 +45,31 @@ def cross_replica_mean(x):
     return x
 
 
+def cross_replica_concat(x):
+    """``x`` of every replica concatenated along axis 0, in replica order: the global batch.
+
+    For state that must see the whole batch (DenseCL's queues). Identity on a single device
+    and under JAX GSPMD, where a batch is already global. No gradient flows through it.
+    """
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            return context.all_gather(tf.stop_gradient(x), axis=0)
+        return x
+    if BACKEND == "torch":
+        import torch
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            x = x.detach().contiguous()
+            parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, x)
+            return torch.cat(parts, dim=0)
+    return x
+
+
 def distributable(dataset, model):
     """``dataset`` made safe to feed ``model.fit`` under a multi-replica ``tf.distribute``
     strategy (the one ``model`` was created under).

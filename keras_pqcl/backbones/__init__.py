@@ -1,4 +1,4 @@
-"""Backbones: the Vision Transformer and its presets."""
+"""Backbones: the Vision Transformer, ResNet and FPN, with their presets."""
 
 from keras_pqcl.backbones.vit import (
     VIT_PRESETS,
@@ -9,3 +9,5 @@ from keras_pqcl.backbones.vit import (
     vit_small,
     vit_tiny,
 )
+from keras_pqcl.backbones.fpn import FPN
+from keras_pqcl.backbones.resnet import RESNET_PRESETS, ResNet, SplitBatchNorm, resnet, resnet50, resnet101
