@@ -31,6 +31,10 @@ def _parser():
     pre.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output")
     pre.add_argument("--precision", choices=["float32", "mixed_bfloat16"])
     pre.add_argument("--seed", type=int)
+    pre.add_argument("--knn-every", type=int, dest="knn_every",
+                     help="log the teacher's k-NN top-1 every N epochs (0: off; the tiny recipes use 2)")
+    pre.add_argument("--knn-data", dest="knn_data",
+                     help="folder with train/ and val/ class folders for --knn-every (synthetic_scenes: held-out images)")
     pre.add_argument("--backend", choices=["tensorflow", "jax", "torch"], help="Keras backend (default: KERAS_BACKEND)")
     pre.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -125,6 +129,8 @@ def _main(argv):
         steps_per_epoch=args.steps_per_epoch,
         precision=args.precision,
         seed=args.seed,
+        knn_every=args.knn_every,
+        knn_data=args.knn_data,
     )
     output = args.output or os.path.join("runs", recipe.name)
 

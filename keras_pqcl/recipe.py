@@ -48,6 +48,11 @@ class Recipe:
         stop_on_collapse: stop (after saving) when the run collapses; otherwise only warn
             (see :class:`keras_pqcl.callbacks.CollapseGuard`).
         steps_per_epoch: cap the steps of an epoch (``None``: the whole dataset).
+        knn_every: evaluate the teacher's k-NN top-1 on held-out labelled images every
+            ``knn_every`` epochs and log it as ``knn_top1`` (0: off). See ``knn_data``.
+        knn_data: a folder with ``train/`` and ``val/`` sub-folders of class folders (the
+            ImageNet layout) for that k-NN; ``None`` with ``synthetic_scenes`` data uses
+            held-out generated images (seeds 1 and 2, never seen in pre-training).
     """
 
     name: str = "custom"
@@ -78,6 +83,8 @@ class Recipe:
     checkpoint_every: int = 1
     stop_on_collapse: bool = False
     steps_per_epoch: Optional[int] = None
+    knn_every: int = 0
+    knn_data: Optional[str] = None
 
     def replace(self, **changes):
         """A copy with ``changes`` applied (``None`` values are ignored)."""
@@ -92,7 +99,8 @@ class Recipe:
         are merged key by key instead of replaced: ``tiny.derive(method="ibot",
         crops=dict(n_local=2))`` keeps the other crop settings."""
         merged = {
-            key: {**getattr(self, key), **value} if isinstance(getattr(self, key, None), dict) and value else value
+            key: {**getattr(self, key), **value}
+            if isinstance(getattr(self, key, None), dict) and isinstance(value, dict) else value
             for key, value in changes.items()
         }
         return self.replace(**merged)

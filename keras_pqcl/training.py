@@ -31,11 +31,68 @@ class Method:
             (a mask token, the sin-cos table); the recipe's ``pos_embed`` wins when it is set.
         dataset_args: ``recipe -> dict`` of extra :func:`keras_pqcl.data.pretrain_dataset`
             arguments (iBOT ``masks``, PQCL ``queries``).
+        optimizer: ``(recipe, steps_per_epoch) -> optimizer`` (the DINO AdamW by default; the
+            contrastive ResNet methods use torch-style SGD).
+        dataset: ``recipe -> (dataset, info, image_size)``; the default builds multi-crop
+            batches from ``recipe.crops`` with :func:`keras_pqcl.data.pretrain_dataset`.
     """
 
     model: Callable
     backbone_args: Callable = lambda recipe: {}
     dataset_args: Callable = lambda recipe: {}
+    optimizer: Callable = None
+    dataset: Callable = None
+
+
+def _adamw(recipe, steps_per_epoch):
+    return optimizers.dino_adamw(
+        recipe.batch_size,
+        recipe.epochs,
+        steps_per_epoch,
+        base_lr=recipe.base_lr,
+        min_lr=recipe.min_lr,
+        warmup_epochs=recipe.warmup_epochs,
+        weight_decay=recipe.weight_decay,
+        weight_decay_end=recipe.weight_decay_end,
+        clip_per_tensor=recipe.clip_grad,
+    )
+
+
+def _multicrop_dataset(recipe):
+    """The DINO-family multi-crop batches (plus the method's masks and queries)."""
+    from keras_pqcl import data as kdata
+
+    crops = kdata.MultiCropConfig(**recipe.crops)
+    crops.check_patch_size(recipe.patch_size)
+    dataset, info = kdata.pretrain_dataset(
+        recipe.data, crops=crops, batch_size=recipe.batch_size, shuffle=True, seed=recipe.seed,
+        return_info=True, **method_of(recipe).dataset_args(recipe),
+    )
+    return dataset, info, crops.global_size
+
+
+def _montage_dataset(recipe):
+    """MCL's batches: eight views per image and their montages (``recipe.crops`` holds the
+    :class:`~keras_pqcl.data.MontageConfig` arguments)."""
+    from keras_pqcl.data import montage
+
+    config = montage.MontageConfig(**recipe.crops)
+    dataset, info = montage.mcl_dataset(
+        recipe.data, config, batch_size=recipe.batch_size, shuffle=True, seed=recipe.seed, return_info=True,
+    )
+    return dataset, info, config.image_size
+
+
+def _sgd(recipe, steps_per_epoch):
+    return optimizers.moco_sgd(
+        recipe.batch_size,
+        recipe.epochs,
+        steps_per_epoch,
+        base_lr=recipe.base_lr,
+        min_lr=recipe.min_lr,
+        warmup_epochs=recipe.warmup_epochs,
+        weight_decay=recipe.weight_decay,
+    )
 
 
 def _base(recipe, default="ibot"):
@@ -106,6 +163,8 @@ METHODS = {
         },
         dataset_args=_adclr_data,
     ),
+    "densecl": Method(_model("DenseCL"), optimizer=_sgd),
+    "mcl": Method(_model("MCL"), dataset=_montage_dataset),
 }
 
 
@@ -121,6 +180,9 @@ def build_backbone(recipe, image_size):
     if recipe.pos_embed is not None:
         args["pos_embed"] = recipe.pos_embed
     args.update(recipe.backbone_args)
+    if recipe.backbone in backbones.RESNET_PRESETS:
+        # Convolutional: no patches, position table or stochastic depth; any input size.
+        return backbones.resnet(recipe.backbone, **recipe.backbone_args)
     return backbones.vit(
         recipe.backbone,
         patch_size=recipe.patch_size,
@@ -130,20 +192,11 @@ def build_backbone(recipe, image_size):
     )
 
 
-def build_model(recipe, steps_per_epoch, crops):
-    backbone = build_backbone(recipe, crops.global_size)
-    model = method_of(recipe).model(recipe, backbone)
-    optimizer = optimizers.dino_adamw(
-        recipe.batch_size,
-        recipe.epochs,
-        steps_per_epoch,
-        base_lr=recipe.base_lr,
-        min_lr=recipe.min_lr,
-        warmup_epochs=recipe.warmup_epochs,
-        weight_decay=recipe.weight_decay,
-        weight_decay_end=recipe.weight_decay_end,
-        clip_per_tensor=recipe.clip_grad,
-    )
+def build_model(recipe, steps_per_epoch, image_size):
+    backbone = build_backbone(recipe, image_size)
+    method = method_of(recipe)
+    model = method.model(recipe, backbone)
+    optimizer = (method.optimizer or _adamw)(recipe, steps_per_epoch)
     model.compile(optimizer=optimizer, jit_compile=recipe.jit_compile)
     return model
 
@@ -188,12 +241,8 @@ def pretrain(recipe, output_dir, resume=False, verbose=1):
     os.makedirs(output_dir, exist_ok=True)
     ckpt_dir = os.path.join(output_dir, "checkpoints")
 
-    crops = kdata.MultiCropConfig(**recipe.crops)
-    crops.check_patch_size(recipe.patch_size)
-    dataset, info = kdata.pretrain_dataset(
-        recipe.data, crops=crops, batch_size=recipe.batch_size, shuffle=True, seed=recipe.seed,
-        return_info=True, **method_of(recipe).dataset_args(recipe),
-    )
+    dataset, info, image_size = (method_of(recipe).dataset or _multicrop_dataset)(recipe)
+    knn = knn_monitor(recipe, image_size)
     steps = kdata.steps_per_epoch(dataset)
     if steps is None and info.num_examples:
         # Folders drop undecodable files on the fly, so the length is only known up to them;
@@ -218,7 +267,7 @@ def pretrain(recipe, output_dir, resume=False, verbose=1):
             elif verbose:
                 print(f"Resuming from {ckpt_dir} after epoch {initial_epoch}.")
         if model is None:
-            model = build_model(recipe, steps, crops)
+            model = build_model(recipe, steps, image_size)
 
     csv_path = os.path.join(output_dir, "log.csv")
     collapse = callbacks.CollapseGuard(stop=recipe.stop_on_collapse)
@@ -227,6 +276,8 @@ def pretrain(recipe, output_dir, resume=False, verbose=1):
         callbacks.NaNGuard(),
         collapse,
         callbacks.Checkpoint(ckpt_dir, every=recipe.checkpoint_every),
+        # Before the logger, which only sees what earlier callbacks wrote into the logs.
+        *([knn] if knn else []),
         keras.callbacks.CSVLogger(csv_path, append=initial_epoch > 0),
         keras.callbacks.TensorBoard(os.path.join(output_dir, "tensorboard"), write_graph=False),
     ]
@@ -258,13 +309,49 @@ def pretrain(recipe, output_dir, resume=False, verbose=1):
         "log": csv_path,
         "plot": plot_path,
         "collapse": collapse.message,
+        "knn_top1": knn.history[-1][1] if knn and knn.history else None,
     }
     atomic_write_text(os.path.join(output_dir, "summary.json"), json.dumps(summary, indent=2))
     return summary
 
 
+#: held-out images per split of the k-NN monitor on ``synthetic_scenes`` (bank, queries).
+KNN_SYNTHETIC_IMAGES = (1000, 500)
+
+
+def knn_monitor(recipe, image_size):
+    """The :class:`~keras_pqcl.callbacks.KNNMonitor` a recipe asks for, or None (``knn_every=0``)."""
+    if not recipe.knn_every:
+        return None
+    if recipe.knn_data:
+        splits = [os.path.join(recipe.knn_data, split) for split in ("train", "val")]
+        missing = [path for path in splits if not os.path.isdir(path)]
+        if missing:
+            raise ValueError(
+                f"knn_data={recipe.knn_data!r} needs train/ and val/ sub-folders of class folders; "
+                f"missing: {', '.join(missing)}."
+            )
+        train, test = splits
+    elif recipe.data.startswith("synthetic_scenes"):
+        from keras_pqcl.data.sources import _parse_synthetic
+        from keras_pqcl.data.synthetic import synthetic_scenes
+
+        _, size = _parse_synthetic(recipe.data)
+        train, test = (
+            (lambda d: (d["images"], d["labels"]))(synthetic_scenes(n, image_size=size, seed=seed))
+            for n, seed in zip(KNN_SYNTHETIC_IMAGES, (1, 2))
+        )
+    else:
+        raise ValueError(
+            f"knn_every={recipe.knn_every} needs labelled held-out images: set knn_data to a folder with "
+            f"train/ and val/ sub-folders of class folders (the data {recipe.data!r} has no held-out split)."
+        )
+    return callbacks.KNNMonitor(train, test, every=recipe.knn_every, image_size=image_size)
+
+
 def read_log(csv_path):
-    """``{column: [float per epoch]}`` from a ``CSVLogger`` file."""
+    """``{column: [float per epoch]}`` from a ``CSVLogger`` file; ``NA`` cells (a k-NN column
+    on epochs it was not evaluated) are NaN, so every column has one value per epoch."""
     if not os.path.exists(csv_path):
         return {}
     with open(csv_path) as f:
@@ -275,7 +362,8 @@ def read_log(csv_path):
             try:
                 columns.setdefault(key, []).append(float(value))
             except (TypeError, ValueError):
-                pass
+                if value in ("NA", "", None):
+                    columns.setdefault(key, []).append(float("nan"))
     return columns
 
 
@@ -292,14 +380,19 @@ def plot_log(history, path):
     import matplotlib.pyplot as plt
 
     epochs = [int(e) + 1 for e in history.get("epoch", range(len(history["loss"])))]
-    keys = ("loss", "teacher_entropy", "query_agreement", "learning_rate", "teacher_temp")
+    keys = ("loss", "knn_top1", "teacher_entropy", "query_agreement", "learning_rate", "teacher_temp")
     panels = [k for k in keys if k in history]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
     for ax, key in zip(axes[0], panels):
         # The loss panel also shows each term, so a term that stalls (MIM, queries) is visible.
         lines = [key] + ([t for t in ("cls", "mim", "query") if t in history] if key == "loss" else [])
         for line in lines:
-            ax.plot(epochs, history[line], marker="o", markersize=3, label=line)
+            values = history[line]
+            if key == "knn_top1":  # evaluated every few epochs: join the points that exist
+                kept = [(e, v) for e, v in zip(epochs, values) if v == v]
+                ax.plot([e for e, _ in kept], [v for _, v in kept], marker="o", markersize=3, label=line)
+                continue
+            ax.plot(epochs, values, marker="o", markersize=3, label=line)
         if len(lines) > 1:
             ax.legend(fontsize=8)
         ax.set_title(key.replace("_", " "))

@@ -49,4 +49,5 @@ def get_recipe():
         warmup_epochs=1,
         teacher_momentum=0.99,
         seed=0,
+        knn_every=2,
     )

@@ -378,3 +378,16 @@ def test_knn_monitor_logs_before_csv_logger(tmp_path):
 
     with pytest.raises(ValueError, match="teacher"):
         kp.callbacks.KNNMonitor(held_out, held_out, use="ema")
+
+
+def test_resnet_features_are_pooled_c5_and_its_map():
+    """The probes read a ResNet too: pooled features = spatial mean of C5, patches = the C5 map."""
+    backbone = kp.backbones.resnet("resnet_tiny", width=4)
+    images = np.random.default_rng(0).uniform(-1, 1, (3, 64, 64, 3)).astype("float32")
+    c5 = np.asarray(keras.ops.convert_to_numpy(backbone(images, training=False)["C5"]))
+    pooled = ev.features.FeatureExtractor(backbone)(images)
+    patches = ev.features.FeatureExtractor(backbone, output="patches")(images)
+    np.testing.assert_allclose(pooled, c5.mean(axis=(1, 2)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(patches, c5, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="attention maps need a ViT"):
+        ev.features.FeatureExtractor(backbone, output="attention")(images)

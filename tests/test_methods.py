@@ -1,6 +1,7 @@
 """Every registered method runs end to end through the recipe runner; recipe derivation;
 the collapse guard."""
 
+import dataclasses
 import math
 import os
 
@@ -29,6 +30,25 @@ TERMS = {
     "pqcl": {"loss", "cls", "mim", "query", "query_agreement", "teacher_entropy"},
     "dino_pqcl": {"loss", "cls", "query", "query_agreement", "teacher_entropy"},
     "adclr": {"loss", "cls", "query", "query_agreement", "teacher_entropy"},
+    "densecl": {"loss", "global", "dense"},
+    "mcl": {"loss", "level_0", "level_1", "level_2", "level_3"},
+}
+
+# The convolutional methods (issue 7): a one-block-per-stage ResNet, their own crops.
+RESNET_MICRO = {
+    "densecl": dataclasses.replace(
+        MICRO, name="micro_densecl", method="densecl", backbone="resnet_tiny", patch_size=32,
+        backbone_args=dict(width=8), method_args=dict(hidden_dim=32, projection_dim=16, queue_size=64),
+        crops=dict(global_size=32, local_size=32, n_local=0, jitter_p=0.0, global_blur_p=(0.5, 0.5),
+                   solarize_p=(0.0, 0.0)),
+        teacher_momentum=0.99,
+    ),
+    "mcl": dataclasses.replace(
+        MICRO, name="micro_mcl", method="mcl", backbone="resnet_tiny", backbone_args=dict(width=8),
+        method_args=dict(fpn_channels=16, neck_convs=1, neck_channels=16, hidden_dim=32, projection_dim=16,
+                         predictor_hidden_dim=32),
+        crops=dict(image_size=64, jitter_p=0.0), batch_size=4, teacher_momentum=0.99,
+    ),
 }
 
 
@@ -40,7 +60,8 @@ def test_every_method_is_registered_and_tested():
 def test_method_pretrains_end_to_end(method, tmp_path):
     if method == "adclr" and not hasattr(models, "ADCLR"):
         pytest.skip("ADCLR is not in this build")
-    recipe = MICRO.derive(name=f"micro_{method}", method=method, masks=dict(ratio=0.3, ratio_var=0.0))
+    recipe = RESNET_MICRO.get(method) or MICRO.derive(
+        name=f"micro_{method}", method=method, masks=dict(ratio=0.3, ratio_var=0.0))
     summary = pretrain(recipe, str(tmp_path), verbose=0)
     assert math.isfinite(summary["last_loss"])
     log = read_log(summary["log"])
@@ -48,7 +69,10 @@ def test_method_pretrains_end_to_end(method, tmp_path):
     if method in ("ibot", "pqcl"):
         assert log["masked_fraction"][0] > 0  # the dataset carried masks
     backbone = keras.saving.load_model(summary["teacher_backbone"])
-    assert tuple(backbone(np.zeros((1, 16, 16, 3), "float32"))["cls"].shape) == (1, 32)
+    if method in RESNET_MICRO:
+        assert tuple(backbone(np.zeros((1, 64, 64, 3), "float32"))["C5"].shape)[:3] == (1, 2, 2)
+    else:
+        assert tuple(backbone(np.zeros((1, 16, 16, 3), "float32"))["cls"].shape) == (1, 32)
 
 
 def test_method_picks_its_backbone_and_recipe_can_override():
@@ -123,3 +147,28 @@ def test_collapse_guard_quiet_on_healthy_or_interrupted_runs():
     partial = {"loss": ln_k + 1.0, "cls": ln_k, "query": 1.0, "teacher_entropy": 4.6}
     guard = _run_guard(CollapseGuard(patience=2), [healthy, flat, healthy, flat, partial, partial])
     assert guard.message is None
+
+
+# ---------------------------------------------------------------------- k-NN monitor in the runner
+def test_runner_logs_knn_every_n_epochs(tmp_path):
+    recipe = MICRO.derive(name="micro_knn", epochs=3, steps_per_epoch=1, knn_every=2)
+    summary = pretrain(recipe, str(tmp_path), verbose=0)
+    knn = read_log(summary["log"])["knn_top1"]
+    # Epoch 1 (the fit's first) and epoch 2 (every 2nd) are evaluated; epoch 3 is NA in the CSV.
+    assert len(knn) == 3 and all(0.0 <= v <= 100.0 for v in knn[:2]) and math.isnan(knn[2])
+    assert summary["knn_top1"] == knn[1]
+    assert os.path.exists(summary["plot"])
+
+
+def test_runner_knn_needs_labelled_held_out_data(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    (folder / "a").mkdir(parents=True)
+    for i in range(8):
+        Image.new("RGB", (20, 20), (30 * i, 0, 0)).save(folder / "a" / f"{i}.png")
+    with pytest.raises(ValueError, match="knn_data to a folder with train/ and val/"):
+        pretrain(MICRO.derive(data=str(folder), knn_every=1), str(tmp_path / "run"), verbose=0)
+    (tmp_path / "knn" / "train").mkdir(parents=True)
+    with pytest.raises(ValueError, match="missing: .*val"):
+        pretrain(MICRO.derive(knn_every=1, knn_data=str(tmp_path / "knn")), str(tmp_path / "run"), verbose=0)

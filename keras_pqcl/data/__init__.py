@@ -41,6 +41,7 @@ from keras_pqcl.data.masks import (
     sample_mask_ratio,
     sample_masks,
 )
+from keras_pqcl.data.montage import Montage, MontageConfig, assemble_montages, mcl_dataset
 from keras_pqcl.data.multicrop import MultiCrop, MultiCropConfig
 from keras_pqcl.data.pipeline import pretrain_dataset, steps_per_epoch
 from keras_pqcl.data.queries import QueryConfig, query_coords, sincos_tables
@@ -51,24 +52,30 @@ from keras_pqcl.data.sources import (
     load_source,
 )
 from keras_pqcl.data.synthetic import SYNTHETIC_CLASS_NAMES, synthetic_scenes
+from keras_pqcl.data.views import densecl_crops
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
     "MaskConfig",
+    "Montage",
+    "MontageConfig",
     "MultiCrop",
     "MultiCropConfig",
     "Photometric",
     "QueryConfig",
     "SYNTHETIC_CLASS_NAMES",
     "SourceInfo",
+    "assemble_montages",
     "block_mask",
     "color_jitter",
     "crop_and_resize",
+    "densecl_crops",
     "gaussian_blur",
     "list_image_files",
     "load_source",
+    "mcl_dataset",
     "normalize",
     "photometric_augment",
     "pretrain_dataset",

@@ -11,7 +11,9 @@ The backbone interface is the one of :class:`keras_pqcl.backbones.VisionTransfor
 ``forward_features(images, training=False, n_last_blocks=n)`` returning a dict with
 ``"cls"`` ``(B, D)``, ``"patches"`` ``(B, N, D)`` and ``"last_blocks"`` (a list of ``n``
 ``(B, 1 + N, D)`` tensors, each through the final LayerNorm), plus ``patch_size`` and
-(optionally) ``image_size`` and ``depth`` attributes. Any object with that interface works.
+(optionally) ``image_size`` and ``depth`` attributes. Any object with that interface works:
+:class:`keras_pqcl.backbones.ResNet` gives its pooled C5 as ``"cls"`` and its C5 map
+``(B, h, w, C)`` as ``"patches"`` (a grid already, so no ``patch_size`` is needed).
 """
 
 import contextlib
@@ -266,7 +268,7 @@ class FeatureExtractor:
             raise ValueError(f"output must be 'pooled', 'patches' or 'attention'; got {output!r}.")
         if not hasattr(backbone, "forward_features"):
             raise ValueError(
-                f"expected a ViT backbone with forward_features(); got {type(backbone).__name__}. "
+                f"expected a backbone with forward_features() (ViT or ResNet); got {type(backbone).__name__}. "
                 "For a whole self-supervised model pass model.teacher_backbone."
             )
         depth = getattr(backbone, "depth", None)
@@ -299,7 +301,7 @@ class FeatureExtractor:
         with _inference_mode():
             value = model.predict_on_batch(images)
         value = np.asarray(keras.ops.convert_to_numpy(value), np.float32)
-        if self.output == "patches" and self.patch_size:
+        if self.output == "patches" and self.patch_size and value.ndim == 3:
             grid = (images.shape[1] // self.patch_size, images.shape[2] // self.patch_size)
             value = value.reshape((value.shape[0],) + grid + (value.shape[-1],))
         return value

@@ -64,14 +64,24 @@ class SelfSupervisedModel(TrainStep, keras.Model):
         }
 
     # --------------------------------------------------------------- teacher
-    def add_teacher(self, teacher, student):
+    def add_teacher(self, teacher, student, batch_statistics=False):
         """Register ``teacher`` as the EMA of ``student`` and copy the student into it.
 
         Both must be built with the same architecture; stochastic-depth seed states are
-        skipped. The teacher is made non-trainable, so its variables never reach the
-        optimizer.
+        skipped. No teacher variable ever reaches the optimizer.
+
+        Args:
+            batch_statistics: for networks with BatchNorm (the momentum encoders of DenseCL
+                and MCL). The reference runs them in train mode without gradients, so their
+                BatchNorm normalises with the statistics of the batch they see. Keras'
+                BatchNormalization does that only while its *layer* is trainable, so the
+                teacher's layers stay trainable and only its *variables* are frozen (the
+                optimizer and the JAX step see them as non-trainable state). Only parameters
+                (the student's trainable variables) are then averaged; the BatchNorm moving
+                statistics are left to each network's own batches, as the reference's buffers.
+                False (the ViT methods): the whole teacher is frozen and every variable is
+                averaged.
         """
-        teacher.trainable = False
         t_vars = [v for v in teacher.weights if not _is_seed_state(v)]
         s_vars = [v for v in student.weights if not _is_seed_state(v)]
         if len(t_vars) != len(s_vars) or any(t.shape != s.shape for t, s in zip(t_vars, s_vars)):
@@ -79,10 +89,16 @@ class SelfSupervisedModel(TrainStep, keras.Model):
                 f"Teacher {teacher.name} and student {student.name} do not have the same "
                 "variables; build the teacher from the student's config."
             )
+        if batch_statistics:
+            for variable in t_vars:
+                variable.trainable = False
+        else:
+            teacher.trainable = False
         for t, s in zip(t_vars, s_vars):
             # A copy, not the same buffer: JAX refuses to donate one buffer twice.
             t.assign(ops.copy(ops.convert_to_tensor(s)))
-        self._teacher_pairs.extend(zip(t_vars, s_vars))
+            if s.trainable or not batch_statistics:
+                self._teacher_pairs.append((t, s))
 
     def teacher_momentum_at(self, step):
         """Cosine schedule from ``momentum_start`` to ``momentum_end`` over all steps."""
