@@ -30,3 +30,41 @@ def time_fit_steps(model, batch, steps):
     dataset = tf.data.Dataset.from_tensors(batch).repeat()
     model.fit(dataset, epochs=1, steps_per_epoch=steps + 1, verbose=0, callbacks=[timer])
     return timer.times[0], float(np.median(timer.times[1:]))
+
+
+def step_parser(doc, batch):
+    """The command line shared by the step benchmarks (backends, rows, steps, batch, quick)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--backends", default="tensorflow,jax,torch")
+    parser.add_argument("--rows", default=None, help="comma-separated row numbers (default: all)")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps after the first")
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--quick", action="store_true", help="a tiny model (smoke test)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--row", type=int, default=0, help=argparse.SUPPRESS)
+    return parser
+
+
+def run_rows(script, labels, args):
+    """Each selected row on each backend, each in its own process; the workers' JSON results,
+    with ``"index"`` set to the row number."""
+    import sys
+
+    from _subprocess import run_worker
+
+    rows = [int(r) for r in args.rows.split(",")] if args.rows else range(len(labels))
+    results = []
+    for backend in args.backends.split(","):
+        for i in rows:
+            result = run_worker(
+                [script, "--worker", "--row", str(i), "--steps", str(args.steps), "--batch", str(args.batch)]
+                + (["--quick"] if args.quick else []),
+                f"{labels[i]} on {backend}", KERAS_BACKEND=backend,
+            )
+            if result:
+                result["index"] = i
+                results.append(result)
+                print(f"  {backend:10s} {result['row']:24s} {result['images_per_s']:.2f} images/s", file=sys.stderr)
+    return results

@@ -15,13 +15,11 @@ iBOT with its paper's 10 local crops, and ADCLR beside DINO with 4 local crops.
 (machines are shared and noisy: compare ratios, not absolute numbers across runs).
 """
 
-import argparse
 import json
 import os
 import sys
 
-from _subprocess import run_worker
-from _timing import time_fit_steps
+from _timing import run_rows, step_parser, time_fit_steps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -91,31 +89,12 @@ def worker(args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backends", default="tensorflow,jax,torch")
-    parser.add_argument("--rows", default=None, help="comma-separated row numbers (default: all)")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps after the first")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--quick", action="store_true", help="tiny ViT (smoke test)")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--row", type=int, default=0, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = step_parser(__doc__, batch=8).parse_args()
     if args.worker:
         return worker(args)
-
-    rows = [int(r) for r in args.rows.split(",")] if args.rows else range(len(ROWS))
-    results = []
-    for backend in args.backends.split(","):
-        for i in rows:
-            result = run_worker(
-                [__file__, "--worker", "--row", str(i), "--steps", str(args.steps), "--batch", str(args.batch)]
-                + (["--quick"] if args.quick else []),
-                f"{ROWS[i][0]} on {backend}", KERAS_BACKEND=backend,
-            )
-            if result:
-                result["base"] = ROWS[i][4]
-                results.append(result)
-                print(f"  {backend:10s} {result['row']:24s} {result['images_per_s']:.2f} images/s", file=sys.stderr)
+    results = run_rows(__file__, [row[0] for row in ROWS], args)
+    for result in results:
+        result["base"] = ROWS[result["index"]][4]
 
     step = {(r["backend"], r["row"]): r["step_s"] for r in results}
     model = "tiny ViT/8" if args.quick else "ViT-S/16"

@@ -192,12 +192,19 @@ def build_backbone(recipe, image_size):
     )
 
 
+def build_dataset(recipe):
+    """``(dataset, info, image_size)``: the method's batches of ``recipe.data`` (uncapped)."""
+    return (method_of(recipe).dataset or _multicrop_dataset)(recipe)
+
+
+def build_optimizer(recipe, steps_per_epoch):
+    """The method's optimizer with the recipe's schedule over ``epochs x steps_per_epoch``."""
+    return (method_of(recipe).optimizer or _adamw)(recipe, steps_per_epoch)
+
+
 def build_model(recipe, steps_per_epoch, image_size):
-    backbone = build_backbone(recipe, image_size)
-    method = method_of(recipe)
-    model = method.model(recipe, backbone)
-    optimizer = (method.optimizer or _adamw)(recipe, steps_per_epoch)
-    model.compile(optimizer=optimizer, jit_compile=recipe.jit_compile)
+    model = method_of(recipe).model(recipe, build_backbone(recipe, image_size))
+    model.compile(optimizer=build_optimizer(recipe, steps_per_epoch), jit_compile=recipe.jit_compile)
     return model
 
 
@@ -241,7 +248,7 @@ def pretrain(recipe, output_dir, resume=False, verbose=1):
     os.makedirs(output_dir, exist_ok=True)
     ckpt_dir = os.path.join(output_dir, "checkpoints")
 
-    dataset, info, image_size = (method_of(recipe).dataset or _multicrop_dataset)(recipe)
+    dataset, info, image_size = build_dataset(recipe)
     knn = knn_monitor(recipe, image_size)
     steps = kdata.steps_per_epoch(dataset)
     if steps is None and info.num_examples:
