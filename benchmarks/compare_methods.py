@@ -1,16 +1,17 @@
 """Does PQCL improve dense features over its base without hurting global ones? The method comparison.
 
-Pre-trains DINO, iBOT, DINO+PQCL, iBOT+PQCL and ADCLR from the same seed and budget on the
-embedded ``synthetic_scenes`` (the ``tiny`` recipe family: same data, backbone, crops,
-schedule; only the method differs), then scores each teacher backbone on held-out splits
+Pre-trains DINO, iBOT, DINO+PQCL, iBOT+PQCL and ADCLR (ViTs) and DenseCL and MCL (ResNets)
+from the same seed and budget on the embedded ``synthetic_scenes`` (the ``tiny`` recipe family:
+same data and schedule; the ViT methods also share backbone and crops, only the method differs),
+then scores each transfer backbone (the teacher; DenseCL's query encoder) on held-out splits
 (probe train: seed 1, probe test: seed 2; pre-training uses seed 0) with
 
-* k-NN top-1 on the CLS token (k = 20, T = 0.07),
+* k-NN top-1 on the CLS token (a ResNet's pooled C5) (k = 20, T = 0.07),
 * a linear probe on the last blocks' CLS (top-1),
-* a dense linear probe on the patch tokens (mIoU over background + 10 classes),
+* a dense linear probe on the patch tokens (a ResNet's C5 map) (mIoU over background + 10 classes),
 
-plus a random-init backbone (built exactly like the recipes' student) as the floor, and the
-pre-training images/s. Several seeds give the spread (mean ± std). Writes ``compare.md``,
+plus a random-init backbone (built exactly like the recipes' student; one ViT, one ResNet) as the
+floor, and the pre-training images/s. Several seeds give the spread (mean ± std). Writes ``compare.md``,
 ``compare.json`` and ``compare.png`` (bar chart) to ``--output``.
 
     python benchmarks/compare_methods.py --quick                    # smoke run, minutes
@@ -43,8 +44,13 @@ METHODS = (
     ("DINO+PQCL", "dino_pqcl"),
     ("iBOT+PQCL", "pqcl"),
     ("ADCLR", "adclr"),
+    ("DenseCL", "densecl"),
+    ("MCL", "mcl"),
 )
 BASE_OF = {"DINO+PQCL": "DINO", "iBOT+PQCL": "iBOT", "ADCLR": "DINO"}
+#: the random-init floor of each backbone family: (row label, method suffix whose recipe builds it)
+FLOORS = (("random init", ""), ("random init (ResNet)", "densecl"))
+CONVNET = {"DenseCL", "MCL"}
 
 
 def recipe_name(family, suffix):
@@ -92,12 +98,14 @@ def worker(args):
     if args.steps_per_epoch:
         recipe = recipe.replace(steps_per_epoch=args.steps_per_epoch)
     keras.utils.set_random_seed(args.seed)
-    size = recipe.crops["global_size"]
+    size = recipe.crops.get("global_size") or recipe.crops["image_size"]  # MCL's montages: image_size
     if args.random_init:
         backbone, images_per_s = build_backbone(recipe, size), None
     else:
         summary = kp.pretrain(recipe, os.path.join(args.output, f"{args.recipe}_seed{args.seed}"), verbose=0)
-        backbone = keras.saving.load_model(summary["teacher_backbone"])
+        # DenseCL transfers its query encoder (the paper's); the others their EMA teacher.
+        role = "student" if recipe.method == "densecl" else "teacher"
+        backbone = keras.saving.load_model(summary[f"{role}_backbone"])
         images_per_s = summary["images_per_second"]
     scores = evaluate(backbone, probe_splits(recipe, args.probe_train, args.probe_test), size, args)
     print(json.dumps(dict(scores, images_per_s=images_per_s)))
@@ -183,9 +191,10 @@ def main():
 
     os.makedirs(args.output, exist_ok=True)
     chosen = set(args.methods.split(",")) if args.methods else None
-    jobs = [("random init", recipe_name(args.family, ""), True)]
-    jobs += [(label, recipe_name(args.family, suffix), False)
-             for label, suffix in METHODS if chosen is None or label in chosen]
+    labels = [label for label, _ in METHODS if chosen is None or label in chosen]
+    jobs = [(label, recipe_name(args.family, suffix), True) for label, suffix in FLOORS
+            if suffix == "" and set(labels) - CONVNET or suffix and set(labels) & CONVNET]
+    jobs += [(label, recipe_name(args.family, suffix), False) for label, suffix in METHODS if label in labels]
     rows = {}
     for label, recipe, random_init in jobs:
         rows[label] = []

@@ -38,7 +38,9 @@ def worker(args):
     if args.quick:
         size = 64
         recipe = recipe.replace(backbone="resnet_tiny", backbone_args={"width": 8})
-        recipe = recipe.derive(method_args=dict(hidden_dim=64, **({"queue_size": 256} if label == "DenseCL" else {})))
+        small = dict(queue_size=256) if label == "DenseCL" else dict(
+            fpn_channels=32, neck_channels=32, projection_dim=32, predictor_hidden_dim=64)
+        recipe = recipe.derive(method_args=dict(hidden_dim=64, **small))
     if label == "DenseCL":
         recipe = recipe.derive(crops=dict(global_size=size), backbone_args=dict(bn_splits=1))
     else:
