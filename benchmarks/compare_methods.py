@@ -104,8 +104,7 @@ def worker(args):
     else:
         summary = kp.pretrain(recipe, os.path.join(args.output, f"{args.recipe}_seed{args.seed}"), verbose=0)
         # DenseCL transfers its query encoder (the paper's); the others their EMA teacher.
-        role = "student" if recipe.method == "densecl" else "teacher"
-        backbone = keras.saving.load_model(summary[f"{role}_backbone"])
+        backbone = keras.saving.load_model(summary["transfer_backbone"])
         images_per_s = summary["images_per_second"]
     scores = evaluate(backbone, probe_splits(recipe, args.probe_train, args.probe_test), size, args)
     print(json.dumps(dict(scores, images_per_s=images_per_s)))

@@ -35,6 +35,8 @@ class Method:
             contrastive ResNet methods use torch-style SGD).
         dataset: ``recipe -> (dataset, info, image_size)``; the default builds multi-crop
             batches from ``recipe.crops`` with :func:`keras_pqcl.data.pretrain_dataset`.
+        transfer: the network to evaluate and fine-tune: ``"teacher"`` (the EMA network of
+            the self-distillation methods and MCL) or ``"student"`` (DenseCL's query encoder).
     """
 
     model: Callable
@@ -42,6 +44,7 @@ class Method:
     dataset_args: Callable = lambda recipe: {}
     optimizer: Callable = None
     dataset: Callable = None
+    transfer: str = "teacher"
 
 
 def _adamw(recipe, steps_per_epoch):
@@ -163,7 +166,7 @@ METHODS = {
         },
         dataset_args=_adclr_data,
     ),
-    "densecl": Method(_model("DenseCL"), optimizer=_sgd),
+    "densecl": Method(_model("DenseCL"), optimizer=_sgd, transfer="student"),
     "mcl": Method(_model("MCL"), dataset=_montage_dataset),
 }
 
@@ -237,7 +240,8 @@ def pretrain(recipe, output_dir, resume=False, verbose=1):
     ``loss.png``.
 
     Returns:
-        dict summary (epochs, steps, images/s, first and last loss, paths).
+        dict summary (epochs, steps, images/s, first and last loss, last k-NN top-1, collapse
+        message, paths; ``transfer_backbone`` is the one to evaluate and fine-tune).
     """
     from keras_pqcl import data as kdata
 
@@ -313,6 +317,7 @@ def pretrain(recipe, output_dir, resume=False, verbose=1):
         "last_loss": history["loss"][-1] if history.get("loss") else None,
         "teacher_backbone": paths["teacher"],
         "student_backbone": paths["student"],
+        "transfer_backbone": paths[method_of(recipe).transfer],
         "log": csv_path,
         "plot": plot_path,
         "collapse": collapse.message,
@@ -327,7 +332,8 @@ KNN_SYNTHETIC_IMAGES = (1000, 500)
 
 
 def knn_monitor(recipe, image_size):
-    """The :class:`~keras_pqcl.callbacks.KNNMonitor` a recipe asks for, or None (``knn_every=0``)."""
+    """The :class:`~keras_pqcl.callbacks.KNNMonitor` a recipe asks for, or None (``knn_every=0``).
+    It scores the method's transfer network (see :class:`Method`)."""
     if not recipe.knn_every:
         return None
     if recipe.knn_data:
@@ -353,7 +359,9 @@ def knn_monitor(recipe, image_size):
             f"knn_every={recipe.knn_every} needs labelled held-out images: set knn_data to a folder with "
             f"train/ and val/ sub-folders of class folders (the data {recipe.data!r} has no held-out split)."
         )
-    return callbacks.KNNMonitor(train, test, every=recipe.knn_every, image_size=image_size)
+    return callbacks.KNNMonitor(
+        train, test, every=recipe.knn_every, image_size=image_size, use=method_of(recipe).transfer
+    )
 
 
 def read_log(csv_path):

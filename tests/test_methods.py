@@ -68,7 +68,8 @@ def test_method_pretrains_end_to_end(method, tmp_path):
     assert TERMS[method] <= set(log), sorted(log)
     if method in ("ibot", "pqcl"):
         assert log["masked_fraction"][0] > 0  # the dataset carried masks
-    backbone = keras.saving.load_model(summary["teacher_backbone"])
+    assert summary["transfer_backbone"] == summary["student_backbone" if method == "densecl" else "teacher_backbone"]
+    backbone = keras.saving.load_model(summary["transfer_backbone"])
     if method in RESNET_MICRO:
         assert tuple(backbone(np.zeros((1, 64, 64, 3), "float32"))["C5"].shape)[:3] == (1, 2, 2)
     else:
