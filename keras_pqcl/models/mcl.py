@@ -33,6 +33,7 @@ import keras
 from keras import ops
 
 from keras_pqcl.backbones.fpn import FPN
+from keras_pqcl.backend import num_replicas_in_sync
 from keras_pqcl.heads.mcl_head import MCLNeck, MCLPredictor
 from keras_pqcl.models.base import SelfSupervisedModel, require
 from keras_pqcl.models.dino import clone_backbone
@@ -228,6 +229,14 @@ class MCL(SelfSupervisedModel):
         return levels, size // 32
 
     def ssl_forward(self, data, step, training=True):
+        if num_replicas_in_sync() > 1:
+            # Montages mix images of the whole batch: a replica's slice of them would hold
+            # slots of images another replica holds.
+            raise ValueError(
+                "MCL does not run under a multi-replica tf.distribute strategy or torch.distributed "
+                "(montages are built from the whole batch). Train on one device, or with JAX "
+                "keras.distribution.DataParallel and a batch whose montage counts divide by the devices."
+            )
         levels, tile = self._levels(data)
         n = levels[0][1]
         teacher_fpn = self.teacher_fpn if self.use_fpn else None
