@@ -19,17 +19,18 @@ class Recipe:
     Attributes:
         name: recipe name (written to the output folder).
         description: one line shown by ``keras-pqcl recipes``.
-        method: ``"dino"``, ``"ibot"``, ``"pqcl"`` (iBOT+PQCL), ``"dino_pqcl"`` or ``"adclr"``
-            (see :data:`keras_pqcl.training.METHODS`).
-        backbone: ViT preset (``vit_tiny|vit_small|vit_base|vit_large``).
-        patch_size: 16.
+        method: ``"dino"``, ``"ibot"``, ``"pqcl"`` (iBOT+PQCL), ``"dino_pqcl"``, ``"adclr"``
+            (ViTs), ``"densecl"`` or ``"mcl"`` (ResNets); see :data:`keras_pqcl.training.METHODS`.
+        backbone: ViT preset (``vit_tiny|vit_small|vit_base|vit_large``) or ResNet preset
+            (``resnet50|resnet101|resnet_tiny``).
+        patch_size: 16; for a ResNet, its output stride (32), to which crop sizes are checked.
         drop_path_rate: student stochastic depth (0.1); the teacher uses 0.
         pos_embed: ``"learned"`` or ``"sincos"``; ``None`` = the method's (sin-cos for PQCL,
             learned otherwise).
         backbone_args: extra ``VisionTransformer`` arguments (e.g. ``depth`` for tiny runs).
         method_args: method arguments (``out_dim``, ``norm_last_layer``, temperatures...).
         data: data source (``"synthetic_scenes"``, a folder, ``"tfds:NAME"``).
-        crops: ``keras_pqcl.data.MultiCropConfig`` arguments.
+        crops: ``keras_pqcl.data.MultiCropConfig`` arguments (MCL: ``MontageConfig``).
         masks: ``keras_pqcl.data.MaskConfig`` arguments for methods with iBOT masks
             (``patch_size`` comes from the recipe).
         queries: ``keras_pqcl.data.QueryConfig`` arguments for PQCL (``flip_correct``).

@@ -179,13 +179,13 @@ def method_of(recipe):
 
 def build_backbone(recipe, image_size):
     """The student backbone of ``recipe`` for ``image_size`` global crops (random init)."""
+    if recipe.backbone in backbones.RESNET_PRESETS:
+        # Convolutional: no patches, position table or stochastic depth; any input size.
+        return backbones.resnet(recipe.backbone, **recipe.backbone_args)
     args = dict(method_of(recipe).backbone_args(recipe))
     if recipe.pos_embed is not None:
         args["pos_embed"] = recipe.pos_embed
     args.update(recipe.backbone_args)
-    if recipe.backbone in backbones.RESNET_PRESETS:
-        # Convolutional: no patches, position table or stochastic depth; any input size.
-        return backbones.resnet(recipe.backbone, **recipe.backbone_args)
     return backbones.vit(
         recipe.backbone,
         patch_size=recipe.patch_size,
@@ -350,10 +350,8 @@ def knn_monitor(recipe, image_size):
         from keras_pqcl.data.synthetic import synthetic_scenes
 
         _, size = _parse_synthetic(recipe.data)
-        train, test = (
-            (lambda d: (d["images"], d["labels"]))(synthetic_scenes(n, image_size=size, seed=seed))
-            for n, seed in zip(KNN_SYNTHETIC_IMAGES, (1, 2))
-        )
+        splits = [synthetic_scenes(n, image_size=size, seed=seed) for n, seed in zip(KNN_SYNTHETIC_IMAGES, (1, 2))]
+        train, test = ((split["images"], split["labels"]) for split in splits)
     else:
         raise ValueError(
             f"knn_every={recipe.knn_every} needs labelled held-out images: set knn_data to a folder with "
