@@ -59,7 +59,7 @@ import tensorflow as tf
 
 from keras_pqcl.data import augment as aug
 from keras_pqcl.data.multicrop import MultiCrop, MultiCropConfig
-from keras_pqcl.data.pipeline import _as_source
+from keras_pqcl.data.pipeline import batched_examples, finalize, keyed_map
 
 __all__ = ["MontageConfig", "MontageLevel", "Montage", "assemble_montages", "mcl_dataset"]
 
@@ -324,27 +324,12 @@ def mcl_dataset(
         ``tf.data.Dataset`` of dicts (entries in the module docstring), or
         ``(dataset, info)`` with ``return_info=True``.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
     config = config if config is not None else MontageConfig()
     if not isinstance(config, MontageConfig):
         raise TypeError(f"config must be a MontageConfig, got {type(config).__name__}.")
-    ds, info = _as_source(data, shuffle, seed, dict(source_kwargs or {}))
-    if info.num_examples is not None and info.num_examples < batch_size:
-        raise ValueError(
-            f"the source {info.name!r} has {info.num_examples} examples, fewer than "
-            f"batch_size={batch_size}; batches drop the remainder, so none would be made."
-        )
-    if repeat:
-        ds = ds.repeat()
-
     transform = MultiCrop(config.multicrop_config(), photometric=photometric, normalize=normalize)
-    finish = tf.function(transform.finish, jit_compile=jit_compile, autograph=False)
 
-    @tf.autograph.experimental.do_not_convert
-    def to_views(example, key):
-        image, label = example
-        out = finish(transform.sample(image, label, tf.stack([key, tf.zeros([], tf.int64)])))
+    def views_only(out):
         return {
             "views": out["global_crops"],
             "view_boxes": out["global_boxes"],
@@ -353,6 +338,11 @@ def mcl_dataset(
             "label": out["label"],
         }
 
+    ds, info = batched_examples(
+        data, transform, batch_size, shuffle=shuffle, seed=seed, repeat=repeat,
+        num_parallel_calls=num_parallel_calls, jit_compile=jit_compile,
+        source_kwargs=source_kwargs, select=views_only,
+    )
     montage = Montage(config, keep_views=keep_views)
 
     @tf.autograph.experimental.do_not_convert
@@ -360,17 +350,5 @@ def mcl_dataset(
         # Second seed word 1: independent of the examples' streams (second word 0).
         return montage(batch, tf.stack([key, tf.ones([], tf.int64)]))
 
-    deterministic = True if seed is not None else None
-    keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-    ds = tf.data.Dataset.zip((ds, keys))
-    ds = ds.map(to_views, num_parallel_calls=num_parallel_calls, deterministic=deterministic)
-    ds = ds.batch(batch_size, drop_remainder=True)
-    batch_keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-    ds = tf.data.Dataset.zip((ds, batch_keys))
-    ds = ds.map(to_montages, num_parallel_calls=num_parallel_calls, deterministic=deterministic)
-    if seed is not None:
-        options = tf.data.Options()
-        options.deterministic = True
-        ds = ds.with_options(options)
-    ds = ds.prefetch(tf.data.AUTOTUNE)
+    ds = finalize(keyed_map(ds, to_montages, seed, num_parallel_calls), seed)
     return (ds, info) if return_info else ds

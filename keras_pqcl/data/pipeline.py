@@ -102,14 +102,37 @@ def pretrain_dataset(
     Raises:
         ValueError: if the source holds fewer than ``batch_size`` examples.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) \
-            or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
     crops = crops if crops is not None else MultiCropConfig()
     if not isinstance(crops, MultiCropConfig):
         raise TypeError(
             f"crops must be a MultiCropConfig, got {type(crops).__name__}."
         )
+    transform = MultiCrop(crops, photometric=photometric,
+                          record_augmentations=record_augmentations,
+                          masks=masks, queries=queries)
+    ds, info = batched_examples(
+        data, transform, batch_size, shuffle=shuffle, seed=seed, repeat=repeat,
+        num_parallel_calls=num_parallel_calls, jit_compile=jit_compile,
+        source_kwargs=source_kwargs)
+    ds = finalize(ds, seed)
+    return (ds, info) if return_info else ds
+
+
+def batched_examples(data, transform, batch_size, shuffle=True, seed=None,
+                     repeat=False, num_parallel_calls=tf.data.AUTOTUNE,
+                     jit_compile=True, source_kwargs=None, select=None):
+    """``(dataset, info)``: the source mapped through ``transform`` per example and batched.
+
+    The front every pre-training pipeline shares (:func:`pretrain_dataset`, MCL's
+    ``mcl_dataset``): checks, source (shuffled), optional repeat, then per example
+    ``transform.finish(transform.sample(image, label, seed))`` (the finish stage
+    compiled with XLA when ``jit_compile``), with one stateless seed per example drawn
+    from ``Dataset.random(seed)`` (second seed word 0), ``select`` applied to its dict,
+    and ``batch(batch_size, drop_remainder=True)``.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) \
+            or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
     ds, info = _as_source(data, shuffle, seed, dict(source_kwargs or {}))
     if info.num_examples is not None and info.num_examples < batch_size:
         raise ValueError(
@@ -121,12 +144,6 @@ def pretrain_dataset(
     if repeat:
         ds = ds.repeat()
 
-    keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-    ds = tf.data.Dataset.zip((ds, keys))
-    transform = MultiCrop(crops, photometric=photometric,
-                          record_augmentations=record_augmentations,
-                          masks=masks, queries=queries)
-
     finish = tf.function(transform.finish, jit_compile=jit_compile,
                          autograph=False)
 
@@ -135,18 +152,29 @@ def pretrain_dataset(
     def to_views(example, key):
         image, label = example
         example_seed = tf.stack([key, tf.zeros([], tf.int64)])
-        return finish(transform.sample(image, label, example_seed))
+        out = finish(transform.sample(image, label, example_seed))
+        return select(out) if select is not None else out
 
+    ds = keyed_map(ds, to_views, seed, num_parallel_calls)
+    return ds.batch(batch_size, drop_remainder=True), info
+
+
+def keyed_map(ds, fn, seed, num_parallel_calls=tf.data.AUTOTUNE):
+    """``ds.map(lambda x: fn(x, key))`` with a fresh int64 ``key`` per element from
+    ``Dataset.random(seed)`` (new keys each epoch); deterministic order with a seed."""
+    keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
     deterministic = True if seed is not None else None
-    ds = ds.map(to_views, num_parallel_calls=num_parallel_calls,
-                deterministic=deterministic)
-    ds = ds.batch(batch_size, drop_remainder=True)
+    return tf.data.Dataset.zip((ds, keys)).map(
+        fn, num_parallel_calls=num_parallel_calls, deterministic=deterministic)
+
+
+def finalize(ds, seed):
+    """Deterministic options when seeded, then prefetch: the tail of every pipeline."""
     if seed is not None:
         options = tf.data.Options()
         options.deterministic = True
         ds = ds.with_options(options)
-    ds = ds.prefetch(tf.data.AUTOTUNE)
-    return (ds, info) if return_info else ds
+    return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def steps_per_epoch(dataset):

@@ -207,13 +207,21 @@ class SelfSupervisedModel(TrainStep, keras.Model):
         )
 
     def get_config(self):
+        """The constructor's arguments; every method takes its student ``backbone`` first."""
         config = super().get_config()
         config.update(
+            backbone=keras.saving.serialize_keras_object(self.student_backbone),
             teacher_momentum=self.teacher_momentum,
             teacher_momentum_end=self.teacher_momentum_end,
             freeze_last_layer=self.freeze_last_layer,
         )
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
+        return cls(**config)
 
 
 def _is_dataset(data):

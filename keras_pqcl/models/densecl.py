@@ -267,7 +267,6 @@ class DenseCL(SelfSupervisedModel):
     def get_config(self):
         config = super().get_config()
         config.update(
-            backbone=keras.saving.serialize_keras_object(self.query_backbone),
             feature=self.feature,
             hidden_dim=self.hidden_dim,
             projection_dim=self.projection_dim,
@@ -280,10 +279,4 @@ class DenseCL(SelfSupervisedModel):
             seed=self.seed,
         )
         return config
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
-        return cls(**config)
 

@@ -98,7 +98,6 @@ class SelfDistillation(SelfSupervisedModel):
     def get_config(self):
         config = super().get_config()
         config.update(
-            backbone=keras.saving.serialize_keras_object(self.student_backbone),
             out_dim=self.out_dim,
             hidden_dim=self.hidden_dim,
             bottleneck_dim=self.bottleneck_dim,
@@ -111,12 +110,6 @@ class SelfDistillation(SelfSupervisedModel):
             center_momentum=self.center_momentum,
         )
         return config
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
-        return cls(**config)
 
 
 @keras.saving.register_keras_serializable(package="keras_pqcl")

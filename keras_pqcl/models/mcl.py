@@ -283,7 +283,6 @@ class MCL(SelfSupervisedModel):
     def get_config(self):
         config = super().get_config()
         config.update(
-            backbone=keras.saving.serialize_keras_object(self.student_backbone),
             fpn=self.use_fpn,
             fpn_channels=self.fpn_channels,
             neck_convs=self.neck_convs,
@@ -295,9 +294,3 @@ class MCL(SelfSupervisedModel):
             level_weights=list(self.level_weights),
         )
         return config
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
-        return cls(**config)
