@@ -22,28 +22,13 @@ Shuffle BN (MoCo/DenseCL) on one device is emulated by *split BatchNorm*: with
 separately, as G GPUs with their own BN would (spec §1.5). ``bn_splits=1`` is plain BN.
 """
 
-import math
-
 import keras
 from keras import ops
 
+from keras_pqcl.layers.init import kaiming_fan_out, torch_default_init
+
 STAGE_STRIDES = (1, 2, 2, 2)
 EXPANSION = 4  # bottleneck output channels = 4 x its inner width
-
-
-def conv_init():
-    """Kaiming normal, fan_out, ReLU gain, untruncated (torch's ``kaiming_normal_``)."""
-    return keras.initializers.VarianceScaling(2.0, mode="fan_out", distribution="untruncated_normal")
-
-
-def torch_linear_init(fan_in):
-    """Kernel/bias initialisers of a default PyTorch ``nn.Linear``/``nn.Conv2d``:
-    kaiming_uniform with a = sqrt(5), i.e. U(+-1/sqrt(fan_in)) for kernel and bias."""
-    bound = 1.0 / math.sqrt(fan_in)
-    return {
-        "kernel_initializer": keras.initializers.VarianceScaling(1.0 / 3.0, mode="fan_in", distribution="uniform"),
-        "bias_initializer": keras.initializers.RandomUniform(-bound, bound),
-    }
 
 
 @keras.saving.register_keras_serializable(package="keras_pqcl")
@@ -131,7 +116,7 @@ class Bottleneck(keras.layers.Layer):
         self.bn_momentum = bn_momentum
         policy = self.dtype_policy
         bn = dict(bn_splits=bn_splits, dtype=policy, epsilon=bn_epsilon, momentum=bn_momentum)
-        conv = dict(use_bias=False, kernel_initializer=conv_init(), dtype=policy)
+        conv = dict(use_bias=False, kernel_initializer=kaiming_fan_out(), dtype=policy)
         out = self.width * EXPANSION
         self.conv1 = keras.layers.Conv2D(self.width, 1, name="conv1", **conv)
         self.bn1 = _batch_norm("bn1", **bn)
@@ -251,7 +236,7 @@ class ResNet(keras.Model):
         bn = dict(bn_splits=self.bn_splits, dtype=policy, epsilon=self.bn_epsilon, momentum=self.bn_momentum)
         self.stem_pad = keras.layers.ZeroPadding2D(3, dtype=policy, name="stem_pad")
         self.conv1 = keras.layers.Conv2D(
-            self.width, 7, strides=2, use_bias=False, kernel_initializer=conv_init(), dtype=policy, name="conv1"
+            self.width, 7, strides=2, use_bias=False, kernel_initializer=kaiming_fan_out(), dtype=policy, name="conv1"
         )
         self.bn1 = _batch_norm("bn1", **bn)
         self.pool_pad = keras.layers.ZeroPadding2D(1, dtype=policy, name="pool_pad")
@@ -279,7 +264,7 @@ class ResNet(keras.Model):
             self.stages.append(blocks)
         if self.include_top:
             self.fc = keras.layers.Dense(
-                self.num_classes, dtype=policy, name="fc", **torch_linear_init(self.stage_channels[-1])
+                self.num_classes, dtype=policy, name="fc", **torch_default_init(self.stage_channels[-1])
             )
         self.build()
 

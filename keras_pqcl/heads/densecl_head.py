@@ -7,10 +7,10 @@ Both heads read the backbone's last stage ``C5`` and have no BatchNorm:
   position average of its (unnormalised) output, which is what DenseCL's dense queue stores.
 """
 
-import math
-
 import keras
 from keras import ops
+
+from keras_pqcl.layers.init import torch_default_init
 
 
 def kaiming_relu_init():
@@ -19,16 +19,6 @@ def kaiming_relu_init():
     return {
         "kernel_initializer": keras.initializers.VarianceScaling(2.0, mode="fan_in", distribution="untruncated_normal"),
         "bias_initializer": "zeros",
-    }
-
-
-def torch_default_init(fan_in):
-    """A default torch ``nn.Conv2d``/``nn.Linear``: kaiming_uniform with a = sqrt(5), i.e.
-    U(+-1/sqrt(fan_in)) for both kernel and bias (the dense head keeps this default)."""
-    bound = 1.0 / math.sqrt(fan_in)
-    return {
-        "kernel_initializer": keras.initializers.VarianceScaling(1.0 / 3.0, mode="fan_in", distribution="uniform"),
-        "bias_initializer": keras.initializers.RandomUniform(-bound, bound),
     }
 
 

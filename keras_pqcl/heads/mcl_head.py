@@ -14,6 +14,8 @@ BatchNorm constants are PyTorch's (momentum 0.1 = Keras 0.9, eps 1e-5); Keras' d
 import keras
 from keras import ops
 
+from keras_pqcl.layers.init import kaiming_fan_out
+
 
 def _linear_init():
     # The reference initialises its MLP and predictor Linear layers N(0, 0.01), biases 0.
@@ -62,7 +64,7 @@ class MCLNeck(keras.layers.Layer):
         self.bn_epsilon = float(bn_epsilon)
         policy = self.dtype_policy
         bn = dict(dtype=policy, momentum=self.bn_momentum, epsilon=self.bn_epsilon)
-        init = keras.initializers.VarianceScaling(2.0, mode="fan_out", distribution="untruncated_normal")
+        init = kaiming_fan_out()
         self.convs, self.conv_norms = [], []
         for i in range(self.num_convs):
             self.convs.append(keras.layers.Conv2D(

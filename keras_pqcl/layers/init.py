@@ -1,4 +1,6 @@
-"""Initialisers shared by the ViT and the heads."""
+"""Initialisers shared by the backbones and the heads."""
+
+import math
 
 import keras
 
@@ -13,4 +15,20 @@ def linear_init():
     return {
         "kernel_initializer": keras.initializers.RandomNormal(stddev=0.02),
         "bias_initializer": "zeros",
+    }
+
+
+def kaiming_fan_out():
+    """torch ``kaiming_normal_(mode="fan_out", nonlinearity="relu")``, untruncated: the
+    convolutions of torchvision's ResNet and of detectron2-style conv heads."""
+    return keras.initializers.VarianceScaling(2.0, mode="fan_out", distribution="untruncated_normal")
+
+
+def torch_default_init(fan_in):
+    """Kernel/bias initialisers of a default PyTorch ``nn.Linear``/``nn.Conv2d``:
+    kaiming_uniform with a = sqrt(5), i.e. U(+-1/sqrt(fan_in)) for kernel and bias."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return {
+        "kernel_initializer": keras.initializers.VarianceScaling(1.0 / 3.0, mode="fan_in", distribution="uniform"),
+        "bias_initializer": keras.initializers.RandomUniform(-bound, bound),
     }
