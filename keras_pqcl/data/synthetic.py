@@ -41,6 +41,20 @@ SYNTHETIC_CLASS_NAMES = (
 _MAX_OBJECTS = 4
 _CHUNK = 256
 
+# Scene layout (sizes as fractions of the image side): these values *are* the dataset. The dict
+# is private; benchmarks/synthetic_difficulty.py (--layout) overrides it to test variants
+# (greyscale: objects and backgrounds in grey levels; palette=P: every colour pair drawn from
+# P fixed pairs shared by all classes, so colour cannot tell images apart).
+_LAYOUT = dict(
+    main_radius=(0.22, 0.34),
+    main_centre=(0.3, 0.7),
+    distractor_radius=(0.08, 0.18),
+    max_distractors=3,
+    texture_freq=(1.3, 2.2),
+    greyscale=False,
+    palette=0,
+)
+
 # Texture family per class (indices into _TEXTURES).
 _TEXTURES = ("plain", "stripes", "checker", "dots", "gradient", "concentric")
 _CLASS_TEXTURE = (2, 0, 1, 4, 1, 3, 5, 2, 3, 0)
@@ -201,23 +215,24 @@ def synthetic_scenes(num_images, image_size=64, num_classes=10, seed=0):
     m = _MAX_OBJECTS
 
     # ---- draw every random parameter up front (chunk-independent) --------
-    n_obj = rng.integers(1, m + 1, n)
+    lay = _LAYOUT
+    n_obj = rng.integers(1, lay["max_distractors"] + 2, n)
     cls = rng.integers(0, k, (n, m))
     # Slot 0 is the main object (large, near the centre, painted first);
     # slots 1-3 are smaller distractors of random classes painted on top.
     # A clearly dominant main object keeps the label learnable; the
     # distractors, occlusions and busy backgrounds keep it non-trivial.
     radius = np.concatenate([
-        rng.uniform(0.22, 0.34, (n, 1)),
-        -np.sort(-rng.uniform(0.08, 0.18, (n, m - 1)), axis=1),
+        rng.uniform(*lay["main_radius"], (n, 1)),
+        -np.sort(-rng.uniform(*lay["distractor_radius"], (n, m - 1)), axis=1),
     ], axis=1) * size
-    cy = np.concatenate([rng.uniform(0.3, 0.7, (n, 1)),
+    cy = np.concatenate([rng.uniform(*lay["main_centre"], (n, 1)),
                          rng.uniform(0.1, 0.9, (n, m - 1))], axis=1) * size
-    cx = np.concatenate([rng.uniform(0.3, 0.7, (n, 1)),
+    cx = np.concatenate([rng.uniform(*lay["main_centre"], (n, 1)),
                          rng.uniform(0.1, 0.9, (n, m - 1))], axis=1) * size
     angle = rng.uniform(-0.35, 0.35, (n, m))
     stretch = rng.uniform(0.85, 1.15, (n, m, 2))
-    freq = rng.uniform(1.3, 2.2, (n, m))
+    freq = rng.uniform(*lay["texture_freq"], (n, m))
     phase = rng.uniform(0, 2 * np.pi, (n, m))
     orient = rng.uniform(0, np.pi, (n, m))
     obj_c1, obj_c2 = _contrasting_pair(rng, (n, m))
@@ -225,6 +240,13 @@ def synthetic_scenes(num_images, image_size=64, num_classes=10, seed=0):
     bg_type = rng.integers(0, 3, n)  # smooth noise, stripes, gradient
     bg_grid = rng.uniform(0, 255, (n, 5, 5, 3)).astype(np.float32)
     bg_c1, bg_c2 = _contrasting_pair(rng, (n,))
+    if lay["palette"]:
+        pal1, pal2 = _contrasting_pair(np.random.default_rng(12345), (lay["palette"],))
+        pick = rng.integers(0, lay["palette"], (n, m + 1))
+        obj_c1, obj_c2 = pal1[pick[:, :m]], pal2[pick[:, :m]]
+        bg_c1, bg_c2 = pal2[pick[:, m]] * 0.5 + 64, pal1[pick[:, m]] * 0.5 + 64
+        w = rng.uniform(0, 1, (n, 5, 5, 1)).astype(np.float32)
+        bg_grid = bg_c1[:, None, None] * (1 - w) + bg_c2[:, None, None] * w
     bg_orient = rng.uniform(0, np.pi, n)
     bg_period = rng.uniform(0.15, 0.4, n) * size
     bg_phase = rng.uniform(0, 2 * np.pi, n)
@@ -310,6 +332,8 @@ def synthetic_scenes(num_images, image_size=64, num_classes=10, seed=0):
 
         # Sensor-like noise, seeded per chunk position so chunking is stable.
         noise_rng = np.random.default_rng([noise_seed, start])
+        if lay["greyscale"]:
+            img[...] = img.mean(axis=-1, keepdims=True)
         img += 4.0 * noise_rng.standard_normal(img.shape, dtype=np.float32)
         images[sl] = np.clip(np.round(img), 0, 255).astype(np.uint8)
         masks[sl] = mask

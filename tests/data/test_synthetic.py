@@ -79,3 +79,19 @@ def test_num_classes_subset_and_validation():
         synthetic_scenes(5, num_classes=11)
     with pytest.raises(ValueError, match="image_size"):
         synthetic_scenes(5, image_size=8)
+
+
+def test_layout_knobs_for_experiments(monkeypatch):
+    """The private layout dict that benchmarks/synthetic_difficulty.py overrides does what it says."""
+    from keras_pqcl.data import synthetic
+
+    monkeypatch.setitem(synthetic._LAYOUT, "max_distractors", 0)
+    monkeypatch.setitem(synthetic._LAYOUT, "greyscale", True)
+    monkeypatch.setitem(synthetic._LAYOUT, "palette", 2)
+    data = synthetic_scenes(30, image_size=24, seed=3)
+    # One object per image, and it is the label.
+    assert (data["object_classes"][:, 1:] == -1).all()
+    np.testing.assert_array_equal(data["labels"], data["object_classes"][:, 0])
+    # Grey levels up to the per-channel sensor noise (sigma 4 on 0..255).
+    images = data["images"].astype(np.float32)
+    assert np.abs(images - images.mean(-1, keepdims=True)).mean() < 6.0
