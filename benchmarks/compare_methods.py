@@ -63,7 +63,8 @@ def probe_splits(recipe, n_train, n_test):
     from keras_pqcl.data.sources import _parse_synthetic
 
     if not recipe.data.startswith("synthetic_scenes"):
-        raise SystemExit(f"compare_methods evaluates on synthetic_scenes; the recipe trains on {recipe.data!r}.")
+        raise SystemExit(f"the probes use held-out synthetic_scenes images; recipe {recipe.name!r} trains on "
+                         f"{recipe.data!r}. Use a synthetic_scenes recipe.")
     _, size = _parse_synthetic(recipe.data)  # the pre-training images' side
     splits = {}
     for split, n, seed in (("train", n_train, PROBE_TRAIN_SEED), ("test", n_test, PROBE_TEST_SEED)):
@@ -72,19 +73,23 @@ def probe_splits(recipe, n_train, n_test):
     return splits
 
 
-def evaluate(backbone, splits, image_size, args):
-    """k-NN, linear and dense scores of one backbone on the probe splits."""
+def evaluate(backbone, splits, image_size, args, linear=True):
+    """k-NN, linear (unless ``linear=False``) and dense scores of one backbone on the probe splits."""
     from keras_pqcl import eval as kpe
 
     train, test = splits["train"], splits["test"]
+    scores = {}
     knn = kpe.knn_evaluate(backbone, (train["images"], train["labels"]), (test["images"], test["labels"]),
                            image_size=image_size)
-    linear = kpe.linear_probe(backbone, (train["images"], train["labels"]), (test["images"], test["labels"]),
-                              epochs=args.linear_epochs, image_size=image_size)
+    scores["knn_top1"] = knn["top1"]
+    if linear:
+        scores["linear_top1"] = kpe.linear_probe(
+            backbone, (train["images"], train["labels"]), (test["images"], test["labels"]),
+            epochs=args.linear_epochs, image_size=image_size)["top1"]
     dense = kpe.dense_probe(backbone, train["images"], train["masks"], test["images"], test["masks"],
                             num_classes=11, epochs=args.dense_epochs, image_size=image_size)
-    return {"knn_top1": knn["top1"], "linear_top1": linear["top1"], "dense_miou": dense["miou"],
-            "dense_pixel_acc": dense["pixel_acc"]}
+    scores.update(dense_miou=dense["miou"], dense_pixel_acc=dense["pixel_acc"])
+    return scores
 
 
 def worker(args):

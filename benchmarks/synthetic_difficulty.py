@@ -43,7 +43,9 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-PROBE_TRAIN_SEED, PROBE_TEST_SEED, SUPERVISED_SEED = 1, 2, 3
+from compare_methods import evaluate, probe_splits  # noqa: E402  (same probes and held-out splits)
+
+SUPERVISED_SEED = 3  # the probe splits use seeds 1 and 2, pre-training seed 0
 SUPERVISED_IMAGES = 4096
 
 
@@ -77,15 +79,10 @@ def patch_colours(patch_size):
 
 
 def score(backbone, splits, size, args):
-    from keras_pqcl import eval as kpe
-
-    tr, te = splits
+    """k-NN and dense scores (%, one decimal) and the seconds they took."""
     start = time.time()
-    knn = kpe.knn_evaluate(backbone, (tr["images"], tr["labels"]), (te["images"], te["labels"]), image_size=size)
-    dense = kpe.dense_probe(backbone, tr["images"], tr["masks"], te["images"], te["masks"], num_classes=11,
-                            epochs=args.dense_epochs, image_size=size)
-    return {"knn_top1": round(knn["top1"], 1), "dense_miou": round(dense["miou"], 1),
-            "dense_pixel_acc": round(dense["pixel_acc"], 1), "seconds": round(time.time() - start)}
+    scores = evaluate(backbone, splits, size, args, linear=False)
+    return dict({k: round(v, 1) for k, v in scores.items()}, seconds=round(time.time() - start))
 
 
 def supervised_ceiling(recipe, size, test, epochs):
@@ -128,7 +125,6 @@ def main():
 
     import keras_pqcl as kp
     from keras_pqcl.data import synthetic
-    from keras_pqcl.data.sources import _parse_synthetic
     from keras_pqcl.training import build_backbone
 
     layout = json.loads(args.layout)
@@ -137,17 +133,13 @@ def main():
         raise SystemExit(f"unknown --layout keys {sorted(unknown)}; known: {sorted(synthetic._LAYOUT)}")
     synthetic._LAYOUT.update(layout)
     recipe = kp.load_recipe(args.recipe).derive(**json.loads(args.derive))
-    if not str(recipe.data).startswith("synthetic_scenes"):
-        raise SystemExit(f"this benchmark needs a synthetic_scenes recipe; {recipe.name!r} trains on {recipe.data!r}.")
     if args.quick:
         args.probe_train, args.probe_test, args.dense_epochs = 200, 100, 3
         recipe = recipe.replace(epochs=1, steps_per_epoch=4, knn_every=0)
     elif args.epochs:
         recipe = recipe.replace(epochs=args.epochs)
-    _, image_side = _parse_synthetic(recipe.data)
     size = recipe.crops["global_size"]
-    splits = tuple(kp.data.synthetic_scenes(n, image_size=image_side, seed=seed)
-                   for n, seed in ((args.probe_train, PROBE_TRAIN_SEED), (args.probe_test, PROBE_TEST_SEED)))
+    splits = probe_splits(recipe, args.probe_train, args.probe_test)
 
     result = {"recipe": recipe.name, "epochs": recipe.epochs, "layout": layout, "derive": json.loads(args.derive),
               "backend": keras.backend.backend(), "rows": {}}
@@ -167,7 +159,7 @@ def main():
                       last_loss=summary.get("last_loss"), collapse=summary.get("collapse"))
     rows["trained"] = score(keras.saving.load_model(path), splits, size, args)
     if args.supervised:
-        result["supervised_val_top1"] = supervised_ceiling(recipe, size, splits[1], args.supervised)
+        result["supervised_val_top1"] = supervised_ceiling(recipe, size, splits["test"], args.supervised)
 
     print(f"\nRecipe `{recipe.name}` ({recipe.epochs} epochs), layout {layout or 'default'}, "
           f"backend {result['backend']}; probes on {args.probe_train} / {args.probe_test} held-out images "

@@ -44,7 +44,8 @@ _CHUNK = 256
 # Scene layout (sizes as fractions of the image side): these values *are* the dataset. The dict
 # is private; benchmarks/synthetic_difficulty.py (--layout) overrides it to test variants
 # (greyscale: objects and backgrounds in grey levels; palette=P: every colour pair drawn from
-# P fixed pairs shared by all classes, so colour cannot tell images apart).
+# P fixed pairs shared by all classes, so colour cannot tell images apart). Override it before
+# the first image is generated in a process: data.sources caches what it generated.
 _LAYOUT = dict(
     main_radius=(0.22, 0.34),
     main_centre=(0.3, 0.7),
