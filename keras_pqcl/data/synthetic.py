@@ -44,7 +44,10 @@ _CHUNK = 256
 # Scene layout (sizes as fractions of the image side): these values *are* the dataset. The dict
 # is private; benchmarks/synthetic_difficulty.py (--layout) overrides it to test variants
 # (greyscale: objects and backgrounds in grey levels; palette=P: every colour pair drawn from
-# P fixed pairs shared by all classes, so colour cannot tell images apart). Override it before
+# P fixed pairs shared by all classes, so colour cannot tell images apart; repeat_main=p: each
+# distractor takes the main object's class with probability p, so a scene shows several
+# instances of one class, each in its own colours, and the label becomes the class with the
+# most visible pixels summed over its instances). Override it before
 # the first image is generated in a process: data.sources caches what it generated.
 _LAYOUT = dict(
     main_radius=(0.22, 0.34),
@@ -54,6 +57,7 @@ _LAYOUT = dict(
     texture_freq=(1.3, 2.2),
     greyscale=False,
     palette=0,
+    repeat_main=0.0,
 )
 
 # Texture family per class (indices into _TEXTURES).
@@ -219,6 +223,10 @@ def synthetic_scenes(num_images, image_size=64, num_classes=10, seed=0):
     lay = _LAYOUT
     n_obj = rng.integers(1, lay["max_distractors"] + 2, n)
     cls = rng.integers(0, k, (n, m))
+    if lay["repeat_main"]:
+        same = rng.uniform(0, 1, (n, m)) < lay["repeat_main"]
+        same[:, 0] = False
+        cls = np.where(same, cls[:, :1], cls)
     # Slot 0 is the main object (large, near the centre, painted first);
     # slots 1-3 are smaller distractors of random classes painted on top.
     # A clearly dominant main object keeps the label learnable; the
@@ -347,6 +355,9 @@ def synthetic_scenes(num_images, image_size=64, num_classes=10, seed=0):
     labels = np.take_along_axis(
         object_classes, np.argmax(areas, axis=1)[:, None], axis=1
     )[:, 0].astype(np.int32)
+    if lay["repeat_main"]:
+        per_class = np.stack([(masks == kk + 1).sum(axis=(1, 2)) for kk in range(k)], axis=1)
+        labels = np.argmax(per_class, axis=1).astype(np.int32)
     return {
         "images": images,
         "labels": labels,
