@@ -24,9 +24,9 @@ pre-training uses seed 0) at the recipe's global crop size.
 
 ``--layout JSON`` overrides the generator's private scene-layout knobs
 (``keras_pqcl.data.synthetic._LAYOUT``: main/distractor radius, distractor count, texture
-frequency, greyscale, a shared colour palette, repeated instances of the main class) for experiments on the dataset itself; the
-override applies to pre-training and probes alike. ``--derive JSON`` changes recipe fields
-(dicts merge, as ``Recipe.derive``).
+frequency, greyscale, a shared colour palette, repeated instances of the main class) for
+experiments on the dataset itself; the override applies to pre-training and probes alike.
+``--derive JSON`` changes recipe fields (dicts merge, as ``Recipe.derive``).
 
     python benchmarks/synthetic_difficulty.py --quick                          # smoke run, about a minute
     KERAS_BACKEND=torch python benchmarks/synthetic_difficulty.py --supervised 10
@@ -140,6 +140,8 @@ def main():
     parser.add_argument("--output", default=os.path.join("runs", "difficulty"))
     parser.add_argument("--quick", action="store_true", help="1 epoch of 4 steps, small probes")
     args = parser.parse_args()
+    if args.cnn and not args.supervised:
+        parser.error("--cnn needs --supervised N (the epochs both networks train for)")
 
     import keras
 
