@@ -351,13 +351,15 @@ def synthetic_scenes(num_images, image_size=64, num_classes=10, seed=0):
     areas = np.stack(
         [(inst_masks == j + 1).sum(axis=(1, 2)) for j in range(m)], axis=1
     ).astype(np.int32)
-    # argmax returns the first maximum: ties go to the earlier painted object.
-    labels = np.take_along_axis(
-        object_classes, np.argmax(areas, axis=1)[:, None], axis=1
-    )[:, 0].astype(np.int32)
     if lay["repeat_main"]:
-        per_class = np.stack([(masks == kk + 1).sum(axis=(1, 2)) for kk in range(k)], axis=1)
+        # Instances of one class add up: visible pixels per class from the per-slot areas.
+        per_class = np.stack([np.where(object_classes == kk, areas, 0).sum(axis=1) for kk in range(k)], axis=1)
         labels = np.argmax(per_class, axis=1).astype(np.int32)
+    else:
+        # argmax returns the first maximum: ties go to the earlier painted object.
+        labels = np.take_along_axis(
+            object_classes, np.argmax(areas, axis=1)[:, None], axis=1
+        )[:, 0].astype(np.int32)
     return {
         "images": images,
         "labels": labels,
