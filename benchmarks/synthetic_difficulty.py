@@ -101,24 +101,28 @@ def reference_cnn(size):
     return keras.Sequential(layers + [keras.layers.GlobalAveragePooling2D()], name="reference_cnn")
 
 
-def supervised_ceiling(recipe, size, test, epochs, lr, cnn=False):
-    """Train and validation top-1 (%) per epoch of the recipe's backbone (or the reference CNN)
-    trained with labels."""
-    import keras
-
+def supervised_data(size, test):
+    """The labelled training images and the probe test split, preprocessed for ``size`` px."""
     import keras_pqcl as kp
     from keras_pqcl.eval.features import eval_preprocess
-    from keras_pqcl.training import build_backbone
 
     data = kp.data.synthetic_scenes(SUPERVISED_IMAGES, image_size=test["images"].shape[1], seed=SUPERVISED_SEED)
-    x, x_val = (np.asarray(eval_preprocess(images, size=size)) for images in (data["images"], test["images"]))
+    return {split: (np.asarray(eval_preprocess(d["images"], size=size)), d["labels"])
+            for split, d in (("train", data), ("val", test))}
+
+
+def supervised_ceiling(features, data, epochs, lr):
+    """Train and validation top-1 (%) per epoch of ``features`` (a layer mapping images to one
+    vector each) with a linear classifier on top, all trained with labels on ``data``
+    (from :func:`supervised_data`)."""
+    import keras
+
+    (x, y), validation = data["train"], data["val"]
     inputs = keras.Input(x.shape[1:])
-    features = reference_cnn(size)(inputs) if cnn else build_backbone(recipe, size)(inputs)["cls"]
-    model = keras.Model(inputs, keras.layers.Dense(10)(features))
+    model = keras.Model(inputs, keras.layers.Dense(10)(features(inputs)))
     model.compile(keras.optimizers.AdamW(lr), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
-    history = model.fit(x, data["labels"], batch_size=64, epochs=epochs, validation_data=(x_val, test["labels"]),
-                        verbose=0)
+    history = model.fit(x, y, batch_size=64, epochs=epochs, validation_data=validation, verbose=0)
     return {split: [round(100.0 * v, 1) for v in history.history[key]]
             for split, key in (("train", "accuracy"), ("val", "val_accuracy"))}
 
@@ -181,11 +185,12 @@ def main():
                       last_loss=summary.get("last_loss"), collapse=summary.get("collapse"))
     rows["trained"] = score(keras.saving.load_model(path), splits, size, args)
     if args.supervised:
-        result["supervised_top1"] = supervised_ceiling(recipe, size, splits["test"], args.supervised,
+        data = supervised_data(size, splits["test"])
+        backbone = build_backbone(recipe, size)
+        result["supervised_top1"] = supervised_ceiling(lambda x: backbone(x)["cls"], data, args.supervised,
                                                        args.supervised_lr)
         if args.cnn:
-            result["cnn_top1"] = supervised_ceiling(recipe, size, splits["test"], args.supervised,
-                                                    args.supervised_lr, cnn=True)
+            result["cnn_top1"] = supervised_ceiling(reference_cnn(size), data, args.supervised, args.supervised_lr)
 
     trained = f"trained = {args.teacher}" if args.teacher else f"{recipe.epochs} epochs"
     print(f"\nRecipe `{recipe.name}` ({trained}), layout {layout or 'default'}, "
