@@ -117,3 +117,55 @@ def test_dino_head_init_and_zero_input():
 def test_dino_head_rejects_zero_layers():
     with pytest.raises(ValueError, match="num_layers"):
         DINOHead(out_dim=K, num_layers=0)
+
+
+def numpy_batch_stat_norm(x, gamma, beta, eps=1e-5):
+    """Normalise every channel with the mean and biased variance over all other axes."""
+    x = np.asarray(x, np.float64)
+    axes = tuple(range(x.ndim - 1))
+    mean = x.mean(axis=axes, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * gamma + beta
+
+
+def test_batch_stat_norm_matches_numpy():
+    from keras_pqcl.layers import BatchStatNorm
+
+    rng = np.random.default_rng(3)
+    layer = BatchStatNorm()
+    x = (rng.normal(size=(3, 4, 6)) * rng.uniform(0.01, 5.0, size=(1, 1, 6)) + 2.0).astype("float32")
+    layer.build(x.shape)
+    assert [v.name for v in layer.trainable_weights] == ["gamma", "beta"] and not layer.non_trainable_weights
+    gamma, beta = rng.uniform(0.5, 2.0, 6), rng.normal(size=6)
+    layer.gamma.assign(gamma.astype("float32"))
+    layer.beta.assign(beta.astype("float32"))
+    # Statistics over batch and tokens for (B, N, C); over the batch for (B, C).
+    np.testing.assert_allclose(to_numpy(layer(ops.convert_to_tensor(x))), numpy_batch_stat_norm(x, gamma, beta),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(to_numpy(layer(ops.convert_to_tensor(x[:, 0]))),
+                               numpy_batch_stat_norm(x[:, 0], gamma, beta), rtol=1e-4, atol=1e-4)
+    # Rows that differ by a few percent (the case it exists for) come out at unit spread.
+    close = (1.0 + 0.05 * rng.normal(size=(8, 6))).astype("float32")
+    out = to_numpy(BatchStatNorm()(ops.convert_to_tensor(close)))
+    np.testing.assert_allclose(out.std(axis=0), np.ones(6), atol=0.02)
+
+
+def test_dino_head_use_bn_matches_numpy():
+    """use_bn_in_head: linear, BatchNorm (batch statistics), GELU for each hidden layer."""
+    rng = np.random.default_rng(4)
+    head = DINOHead(out_dim=K, hidden_dim=HIDDEN, bottleneck_dim=BOTTLENECK, use_bn=True)
+    head.build((None, D))
+    assert len(head.norms) == 2
+    H.randomize(head, rng)
+    x = rng.normal(size=(5, D)).astype("float32")
+    h = np.asarray(x, np.float64)
+    for i, layer in enumerate(head.mlp):
+        h = H.linear(h, *H.dense_weights(layer))
+        if i < 2:
+            h = H.gelu(numpy_batch_stat_norm(h, H.f64(head.norms[i].gamma), H.f64(head.norms[i].beta)))
+    h = h / np.linalg.norm(h, axis=-1, keepdims=True)
+    ref = numpy_weight_norm(h, H.f64(head.last_layer.kernel), H.f64(head.last_layer.gain))
+    np.testing.assert_allclose(to_numpy(head(ops.convert_to_tensor(x))), ref, rtol=1e-4, atol=1e-4)
+    config = head.get_config()
+    assert config["use_bn"] is True
+    assert len(DINOHead.from_config(config).norms) == 2

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from keras_pqcl import models
-from keras_pqcl.callbacks import CollapseGuard
+from keras_pqcl.callbacks import CollapseGuard, load_checkpoint
 from keras_pqcl.recipe import Recipe, load_recipe
 from keras_pqcl.training import METHODS, build_backbone, pretrain, read_log
 
@@ -74,6 +74,22 @@ def test_method_pretrains_end_to_end(method, tmp_path):
         assert tuple(backbone(np.zeros((1, 64, 64, 3), "float32"))["C5"].shape)[:3] == (1, 2, 2)
     else:
         assert tuple(backbone(np.zeros((1, 16, 16, 3), "float32"))["cls"].shape) == (1, 32)
+
+
+@pytest.mark.parametrize("method", ["dino", "pqcl"])
+def test_use_bn_in_head_trains_and_reaches_every_head(method, tmp_path):
+    """use_bn_in_head: student and teacher heads (iBOT-style token heads too) carry the
+    batch-statistics BatchNorm, its gamma/beta are EMA-averaged, and the run's checkpoint
+    reloads."""
+    recipe = MICRO.derive(name=f"micro_bn_{method}", method=method, masks=dict(ratio=0.3, ratio_var=0.0),
+                          method_args=dict(use_bn_in_head=True))
+    summary = pretrain(recipe, str(tmp_path), verbose=0)
+    assert math.isfinite(summary["last_loss"])
+    model, epoch = load_checkpoint(os.path.join(str(tmp_path), "checkpoints"))
+    assert epoch == 1
+    assert model.use_bn_in_head and len(model.student_head.norms) == len(model.teacher_head.norms) == 2
+    averaged = {id(t) for t, _ in model._teacher_pairs}
+    assert all(id(v) in averaged for norm in model.teacher_head.norms for v in norm.weights)
 
 
 def test_method_picks_its_backbone_and_recipe_can_override():

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_pqcl.layers.batch_stat_norm import BatchStatNorm
 from keras_pqcl.layers.dense import Dense
 from keras_pqcl.layers.init import linear_init
 from keras_pqcl.layers.weight_norm import WeightNormDense
@@ -14,6 +15,13 @@ class DINOHead(keras.layers.Layer):
 
     Defaults follow DINO: hidden 2048, bottleneck 256, three linear layers, no BatchNorm,
     ``norm_last_layer=True`` (gain frozen at 1).
+
+    ``use_bn=True`` is the reference's ``use_bn_in_head``: linear, BatchNorm, GELU for every
+    hidden layer (:class:`~keras_pqcl.layers.BatchStatNorm`, always on the batch's statistics,
+    as the reference's train-mode heads). Off by default, as in DINO's ViT recipes. It helps
+    small models on data whose images look alike at initialisation, where the teacher's
+    outputs barely differ between images and the centering flattens them into uniform
+    collapse: the BatchNorm rescales those small differences to unit variance.
 
     Call args:
         x: ``(..., D)`` features (CLS tokens, or any tokens: iBOT/PQCL apply the same head to
@@ -30,6 +38,7 @@ class DINOHead(keras.layers.Layer):
         bottleneck_dim=256,
         num_layers=3,
         norm_last_layer=True,
+        use_bn=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -40,18 +49,20 @@ class DINOHead(keras.layers.Layer):
         self.bottleneck_dim = bottleneck_dim
         self.num_layers = num_layers
         self.norm_last_layer = norm_last_layer
+        self.use_bn = use_bn
         policy = self.dtype_policy
         widths = [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
         self.mlp = [
             Dense(
                 width,
-                activation="gelu" if i < num_layers - 1 else None,
+                activation="gelu" if i < num_layers - 1 and not use_bn else None,
                 dtype=policy,
                 name=f"mlp_{i}",
                 **linear_init(),
             )
             for i, width in enumerate(widths)
         ]
+        self.norms = [BatchStatNorm(dtype=policy, name=f"bn_{i}") for i in range(num_layers - 1)] if use_bn else []
         self.last_layer = WeightNormDense(
             out_dim, norm_last_layer=norm_last_layer, dtype=policy, name="last_layer"
         )
@@ -61,13 +72,17 @@ class DINOHead(keras.layers.Layer):
         for layer in self.mlp:
             layer.build((None, width))
             width = layer.units
+        for norm in self.norms:
+            norm.build((None, self.hidden_dim))
         self.last_layer.build((None, self.bottleneck_dim))
         self.built = True
 
     def project(self, x):
         """MLP and L2 normalisation (eps 1e-12 as ``F.normalize``): ``(..., bottleneck)``."""
-        for layer in self.mlp:
+        for i, layer in enumerate(self.mlp):
             x = layer(x)
+            if i < len(self.norms):
+                x = keras.activations.gelu(self.norms[i](x), approximate=False)
         x32 = ops.cast(x, "float32")
         norm = ops.sqrt(ops.sum(ops.square(x32), axis=-1, keepdims=True))
         return ops.cast(x32 / ops.maximum(norm, 1e-12), x.dtype)
@@ -83,5 +98,6 @@ class DINOHead(keras.layers.Layer):
             bottleneck_dim=self.bottleneck_dim,
             num_layers=self.num_layers,
             norm_last_layer=self.norm_last_layer,
+            use_bn=self.use_bn,
         )
         return config

@@ -24,7 +24,7 @@ class iBOTHead(DINOHead):
 
     Args:
         out_dim: CLS prototypes ``K`` (8192 in iBOT and PQCL).
-        hidden_dim, bottleneck_dim, num_layers, norm_last_layer: as :class:`DINOHead`.
+        hidden_dim, bottleneck_dim, num_layers, norm_last_layer, use_bn: as :class:`DINOHead`.
         patch_out_dim: patch prototypes ``K_p``; ``None`` means ``out_dim``. Must equal
             ``out_dim`` when ``shared_head``.
         shared_head: one projection for CLS and patch tokens (True).

@@ -1,6 +1,7 @@
 """Building blocks shared by every backbone and method."""
 
 from keras_pqcl.layers.attention import Attention
+from keras_pqcl.layers.batch_stat_norm import BatchStatNorm
 from keras_pqcl.layers.block import Block
 from keras_pqcl.layers.dense import Dense
 from keras_pqcl.layers.drop_path import DropPath

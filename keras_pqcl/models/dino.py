@@ -39,6 +39,7 @@ class SelfDistillation(SelfSupervisedModel):
         teacher_temp=0.07,
         warmup_teacher_temp_epochs=30,
         center_momentum=0.9,
+        use_bn_in_head=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -52,6 +53,7 @@ class SelfDistillation(SelfSupervisedModel):
         self.teacher_temp = teacher_temp
         self.warmup_teacher_temp_epochs = warmup_teacher_temp_epochs
         self.center_momentum = center_momentum
+        self.use_bn_in_head = use_bn_in_head
 
         self.student_backbone = backbone
         if not backbone.built:
@@ -66,6 +68,7 @@ class SelfDistillation(SelfSupervisedModel):
             hidden_dim=self.hidden_dim,
             bottleneck_dim=self.bottleneck_dim,
             num_layers=self.head_layers,
+            use_bn=self.use_bn_in_head,
             **head_kwargs,
         )
         self.student_head = head_class(norm_last_layer=self.norm_last_layer, name="student_head", **args)
@@ -108,6 +111,7 @@ class SelfDistillation(SelfSupervisedModel):
             teacher_temp=self.teacher_temp,
             warmup_teacher_temp_epochs=self.warmup_teacher_temp_epochs,
             center_momentum=self.center_momentum,
+            use_bn_in_head=self.use_bn_in_head,
         )
         return config
 
@@ -127,6 +131,9 @@ class DINO(SelfDistillation):
         warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs: the teacher
             temperature rises linearly from 0.04 to 0.07 over 30 epochs, then stays.
         center_momentum: 0.9.
+        use_bn_in_head: BatchNorm after the head's hidden layers (False, as the reference's
+            ViT recipes; see :class:`~keras_pqcl.heads.DINOHead`). The same flag reaches the
+            iBOT, PQCL and ADCLR heads.
         teacher_momentum, teacher_momentum_end: EMA range when ``fit`` gets no
             ``TeacherEMA`` callback (0.996 -> 1).
         freeze_last_layer: epochs the student's last layer is frozen (1).
