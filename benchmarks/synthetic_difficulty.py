@@ -12,7 +12,8 @@ the dense probe of the embedded dataset. This script measures that claim for one
    on 4,096 further images (AdamW, ``--supervised-lr`` 3e-4, batch 64), train and validation top-1
    per epoch. What a label-trained network of this size reaches at this budget bounds what
    self-supervision can be expected to show. (At 1e-3 the tiny ViT learns slower, at 3e-3 not at
-   all: 19 / 25 / 10 % validation top-1 after 8 epochs for 1e-3 / 3e-4 / 3e-3, torch.)
+   all: 19 / 25 / 10 % validation top-1 after 8 epochs for 1e-3 / 3e-4 / 3e-3, torch, on the
+   first version of the data, with a random colour pair per object.)
    ``--cnn`` adds a reference: a plain three-stage CNN (3x3 conv, BatchNorm, ReLU, max-pool; 32, 64,
    128 channels; global average pool) trained the same way. It tells whether the *data* is
    learnable at this resolution and budget, whatever the ViT does.
@@ -24,8 +25,9 @@ pre-training uses seed 0) at the recipe's global crop size.
 
 ``--layout JSON`` overrides the generator's private scene-layout knobs
 (``keras_pqcl.data.synthetic._LAYOUT``: main/distractor radius, distractor count, texture
-frequency, greyscale, a shared colour palette, repeated instances of the main class) for
-experiments on the dataset itself; the override applies to pre-training and probes alike.
+frequency, greyscale, the shared colour palette (``{"palette": 0}``: the first version's random
+colours), repeated instances of the main class) for experiments on the dataset itself; the
+override applies to pre-training and probes alike.
 ``--derive JSON`` changes recipe fields (dicts merge, as ``Recipe.derive``).
 
     python benchmarks/synthetic_difficulty.py --quick                          # smoke run, about a minute

@@ -8,7 +8,17 @@ Augmentations: DINO's photometric strengths are tuned for 224 px crops and a ViT
 with a 4-block ViT they drove this run into uniform collapse (loss rising to ln K, teacher
 entropy to its maximum) within 3 epochs in our measurements, so this recipe keeps the crops,
 flips and a blur scaled to the image size (sigma 0.1-0.3 px) and turns colour jitter,
-grayscale and solarisation off.
+grayscale and solarisation off. (The dataset's shared palette leaves colour nothing to tell.)
+
+Head: BatchNorm after the head's hidden layers (DINO's ``use_bn_in_head``). Without it this
+run collapses to the uniform distribution within 2 epochs: at initialisation the 4-block ViT
+gives nearly the same CLS token for every image of this data, the centering removes what is
+common, and too little is left for the sharpening to act on. The BatchNorm rescales those
+small differences between the images of a batch to unit variance.
+
+Budget: 4,096 images for 10 epochs (640 steps). The k-NN top-1 of the teacher rose from 21 %
+(random init) to 36 % in our run (torch, about 6 minutes on 2 cores); 1,024 images (160
+steps) reached only 23 %.
 """
 
 from keras_pqcl.recipe import Recipe
@@ -30,8 +40,9 @@ def get_recipe():
             warmup_teacher_temp=0.04,
             teacher_temp=0.04,
             warmup_teacher_temp_epochs=0,
+            use_bn_in_head=True,
         ),
-        data="synthetic_scenes:1024",
+        data="synthetic_scenes:4096",
         crops=dict(
             global_size=32,
             local_size=16,
