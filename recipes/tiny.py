@@ -12,9 +12,10 @@ grayscale and solarisation off. (The dataset's shared palette leaves colour noth
 
 Head: BatchNorm after the head's hidden layers (DINO's ``use_bn_in_head``). Without it this
 run collapses to the uniform distribution within 2 epochs: at initialisation the 4-block ViT
-gives nearly the same CLS token for every image of this data, the centering removes what is
-common, and too little is left for the sharpening to act on. The BatchNorm rescales those
-small differences between the images of a batch to unit variance.
+gives CLS tokens that differ little between images of this data (mean pairwise cosine 0.94,
+against 0.68 when every object had random colours), the centering removes what is common, and
+too little is left for the sharpening to act on. The BatchNorm rescales those differences
+between the images of a batch to unit variance.
 
 Budget: 4,096 images for 10 epochs (640 steps). The k-NN top-1 of the teacher rose from 21 %
 (random init) to 38 % in our run (TensorFlow, 3.5 minutes on 2 cores; 36 % with PyTorch);
