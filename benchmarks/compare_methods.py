@@ -85,10 +85,10 @@ def evaluate(backbone, splits, image_size, args, linear=True):
     if linear:
         # The reference sweeps the classifier's learning rate and keeps the best; its default
         # (1e-3 x batch/256) barely moves in the few hundred steps of 1,000 probe images.
-        scores["linear_top1"] = max(
-            kpe.linear_probe(backbone, (train["images"], train["labels"]), (test["images"], test["labels"]),
-                             epochs=args.linear_epochs, image_size=image_size, lr=lr)["top1"]
-            for lr in map(float, args.linear_lrs.split(",")))
+        scores["linear_top1"] = kpe.linear_probe(
+            backbone, (train["images"], train["labels"]), (test["images"], test["labels"]),
+            epochs=args.linear_epochs, image_size=image_size,
+            lr=[float(lr) for lr in args.linear_lrs.split(",")])["top1"]
     dense = kpe.dense_probe(backbone, train["images"], train["masks"], test["images"], test["masks"],
                             num_classes=11, epochs=args.dense_epochs, image_size=image_size)
     scores.update(dense_miou=dense["miou"], dense_pixel_acc=dense["pixel_acc"])

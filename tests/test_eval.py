@@ -228,6 +228,16 @@ def test_linear_probe_separates_colours():
     assert augmented["augment"] and len(augmented["history"]["top1"]) == 3 and augmented["top1"] >= 75.0
 
 
+def test_linear_probe_lr_sweep_returns_the_best_rate():
+    train, test = colour_images(64, seed=1), colour_images(32, seed=2)
+    args = dict(epochs=3, batch_size=16)
+    single = {lr: ev.linear_probe(ColourBackbone(), train, test, lr=lr, **args)["top1"] for lr in (1e-4, 0.5)}
+    swept = ev.linear_probe(ColourBackbone(), train, test, lr=[1e-4, 0.5], **args)
+    best = max(single, key=single.get)
+    assert single[0.5] > single[1e-4]  # the sweep has a rate to find
+    assert swept["lr"] == pytest.approx(best) and swept["top1"] == single[best]
+
+
 def test_linear_probe_default_lr_rule_and_label_errors():
     x = np.random.default_rng(0).normal(size=(8, 4))
     result = ev.train_linear_classifier(x, np.arange(8) % 2, x, np.arange(8) % 2, epochs=1, batch_size=4)

@@ -216,6 +216,8 @@ def linear_probe(
             reference, 1 (with ``avgpool_patchtokens=2``) for ViT-B.
         avgpool_patchtokens: 0 CLS, 1 mean patch token, 2 both.
         epochs, lr, batch_size, momentum, seed, verbose: see :func:`train_linear_classifier`.
+            ``lr`` may also be a list of rates: one classifier per rate on the same features,
+            and the result with the best top-1 is returned (the reference sweeps the rate).
         image_size: evaluation size; None uses ``backbone.image_size``.
         preprocess: apply :func:`eval_preprocess` (False: images already normalised).
         augment: re-augment the train images each epoch as the reference does (slow: one
@@ -244,10 +246,14 @@ def linear_probe(
         def per_epoch(epoch):
             return extractor.extract(_augmented_dataset(train, epoch, size, seed), **feature_args)
 
-    result = train_linear_classifier(
-        train_x, train_y, test_x, test_y, num_classes=num_classes, epochs=epochs, lr=lr,
-        batch_size=batch_size, momentum=momentum, seed=seed, verbose=verbose,
-        train_features_per_epoch=per_epoch,
+    rates = lr if isinstance(lr, (list, tuple)) else [lr]
+    result = max(
+        (train_linear_classifier(
+            train_x, train_y, test_x, test_y, num_classes=num_classes, epochs=epochs, lr=rate,
+            batch_size=batch_size, momentum=momentum, seed=seed, verbose=verbose,
+            train_features_per_epoch=per_epoch,
+        ) for rate in rates),
+        key=lambda r: r["top1"],
     )
     result.update(n_last_blocks=extractor.n_last_blocks, avgpool_patchtokens=extractor.avgpool_patchtokens,
                   augment=bool(augment))
