@@ -55,7 +55,6 @@ class DINOHead(keras.layers.Layer):
         self.mlp = [
             Dense(
                 width,
-                activation="gelu" if i < num_layers - 1 and not use_bn else None,
                 dtype=policy,
                 name=f"mlp_{i}",
                 **linear_init(),
@@ -81,8 +80,10 @@ class DINOHead(keras.layers.Layer):
         """MLP and L2 normalisation (eps 1e-12 as ``F.normalize``): ``(..., bottleneck)``."""
         for i, layer in enumerate(self.mlp):
             x = layer(x)
-            if i < len(self.norms):
-                x = keras.activations.gelu(self.norms[i](x), approximate=False)
+            if i < len(self.mlp) - 1:  # hidden layers: (BatchNorm,) exact GELU
+                if self.norms:
+                    x = self.norms[i](x)
+                x = keras.activations.gelu(x, approximate=False)
         x32 = ops.cast(x, "float32")
         norm = ops.sqrt(ops.sum(ops.square(x32), axis=-1, keepdims=True))
         return ops.cast(x32 / ops.maximum(norm, 1e-12), x.dtype)
