@@ -236,6 +236,8 @@ def test_linear_probe_lr_sweep_returns_the_best_rate():
     best = max(single, key=single.get)
     assert single[0.5] > single[1e-4]  # the sweep has a rate to find
     assert swept["lr"] == pytest.approx(best) and swept["top1"] == single[best]
+    with pytest.raises(ValueError, match="empty list"):
+        ev.linear_probe(ColourBackbone(), train, test, lr=[], **args)
 
 
 def test_linear_probe_default_lr_rule_and_label_errors():

@@ -228,6 +228,9 @@ def linear_probe(
         :func:`train_linear_classifier`'s dict plus ``n_last_blocks`` and
         ``avgpool_patchtokens``; accuracies in %.
     """
+    rates = lr if isinstance(lr, (list, tuple)) else [lr]
+    if not rates:
+        raise ValueError("lr is an empty list: give one learning rate, None for the default rule, or a list of rates.")
     extractor = FeatureExtractor(backbone, n_last_blocks, avgpool_patchtokens)  # one compile for all
     feature_args = dict(batch_size=feature_batch_size, image_size=image_size, preprocess=preprocess,
                         return_labels=True)
@@ -246,7 +249,6 @@ def linear_probe(
         def per_epoch(epoch):
             return extractor.extract(_augmented_dataset(train, epoch, size, seed), **feature_args)
 
-    rates = lr if isinstance(lr, (list, tuple)) else [lr]
     result = max(
         (train_linear_classifier(
             train_x, train_y, test_x, test_y, num_classes=num_classes, epochs=epochs, lr=rate,
