@@ -12,7 +12,10 @@ then scores each transfer backbone (the teacher; DenseCL's query encoder) on hel
 
 plus a random-init backbone (built exactly like the recipes' student; one ViT, one ResNet) as the
 floor, and the pre-training images/s. Several seeds give the spread (mean ± std). Writes ``compare.md``,
-``compare.json`` and ``compare.png`` (bar chart) to ``--output``.
+``compare.json`` and ``compare.png`` (bar chart) to ``--output``, after every job. Each job's scores
+are kept in ``--output``/results/; a later run with the same settings reuses them, so a stopped
+comparison goes on where it stopped and more seeds can be added (``--no-reuse`` runs everything;
+``--report-only`` runs nothing and tabulates what is saved).
 
     python benchmarks/compare_methods.py --quick                    # smoke run, minutes
     python benchmarks/compare_methods.py --epochs 20 --seeds 0,1,2  # the comparison
@@ -119,11 +122,7 @@ def worker(args):
 
 
 def table(rows, args):
-    """Markdown table of mean ± std per method (and the gap to its base on dense mIoU)."""
-    metrics = ("knn_top1", "linear_top1", "dense_miou", "images_per_s")
-    means = {label: {m: np.mean([r[m] for r in runs]) if runs and runs[0][m] is not None else None
-                     for m in metrics} for label, runs in rows.items()}
-
+    """Markdown table of mean ± std per method, and the gap to its base on dense mIoU (paired by seed)."""
     def cell(label, metric):
         runs = rows[label]
         if not runs or runs[0][metric] is None:
@@ -136,15 +135,20 @@ def table(rows, args):
         f"{args.probe_train} / {args.probe_test} held-out synthetic_scenes images; backend "
         f"{os.environ.get('KERAS_BACKEND', 'tensorflow')}.",
         "",
-        "| method | k-NN top-1 % | linear top-1 % | dense mIoU % | dense mIoU vs base | pre-training images/s |",
-        "|---|---|---|---|---|---|",
+        "| method | seeds | k-NN top-1 % | linear top-1 % | dense mIoU % | dense mIoU vs base | pre-training images/s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for label in rows:
         base = BASE_OF.get(label)
         gap = "-"
-        if base in means and means[label]["dense_miou"] is not None:
-            gap = f"{means[label]['dense_miou'] - means[base]['dense_miou']:+.1f} vs {base}"
-        lines.append(f"| {label} | {cell(label, 'knn_top1')} | {cell(label, 'linear_top1')} | "
+        # Paired by seed: the spread of the differences, not of the two means, is what says
+        # whether a gap is stable.
+        paired = {r["seed"]: r["dense_miou"] for r in rows.get(base, [])}
+        diffs = [r["dense_miou"] - paired[r["seed"]] for r in rows[label] if r["seed"] in paired]
+        if diffs:
+            spread = f" ± {np.std(diffs):.1f}" if len(diffs) > 1 else ""
+            gap = f"{np.mean(diffs):+.1f}{spread} vs {base}"
+        lines.append(f"| {label} | {len(rows[label])} | {cell(label, 'knn_top1')} | {cell(label, 'linear_top1')} | "
                      f"{cell(label, 'dense_miou')} | {gap} | {cell(label, 'images_per_s')} |")
     return "\n".join(lines)
 
@@ -187,6 +191,10 @@ def main():
     parser.add_argument("--dense-epochs", type=int, default=20, dest="dense_epochs")
     parser.add_argument("--output", default=os.path.join("runs", "compare_methods"))
     parser.add_argument("--quick", action="store_true", help="2 epochs of 4 steps, small probes")
+    parser.add_argument("--report-only", action="store_true", dest="report_only",
+                        help="run nothing: write the table and chart from the saved scores of these methods and seeds")
+    parser.add_argument("--no-reuse", action="store_false", dest="reuse",
+                        help="re-run every job, even those whose scores an earlier run saved with the same settings")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--recipe", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -204,33 +212,83 @@ def main():
     jobs = [(label, recipe_name(args.family, suffix), True) for label, suffix in FLOORS
             if suffix == "" and set(labels) - CONVNET or suffix and set(labels) & CONVNET]
     jobs += [(label, recipe_name(args.family, suffix), False) for label, suffix in METHODS if label in labels]
-    rows = {}
-    for label, recipe, random_init in jobs:
-        rows[label] = []
-        for seed in args.seeds.split(","):
-            cmd = [os.path.abspath(__file__), "--worker", "--recipe", recipe, "--seed", seed,
-                   "--epochs", str(args.epochs), "--probe-train", str(args.probe_train),
-                   "--probe-test", str(args.probe_test), "--linear-epochs", str(args.linear_epochs),
-                   "--linear-lrs", args.linear_lrs,
-                   "--dense-epochs", str(args.dense_epochs), "--output", os.path.abspath(args.output)]
-            if args.steps_per_epoch:
-                cmd += ["--steps-per-epoch", str(args.steps_per_epoch)]
-            if random_init:
-                cmd.append("--random-init")
-            result = run_worker(cmd, f"{label} (seed {seed})")
+    rows = {label: [] for label, _, _ in jobs}
+    # Seeds outside, methods inside: a run stopped early still holds whole seeds.
+    for seed in args.seeds.split(","):
+        for label, recipe, random_init in jobs:
+            result = run_job(args, label, recipe, seed, random_init, run=not args.report_only)
             if result:
                 rows[label].append(result)
-                print(f"  {label:12s} seed {seed}: " + ", ".join(
-                    f"{k} {v:.1f}" for k, v in result.items() if v is not None), file=sys.stderr)
+            # Rewritten after every job, so a long run can be read (and stopped) at any point.
+            write_report({lab: runs for lab, runs in rows.items() if runs}, args, final=False)
     rows = {label: runs for label, runs in rows.items() if runs}
-    text = table(rows, args)
+    if not rows:
+        raise SystemExit("every job failed (their errors are above); nothing to compare.")
+    text = write_report(rows, args, final=True)
     print("\n" + text)
-    with open(os.path.join(args.output, "compare.md"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(args.output, "compare.json"), "w") as f:
-        json.dump(rows, f, indent=2)
-    print(f"\nchart: {chart(rows, os.path.join(args.output, 'compare.png'))}")
+    print(f"\nchart: {os.path.join(args.output, 'compare.png')}")
 
+
+def job_settings(args, recipe, seed, random_init):
+    """Everything a job's scores depend on; a cached result is reused only when all of it matches."""
+    return dict(recipe=recipe, seed=int(seed), random_init=random_init, epochs=args.epochs,
+                steps_per_epoch=args.steps_per_epoch, probe_train=args.probe_train, probe_test=args.probe_test,
+                linear_epochs=args.linear_epochs, linear_lrs=args.linear_lrs, dense_epochs=args.dense_epochs,
+                backend=os.environ.get("KERAS_BACKEND", "tensorflow"))
+
+
+def run_job(args, label, recipe, seed, random_init, run=True):
+    """Scores of one (method, seed): from ``<output>/results/`` when an earlier run with the same
+    settings left them there (unless ``--no-reuse``), else from a fresh worker process (or None
+    when ``run`` is false)."""
+    settings = job_settings(args, recipe, seed, random_init)
+    path = os.path.join(args.output, "results", f"{recipe}_seed{seed}{'_random' if random_init else ''}.json")
+    if args.reuse and os.path.exists(path):
+        with open(path) as f:
+            cached = json.load(f)
+        if cached.get("settings") == settings:
+            print(f"  {label:12s} seed {seed}: reused {path}", file=sys.stderr)
+            return cached["scores"]
+    if not run:
+        return None
+    cmd = [os.path.abspath(__file__), "--worker", "--recipe", recipe, "--seed", str(seed),
+           "--epochs", str(args.epochs), "--probe-train", str(args.probe_train),
+           "--probe-test", str(args.probe_test), "--linear-epochs", str(args.linear_epochs),
+           "--linear-lrs", args.linear_lrs,
+           "--dense-epochs", str(args.dense_epochs), "--output", os.path.abspath(args.output)]
+    if args.steps_per_epoch:
+        cmd += ["--steps-per-epoch", str(args.steps_per_epoch)]
+    if random_init:
+        cmd.append("--random-init")
+    result = run_worker(cmd, f"{label} (seed {seed})")
+    if result:
+        result = dict(result, seed=int(seed))
+        print(f"  {label:12s} seed {seed}: " + ", ".join(
+            f"{k} {v:.1f}" for k, v in result.items() if v is not None and k != "seed"), file=sys.stderr)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_text(path, json.dumps(dict(settings=settings, scores=result), indent=2))
+    return result
+
+
+def write_text(path, text):
+    """Write through a temporary file and a rename, so that a stopped run never leaves half a file.
+    (Not keras_pqcl's helper: importing the package would load a backend into this parent process.)"""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_report(rows, args, final):
+    """``compare.md``, ``compare.json`` and ``compare.png`` for the runs so far; returns the table."""
+    text = table(rows, args)
+    if not final:
+        text += "\n\n(partial: the run is still going)"
+    write_text(os.path.join(args.output, "compare.md"), text + "\n")
+    write_text(os.path.join(args.output, "compare.json"), json.dumps(rows, indent=2))
+    if rows:
+        chart(rows, os.path.join(args.output, "compare.png"))
+    return text
 
 if __name__ == "__main__":
     main()
