@@ -67,7 +67,9 @@ def _parser():
                     help="input side for the backbone (default: its image_size; attention: the image's own "
                     "size up to 480)")
     ev.add_argument("--epochs", type=int, help="linear (default 100) and dense (default 30) probes")
-    ev.add_argument("--lr", type=float, help="probe learning rate (linear default 1e-3 * batch / 256, dense 1e-2)")
+    ev.add_argument("--lr", type=_rates,
+                    help="probe learning rate (linear default 1e-3 * batch / 256, dense 1e-2); linear also takes "
+                    "a comma-separated sweep, e.g. 1e-3,1e-2,1e-1, and reports the best rate")
     ev.add_argument("--batch-size", type=int, dest="batch_size", help="probe batch size (linear 256, dense 16)")
     ev.add_argument("--k", type=int, default=20, help="k-NN neighbours (default 20)")
     ev.add_argument("--temperature", type=float, default=0.07, help="k-NN vote temperature (default 0.07)")
@@ -88,6 +90,16 @@ EVAL_TRAIN_SEED = 1
 EVAL_TEST_SEED = 2
 # The reference visualises attention at 480 px; larger images would make N^2 attention huge.
 ATTENTION_MAX_SIDE = 480
+
+
+def _rates(text):
+    """``--lr``: one rate, or a comma-separated sweep (a list) for the linear probe."""
+    try:
+        rates = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate or a comma-separated list of rates "
+                                         "(e.g. 1e-2 or 1e-3,1e-2,1e-1)") from None
+    return rates[0] if len(rates) == 1 else rates
 
 
 def _use_backend(backend):
@@ -299,6 +311,8 @@ def _eval(args):
     if args.protocol == "attention":
         results, splits = _eval_attention(args, backbone, output)
     elif args.protocol == "dense":
+        if isinstance(args.lr, list):
+            raise ValueError(f"eval dense takes one --lr, got {len(args.lr)}; sweeping rates is for eval linear.")
         size = args.image_size or getattr(backbone, "image_size", None)
         train_images, train_masks, train_name = _segmentation(args.data, args.masks, EVAL_TRAIN_SEED, size, "")
         if args.test_data is None and not _is_synthetic(args.data):

@@ -54,10 +54,11 @@ def test_eval_linear_and_dense_on_folders(weights, tmp_path):
 
     out = str(tmp_path / "linear")
     argv = ["eval", "linear", "--weights", weights, "--data", str(tmp_path / "train"), "--test-data",
-            str(tmp_path / "test"), "--epochs", "2", "--output", out, "--quiet"]
+            str(tmp_path / "test"), "--epochs", "2", "--lr", "1e-2,1e-1", "--output", out, "--quiet"]
     assert cli.main(argv) == 0
     results = _record(out)["results"]
     assert results["num_train"] == 6 and results["num_classes"] == 2 and len(results["history"]["top1"]) == 2
+    assert results["lr"] in (1e-2, 1e-1)  # the swept rate that won
 
     out = str(tmp_path / "dense")
     argv = ["eval", "dense", "--weights", weights, "--data", str(tmp_path / "train_images"), "--masks",
@@ -115,6 +116,8 @@ def test_eval_input_errors_are_clear(weights, tmp_path, capsys):
                     "--test-data", str(images), "--test-masks", str(masks))
     assert "do not pair up" in message and "cat" in message and "dog" in message
     assert "--masks is required" in error("dense", "--weights", weights, "--data", str(images))
+    assert "one --lr" in error("dense", "--weights", weights, "--data", str(images), "--masks", str(masks),
+                               "--lr", "1e-2,1e-1")
     assert "--test-data is required" in error("knn", "--weights", weights, "--data", str(images))
     unlabelled = error("knn", "--weights", weights, "--data", str(images), "--test-data", str(images))
     assert "no class sub-folders" in unlabelled
