@@ -15,7 +15,9 @@ floor, and the pre-training images/s. Several seeds give the spread (mean ± std
 ``compare.json`` and ``compare.png`` (bar chart) to ``--output``, after every job. Each job's scores
 are kept in ``--output``/results/; a later run with the same settings reuses them, so a stopped
 comparison goes on where it stopped and more seeds can be added (``--no-reuse`` runs everything;
-``--report-only`` runs nothing and tabulates what is saved).
+``--report-only`` runs nothing and tabulates what is saved). A finished pre-training of the same
+recipe is reused too, so probing again with other settings (``--probe-size 64``) costs only the
+probes.
 
     python benchmarks/compare_methods.py --quick                    # smoke run, minutes
     python benchmarks/compare_methods.py --epochs 20 --seeds 0,1,2  # the comparison
@@ -113,12 +115,30 @@ def worker(args):
     if args.random_init:
         backbone, images_per_s = build_backbone(recipe, size), None
     else:
-        summary = kp.pretrain(recipe, os.path.join(args.output, f"{args.recipe}_seed{args.seed}"), verbose=0)
+        run_dir = os.path.join(args.output, f"{args.recipe}_seed{args.seed}")
+        summary = finished_pretraining(run_dir, recipe) if args.reuse else None
+        if summary is None:
+            summary = kp.pretrain(recipe, run_dir, verbose=0)
         # DenseCL transfers its query encoder (the paper's); the others their EMA teacher.
         backbone = keras.saving.load_model(summary["transfer_backbone"])
         images_per_s = summary["images_per_second"]
-    scores = evaluate(backbone, probe_splits(recipe, args.probe_train, args.probe_test), size, args)
+    # The probes may read larger images than the crops (a finer token grid for the dense probe);
+    # the ViT interpolates its position table.
+    probe_size = args.probe_size or size
+    scores = evaluate(backbone, probe_splits(recipe, args.probe_train, args.probe_test), probe_size, args)
     print(json.dumps(dict(scores, images_per_s=images_per_s)))
+
+
+def finished_pretraining(run_dir, recipe):
+    """The summary of a pre-training of exactly ``recipe`` that finished in ``run_dir``, else None."""
+    try:
+        with open(os.path.join(run_dir, "recipe.json")) as f:
+            same = f.read() == recipe.to_json()
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return summary if same and os.path.exists(summary["transfer_backbone"]) else None
 
 
 def table(rows, args):
@@ -132,7 +152,8 @@ def table(rows, args):
 
     lines = [
         f"Recipe family `{args.family}`, {args.epochs} epochs, seeds {args.seeds}; probes on "
-        f"{args.probe_train} / {args.probe_test} held-out synthetic_scenes images; backend "
+        f"{args.probe_train} / {args.probe_test} held-out synthetic_scenes images"
+        f"{f' at {args.probe_size} px' if args.probe_size else ''}; backend "
         f"{os.environ.get('KERAS_BACKEND', 'tensorflow')}.",
         "",
         "| method | seeds | k-NN top-1 % | linear top-1 % | dense mIoU % | dense mIoU vs base | pre-training images/s |",
@@ -189,12 +210,15 @@ def main():
     parser.add_argument("--linear-lrs", default="1e-3,1e-2,1e-1,1", dest="linear_lrs",
                         help="comma-separated learning rates of the linear probe; the best is reported")
     parser.add_argument("--dense-epochs", type=int, default=20, dest="dense_epochs")
+    parser.add_argument("--probe-size", type=int, default=None, dest="probe_size",
+                        help="image side the probes read (default: the recipe's global crop side); a larger "
+                        "side gives the dense probe a finer token grid")
     parser.add_argument("--output", default=os.path.join("runs", "compare_methods"))
     parser.add_argument("--quick", action="store_true", help="2 epochs of 4 steps, small probes")
     parser.add_argument("--report-only", action="store_true", dest="report_only",
                         help="run nothing: write the table and chart from the saved scores of these methods and seeds")
     parser.add_argument("--no-reuse", action="store_false", dest="reuse",
-                        help="re-run every job, even those whose scores an earlier run saved with the same settings")
+                        help="re-run every job (and pre-training), even those an earlier run finished with the same settings")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--recipe", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -231,10 +255,13 @@ def main():
 
 def job_settings(args, recipe, seed, random_init):
     """Everything a job's scores depend on; a cached result is reused only when all of it matches."""
-    return dict(recipe=recipe, seed=int(seed), random_init=random_init, epochs=args.epochs,
+    settings = dict(recipe=recipe, seed=int(seed), random_init=random_init, epochs=args.epochs,
                 steps_per_epoch=args.steps_per_epoch, probe_train=args.probe_train, probe_test=args.probe_test,
                 linear_epochs=args.linear_epochs, linear_lrs=args.linear_lrs, dense_epochs=args.dense_epochs,
                 backend=os.environ.get("KERAS_BACKEND", "tensorflow"))
+    if args.probe_size:  # absent by default, so that results saved before the option still match
+        settings["probe_size"] = args.probe_size
+    return settings
 
 
 def run_job(args, label, recipe, seed, random_init, run=True):
@@ -242,7 +269,8 @@ def run_job(args, label, recipe, seed, random_init, run=True):
     settings left them there (unless ``--no-reuse``), else from a fresh worker process (or None
     when ``run`` is false)."""
     settings = job_settings(args, recipe, seed, random_init)
-    path = os.path.join(args.output, "results", f"{recipe}_seed{seed}{'_random' if random_init else ''}.json")
+    name = f"{recipe}_seed{seed}{'_random' if random_init else ''}{f'_probe{args.probe_size}' if args.probe_size else ''}"
+    path = os.path.join(args.output, "results", f"{name}.json")
     if args.reuse and os.path.exists(path):
         with open(path) as f:
             cached = json.load(f)
@@ -258,6 +286,10 @@ def run_job(args, label, recipe, seed, random_init, run=True):
            "--dense-epochs", str(args.dense_epochs), "--output", os.path.abspath(args.output)]
     if args.steps_per_epoch:
         cmd += ["--steps-per-epoch", str(args.steps_per_epoch)]
+    if args.probe_size:
+        cmd += ["--probe-size", str(args.probe_size)]
+    if not args.reuse:
+        cmd.append("--no-reuse")
     if random_init:
         cmd.append("--random-init")
     result = run_worker(cmd, f"{label} (seed {seed})")
