@@ -268,9 +268,9 @@ def main():
 def job_settings(args, recipe, seed, random_init):
     """Everything a job's scores depend on; a cached result is reused only when all of it matches."""
     settings = dict(recipe=recipe, seed=int(seed), random_init=random_init, epochs=args.epochs,
-                steps_per_epoch=args.steps_per_epoch, probe_train=args.probe_train, probe_test=args.probe_test,
-                linear_epochs=args.linear_epochs, linear_lrs=args.linear_lrs, dense_epochs=args.dense_epochs,
-                backend=os.environ.get("KERAS_BACKEND", "tensorflow"))
+                    steps_per_epoch=args.steps_per_epoch, probe_train=args.probe_train, probe_test=args.probe_test,
+                    linear_epochs=args.linear_epochs, linear_lrs=args.linear_lrs, dense_epochs=args.dense_epochs,
+                    backend=os.environ.get("KERAS_BACKEND", "tensorflow"))
     if args.probe_size:  # absent by default, so that results saved before the option still match
         settings["probe_size"] = args.probe_size
     return settings
@@ -333,6 +333,7 @@ def write_report(rows, args, final):
     if rows:
         chart(rows, os.path.join(args.output, "compare.png"))
     return text
+
 
 if __name__ == "__main__":
     main()
