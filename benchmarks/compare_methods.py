@@ -20,7 +20,8 @@ recipe is reused too, so probing again with other settings (``--probe-size 64``)
 probes.
 
     python benchmarks/compare_methods.py --quick                    # smoke run, minutes
-    python benchmarks/compare_methods.py --epochs 20 --seeds 0,1,2  # the comparison
+    python benchmarks/compare_methods.py --seeds 0,1                # benchmarks/results/ (90 min, 2 cores)
+    python benchmarks/compare_methods.py --seeds 0,1 --probe-size 64  # re-probe them on an 8 x 8 grid
     python benchmarks/compare_methods.py --family tiny_long         # another recipe family
 
 Run under any backend (``KERAS_BACKEND``); every pre-training runs in its own subprocess so
