@@ -253,14 +253,16 @@ def main():
     # Seeds outside, methods inside: a run stopped early still holds whole seeds.
     for seed in args.seeds.split(","):
         for label, recipe, random_init in jobs:
-            result = run_job(args, label, recipe, seed, random_init, run=not args.report_only)
+            result, ran = run_job(args, label, recipe, seed, random_init, run=not args.report_only)
             if result:
                 rows[label].append(result)
-            # Rewritten after every job, so a long run can be read (and stopped) at any point.
-            write_report({lab: runs for lab, runs in rows.items() if runs}, args, final=False)
+            if ran:  # rewritten after every job that ran, so a long run can be read (and stopped) at any point
+                write_report({lab: runs for lab, runs in rows.items() if runs}, args, final=False)
     rows = {label: runs for label, runs in rows.items() if runs}
     if not rows:
-        raise SystemExit("every job failed (their errors are above); nothing to compare.")
+        raise SystemExit(f"no scores saved in {os.path.join(args.output, 'results')} for these methods, seeds and "
+                         "settings; run without --report-only." if args.report_only else
+                         "every job failed (their errors are above); nothing to compare.")
     text = write_report(rows, args, final=True)
     print("\n" + text)
     print(f"\nchart: {os.path.join(args.output, 'compare.png')}")
@@ -278,9 +280,9 @@ def job_settings(args, recipe, seed, random_init):
 
 
 def run_job(args, label, recipe, seed, random_init, run=True):
-    """Scores of one (method, seed): from ``<output>/results/`` when an earlier run with the same
-    settings left them there (unless ``--no-reuse``), else from a fresh worker process (or None
-    when ``run`` is false)."""
+    """``(scores, ran)`` of one (method, seed): the scores from ``<output>/results/`` when an earlier
+    run with the same settings left them there (unless ``--no-reuse``), else from a fresh worker
+    process (None when it failed, or when ``run`` is false); ``ran`` says whether a worker ran."""
     settings = job_settings(args, recipe, seed, random_init)
     name = f"{recipe}_seed{seed}{'_random' if random_init else ''}{f'_probe{args.probe_size}' if args.probe_size else ''}"
     path = os.path.join(args.output, "results", f"{name}.json")
@@ -289,9 +291,9 @@ def run_job(args, label, recipe, seed, random_init, run=True):
             cached = json.load(f)
         if cached.get("settings") == settings:
             print(f"  {label:12s} seed {seed}: reused {path}", file=sys.stderr)
-            return cached["scores"]
+            return cached["scores"], False
     if not run:
-        return None
+        return None, False
     cmd = [os.path.abspath(__file__), "--worker", "--recipe", recipe, "--seed", str(seed),
            "--epochs", str(args.epochs), "--probe-train", str(args.probe_train),
            "--probe-test", str(args.probe_test), "--linear-epochs", str(args.linear_epochs),
@@ -312,7 +314,7 @@ def run_job(args, label, recipe, seed, random_init, run=True):
             f"{k} {v:.1f}" for k, v in result.items() if v is not None and k != "seed"), file=sys.stderr)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_text(path, json.dumps(dict(settings=settings, scores=result), indent=2))
-    return result
+    return result, True
 
 
 def write_text(path, text):
