@@ -218,6 +218,8 @@ def linear_probe(
         epochs, lr, batch_size, momentum, seed, verbose: see :func:`train_linear_classifier`.
             ``lr`` may also be a list of rates: one classifier per rate on the same features,
             and the result with the best top-1 is returned (the reference sweeps the rate).
+            With ``augment=True`` each rate's classifier re-extracts its augmented features
+            every epoch, so a sweep costs that many times the backbone passes.
         image_size: evaluation size; None uses ``backbone.image_size``.
         preprocess: apply :func:`eval_preprocess` (False: images already normalised).
         augment: re-augment the train images each epoch as the reference does (slow: one
