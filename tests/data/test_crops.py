@@ -212,16 +212,23 @@ def test_crop_and_resize_many_matches_tf_and_numpy_bicubic(dtype):
     boxes = np.array([[3, 5, 40, 52], [10, 20, 7, 9], [0, 0, 24, 24],
                       [30, 70, 20, 1], [0, 0, 57, 71]], np.float32)
     out = C.crop_and_resize_many(img, tf.constant(boxes), 24, antialias=False)
-    assert out.shape == (5, 24, 24, 3) and out.dtype == tf.float32
+    # uint8 in, uint8 out (rounded and saturated, as PIL resizes uint8 images).
+    assert out.shape == (5, 24, 24, 3) and out.dtype == tf.as_dtype(dtype)
     for got, (top, left, h, w) in zip(out.numpy(), boxes.astype(int)):
         crop = img[top:top + h, left:left + w]
         ref = tf.image.resize(crop, (24, 24), method="bicubic").numpy()
-        np.testing.assert_allclose(got, ref, atol=1e-4)
-        np.testing.assert_allclose(got, _numpy_bicubic(crop, 24), atol=1e-4)
-        # And the same numbers as the one-box function.
+        exact = _numpy_bicubic(crop, 24)
         one = C.crop_and_resize(img, tf.constant([top, left, h, w], tf.float32),
-                                24, antialias=False)
-        np.testing.assert_array_equal(got, one.numpy())
+                                24, antialias=False).numpy()
+        if dtype == np.uint8:
+            np.testing.assert_array_equal(got, np.clip(np.floor(ref + np.float32(0.5)), 0, 255))
+            assert np.abs(got - np.clip(exact, 0, 255)).max() <= 0.5 + 1e-3
+            one = np.clip(np.floor(one + np.float32(0.5)), 0, 255)
+        else:
+            np.testing.assert_allclose(got, ref, atol=1e-4)
+            np.testing.assert_allclose(got, exact, atol=1e-4)
+        # And the same numbers as the one-box function.
+        np.testing.assert_array_equal(got, one)
 
 
 def test_crop_and_resize_many_antialias_matches_one_box():
@@ -230,4 +237,4 @@ def test_crop_and_resize_many_antialias_matches_one_box():
     out = C.crop_and_resize_many(img, boxes, 12, antialias=True).numpy()
     for got, box in zip(out, boxes):
         ref = C.crop_and_resize(img, box, 12, antialias=True).numpy()
-        np.testing.assert_allclose(got, ref, atol=1e-4)
+        np.testing.assert_array_equal(got, np.clip(np.floor(ref + np.float32(0.5)), 0, 255))
