@@ -134,6 +134,10 @@ def _main(argv):
     if args.command == "eval":
         return _eval(args)
 
+    from keras_pqcl.data import tune_input_pipeline
+
+    # Before TensorFlow runs its first op, or the settings cannot take effect.
+    tuned = tune_input_pipeline()
     recipe = load_recipe(args.recipe).replace(
         data=args.data,
         epochs=args.epochs,
@@ -153,6 +157,9 @@ def _main(argv):
     print(f"keras-pqcl: recipe {recipe.name!r} ({recipe.method}, {recipe.backbone}/{recipe.patch_size}) "
           f"on backend {keras.backend.backend()}, {recipe.epochs} epochs, batch {recipe.batch_size}, "
           f"data {recipe.data!r} -> {output}")
+    print(f"keras-pqcl: input pipeline: TensorFlow {'BFC' if tuned['bfc_allocator'] else 'default'} CPU "
+          f"allocator, {tuned['intra_op_threads'] or 'default'} intra-op thread(s) "
+          "(keras_pqcl.data.tune_input_pipeline)")
     summary = pretrain(recipe, output, resume=args.resume, verbose=0 if args.quiet else 1)
     print("\nDone.")
     width = max(len(k) for k in summary)

@@ -15,6 +15,8 @@ Main entry points:
 * :class:`MaskConfig` - iBOT block masks (``global_masks``).
 * :class:`QueryConfig` - PQCL positional queries (``query_coords``,
   ``query_tables``).
+* :func:`tune_input_pipeline` - TensorFlow process settings that make the
+  pipeline faster (call before TensorFlow runs any op).
 """
 
 from keras_pqcl.data.augment import (
@@ -45,6 +47,7 @@ from keras_pqcl.data.montage import Montage, MontageConfig, assemble_montages, m
 from keras_pqcl.data.multicrop import MultiCrop, MultiCropConfig
 from keras_pqcl.data.pipeline import pretrain_dataset, steps_per_epoch
 from keras_pqcl.data.queries import QueryConfig, query_coords, sincos_tables
+from keras_pqcl.data.runtime import tune_input_pipeline
 from keras_pqcl.data.sources import (
     IMAGE_EXTENSIONS,
     SourceInfo,
@@ -90,5 +93,6 @@ __all__ = [
     "solarize",
     "steps_per_epoch",
     "synthetic_scenes",
+    "tune_input_pipeline",
     "to_grayscale",
 ]
