@@ -10,6 +10,11 @@ feeds ~1,200 images/s (one H100 training ViT-S/16 DINO).
 used (user + system, all threads, the consumer included). The wall-clock rate with every
 core of this machine is shown too.
 
+Each setting runs in its own process, set up as ``keras-pqcl pretrain`` sets up a JAX or
+PyTorch run (``keras_pqcl.data.tune_input_pipeline``: TensorFlow's BFC allocator for CPU
+memory, one intra-op thread), except the row with TensorFlow's default process settings,
+which is what a process that also trains with the TensorFlow backend gets.
+
     python benchmarks/pipeline.py                 # full table (a few minutes on 2 cores)
     python benchmarks/pipeline.py --quick         # smoke run, seconds
     python benchmarks/pipeline.py --no-step       # skip the training-step column
@@ -71,6 +76,7 @@ def settings(quick):
 
     return [
         (f"DINO {shape(dino)}", dict(crops=dino)),
+        ("DINO, TensorFlow's default process settings", dict(crops=dino, tuned=False)),
         ("DINO, PIL-exact antialiased resize", dict(crops=_replace(dino, antialias=True))),
         ("DINO without XLA", dict(crops=dino, jit_compile=False)),
         (f"PQCL {shape(pqcl)}, masks + query tables", dict(
@@ -116,6 +122,11 @@ def measure(folder, batch, seconds, decode_only=False, **kwargs):
 def worker(args):
     """One setting per process, so that thread pools and caches do not carry over."""
     name, kwargs = settings(args.quick)[args.index]
+    kwargs = dict(kwargs)
+    if kwargs.pop("tuned", True):
+        from keras_pqcl.data import tune_input_pipeline
+
+        tune_input_pipeline(input_only=True)
     rate, cpu_per_image = measure(args.folder, args.batch, args.seconds, **kwargs)
     print(json.dumps({"name": name, "rate": rate, "cpu_per_image": cpu_per_image}))
 
@@ -159,7 +170,9 @@ def main():
     step = None if (args.no_step or args.quick) else step_rate()
 
     print(f"\nInput pipeline: {args.images} JPEGs of 256-500 px, batch {args.batch}, {cores} cores, "
-          f"{args.seconds:.0f} s per setting. Per core = images / CPU-second of the whole process.")
+          f"{args.seconds:.0f} s per setting. Per core = images / CPU-second of the whole process. "
+          "Process settings: tune_input_pipeline (BFC allocator, 1 intra-op thread) unless the row "
+          "says TensorFlow's defaults.")
     print(f"Official torchvision/PIL DINO pipeline: {OFFICIAL_PER_CORE:.0f} images/s per core (issue #4); "
           "target >= 100.")
     print("| pipeline | images/s (all cores) | images/s per core | x official | cores to feed 1 H100 (1,200 img/s) |")
