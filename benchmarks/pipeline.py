@@ -12,8 +12,9 @@ core of this machine is shown too.
 
 Each setting runs in its own process, set up as ``keras-pqcl pretrain`` sets up a JAX or
 PyTorch run (``keras_pqcl.data.tune_input_pipeline``: TensorFlow's BFC allocator for CPU
-memory, one intra-op thread), except the row with TensorFlow's default process settings,
-which is what a process that also trains with the TensorFlow backend gets.
+memory, one intra-op thread) unless its name says otherwise: a TensorFlow-backend run keeps
+TensorFlow's intra-op threads for the training step (BFC allocator only), and one row uses
+TensorFlow's defaults (a Python-API user who does not call ``tune_input_pipeline``).
 
     python benchmarks/pipeline.py                 # full table (a few minutes on 2 cores)
     python benchmarks/pipeline.py --quick         # smoke run, seconds
@@ -76,7 +77,8 @@ def settings(quick):
 
     return [
         (f"DINO {shape(dino)}", dict(crops=dino)),
-        ("DINO, TensorFlow's default process settings", dict(crops=dino, tuned=False)),
+        ("DINO, TensorFlow-backend process (BFC allocator only)", dict(crops=dino, process="tensorflow")),
+        ("DINO, TensorFlow's default process settings", dict(crops=dino, process="default")),
         ("DINO, PIL-exact antialiased resize", dict(crops=_replace(dino, antialias=True))),
         ("DINO without XLA", dict(crops=dino, jit_compile=False)),
         (f"PQCL {shape(pqcl)}, masks + query tables", dict(
@@ -123,10 +125,11 @@ def worker(args):
     """One setting per process, so that thread pools and caches do not carry over."""
     name, kwargs = settings(args.quick)[args.index]
     kwargs = dict(kwargs)
-    if kwargs.pop("tuned", True):
+    process = kwargs.pop("process", "input_only")
+    if process != "default":
         from keras_pqcl.data import tune_input_pipeline
 
-        tune_input_pipeline(input_only=True)
+        tune_input_pipeline(input_only=process == "input_only")
     rate, cpu_per_image = measure(args.folder, args.batch, args.seconds, **kwargs)
     print(json.dumps({"name": name, "rate": rate, "cpu_per_image": cpu_per_image}))
 
@@ -172,7 +175,7 @@ def main():
     print(f"\nInput pipeline: {args.images} JPEGs of 256-500 px, batch {args.batch}, {cores} cores, "
           f"{args.seconds:.0f} s per setting. Per core = images / CPU-second of the whole process. "
           "Process settings: tune_input_pipeline (BFC allocator, 1 intra-op thread) unless the row "
-          "says TensorFlow's defaults.")
+          "says otherwise.")
     print(f"Official torchvision/PIL DINO pipeline: {OFFICIAL_PER_CORE:.0f} images/s per core (issue #4); "
           "target >= 100.")
     print("| pipeline | images/s (all cores) | images/s per core | x official | cores to feed 1 H100 (1,200 img/s) |")
