@@ -325,8 +325,8 @@ class MultiCrop:
 
         Returns the final dict's geometry keys plus raw, unflipped
         ``*_crops`` (uint8 on the 0..255 scale for a uint8 image, float
-        values as they are otherwise) and private ``_*_aug`` / ``_scale``
-        entries that :meth:`finish` consumes.
+        values as they are otherwise) and private ``_*_aug`` entries that
+        :meth:`finish` consumes.
         """
         cfg = self.config
         image = tf.convert_to_tensor(image)
@@ -374,7 +374,6 @@ class MultiCrop:
                 out["query_tables"] = queries_lib.sincos_tables(coords, q.embed_dim)
         out["image_size"] = tf.shape(image)[:2]
         out["label"] = tf.cast(tf.reshape(label, []), tf.int32)
-        out["_scale"] = tf.constant(1.0 / 255.0 if image.dtype == tf.uint8 else 1.0)
         return out
 
     def finish(self, example):
@@ -386,8 +385,6 @@ class MultiCrop:
         """
         cfg = self.config
         out = dict(example)
-        # One value per example, all equal (it depends on the input dtype).
-        scale = tf.reshape(out.pop("_scale"), [-1])[0]
         clip = self.photometric or self.normalize
         chain = self._chain
         if self.normalize:
@@ -400,8 +397,10 @@ class MultiCrop:
             def pre(c):
                 # A select rather than a tf.cond: under XLA a cond copies
                 # the crop, while the reversed read fuses into the pass.
-                c = tf.cast(tf.where(flip > 0, tf.reverse(c, axis=[1]), c),
-                            tf.float32) * scale
+                c = tf.where(flip > 0, tf.reverse(c, axis=[1]), c)
+                # uint8 crops (of a uint8 image) are on the 0..255 scale.
+                c = tf.cast(c, tf.float32) * (
+                    1.0 / 255.0 if c.dtype == tf.uint8 else 1.0)
                 if clip:
                     # Bicubic overshoots the [0, 1] range a little; PIL
                     # saturates at 0/255 too. (Only raw float geometry
