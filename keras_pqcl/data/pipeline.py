@@ -176,9 +176,8 @@ def batched_examples(data, transform, batch_size, shuffle=True, seed=None,
         return ds.batch(batch_size, drop_remainder=True), info
     ds = keyed_map(ds, sample, seed, num_parallel_calls)
     ds = ds.batch(batch_size, drop_remainder=True)
-    deterministic = True if seed is not None else None
     ds = ds.map(to_views, num_parallel_calls=num_parallel_calls,
-                deterministic=deterministic)
+                deterministic=_deterministic(seed))
     return ds, info
 
 
@@ -186,9 +185,13 @@ def keyed_map(ds, fn, seed, num_parallel_calls=tf.data.AUTOTUNE):
     """``ds.map(lambda x: fn(x, key))`` with a fresh int64 ``key`` per element from
     ``Dataset.random(seed)`` (new keys each epoch); deterministic order with a seed."""
     keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-    deterministic = True if seed is not None else None
     return tf.data.Dataset.zip((ds, keys)).map(
-        fn, num_parallel_calls=num_parallel_calls, deterministic=deterministic)
+        fn, num_parallel_calls=num_parallel_calls, deterministic=_deterministic(seed))
+
+
+def _deterministic(seed):
+    """``map``'s ``deterministic``: keep element order when seeded, else tf.data's default."""
+    return True if seed is not None else None
 
 
 def finalize(ds, seed):
