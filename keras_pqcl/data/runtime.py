@@ -51,7 +51,6 @@ def tune_input_pipeline(input_only=None, bfc_allocator=True):
         import keras
 
         input_only = keras.backend.backend() != "tensorflow"
-    applied = {"bfc_allocator": False, "intra_op_threads": None}
     late = []
     if bfc_allocator:
         # Read when TensorFlow first allocates CPU memory, so an environment variable
@@ -62,10 +61,8 @@ def tune_input_pipeline(input_only=None, bfc_allocator=True):
             tf.config.threading.set_intra_op_parallelism_threads(1)
         except RuntimeError:
             late.append("one intra-op thread")
-    threads = tf.config.threading.get_intra_op_parallelism_threads()
-    applied["intra_op_threads"] = threads or None
-    applied["bfc_allocator"] = _bfc_in_use(tf)
-    if bfc_allocator and not applied["bfc_allocator"] \
+    bfc = _bfc_in_use(tf)
+    if bfc_allocator and not bfc \
             and os.environ["TF_CPU_ALLOCATOR_USE_BFC"].lower() in ("1", "true"):
         late.append("the BFC allocator")
     if late:
@@ -74,7 +71,8 @@ def tune_input_pipeline(input_only=None, bfc_allocator=True):
             "input pipeline (it stays correct, only slower). Call "
             "keras_pqcl.data.tune_input_pipeline() right after the imports.",
             " and ".join(late))
-    return applied
+    threads = tf.config.threading.get_intra_op_parallelism_threads()
+    return {"bfc_allocator": bfc, "intra_op_threads": threads or None}
 
 
 def _bfc_in_use(tf):
