@@ -45,10 +45,17 @@ class Recipe:
         precision: ``"float32"`` or ``"mixed_bfloat16"``.
         jit_compile: passed to ``compile`` (``"auto"``: JAX compiles, TF on CPU does not).
         seed: random seed for weights and data.
-        checkpoint_every: epochs between checkpoints.
+        checkpoint_every: epochs between end-of-epoch checkpoints (the last epoch is always
+            saved).
+        checkpoint_every_steps: also checkpoint every N optimizer steps inside an epoch, for
+            long epochs (``None``: off). A run resumed from such a checkpoint continues at
+            that step.
+        checkpoint_every_minutes: also checkpoint every N minutes inside an epoch (``None``: off).
+        keep_checkpoints: checkpoints kept, newest first (2): a resume falls back to the
+            older one when the newest cannot be read.
         stop_on_collapse: stop (after saving) when the run collapses; otherwise only warn
             (see :class:`keras_pqcl.callbacks.CollapseGuard`).
-        steps_per_epoch: cap the steps of an epoch (``None``: the whole dataset).
+        steps_per_epoch: cap the steps of an epoch (``None``: every full batch of the data).
         knn_every: evaluate the teacher's k-NN top-1 on held-out labelled images every
             ``knn_every`` epochs and log it as ``knn_top1`` (0: off). See ``knn_data``.
         knn_data: a folder with ``train/`` and ``val/`` sub-folders of class folders (the
@@ -82,6 +89,9 @@ class Recipe:
     jit_compile: object = "auto"
     seed: int = 0
     checkpoint_every: int = 1
+    checkpoint_every_steps: Optional[int] = None
+    checkpoint_every_minutes: Optional[float] = None
+    keep_checkpoints: int = 2
     stop_on_collapse: bool = False
     steps_per_epoch: Optional[int] = None
     knn_every: int = 0

@@ -9,15 +9,18 @@ from keras_pqcl.eval.knn import knn_accuracy
 class KNNMonitor(keras.callbacks.Callback):
     """Adds ``knn_top1`` (%, DINO's weighted k-NN on the CLS token) to the epoch logs.
 
-    At the end of every ``every``-th epoch (and of the first epoch of each ``fit``), the CLS
-    features of ``model.teacher_backbone`` (or ``student_backbone``) are extracted for
-    ``train_data`` (the neighbour bank) and ``test_data``, and the k-NN top-1 accuracy is
-    written into the logs dict. Other epochs leave the key out (``CSVLogger`` writes ``NA``).
+    At the end of the first epoch, of every ``every``-th epoch and of epoch ``last_epoch``,
+    the CLS features of ``model.teacher_backbone`` (or ``student_backbone``) are extracted
+    for ``train_data`` (the neighbour bank) and ``test_data``, and the k-NN top-1 accuracy
+    is written into the logs dict. Other epochs leave the key out. Which epochs are
+    evaluated depends on the epoch number alone, so a resumed run evaluates the same epochs
+    as an uninterrupted one.
 
     Keras hands the *same* logs dict to the callbacks in list order, so the value is only
-    seen by callbacks that come after this one: put ``KNNMonitor`` **before**
-    ``CSVLogger``, ``TensorBoard`` and checkpoints that monitor ``knn_top1``. The first epoch
-    of a ``fit`` is always evaluated because ``CSVLogger`` fixes its columns then.
+    seen by callbacks that come after this one: put ``KNNMonitor`` **before** the loggers
+    (:class:`~keras_pqcl.callbacks.EpochLog`, ``TensorBoard``) and checkpoints that monitor
+    ``knn_top1``. (Keras' ``CSVLogger`` fixes its columns at the first epoch it sees; the
+    ``EpochLog`` adds a column when a key first appears.)
 
     Args:
         train_data, test_data: labelled data, as :func:`keras_pqcl.eval.extract_features`
@@ -30,12 +33,14 @@ class KNNMonitor(keras.callbacks.Callback):
         image_size: evaluation size; None uses the backbone's ``image_size``.
         batch_size: images per forward pass.
         num_classes: defaults to the largest label plus one.
+        last_epoch: also evaluate at the end of this (0-based) epoch, the run's last, so the
+            final score belongs to the final backbone; None: only the schedule above.
 
     After training, :attr:`history` holds ``(epoch, top1, top5)`` tuples (0-based epochs).
     """
 
     def __init__(self, train_data, test_data, every=1, k=20, temperature=0.07, use="teacher",
-                 image_size=None, batch_size=64, num_classes=None):
+                 image_size=None, batch_size=64, num_classes=None, last_epoch=None):
         super().__init__()
         if use not in ("teacher", "student"):
             raise ValueError(f"use must be 'teacher' or 'student'; got {use!r}.")
@@ -50,8 +55,8 @@ class KNNMonitor(keras.callbacks.Callback):
         self.image_size = image_size
         self.batch_size = int(batch_size)
         self.num_classes = num_classes
+        self.last_epoch = last_epoch
         self.history = []
-        self._first_epoch = None
         self._extractor = None
 
     def _backbone(self):
@@ -69,7 +74,6 @@ class KNNMonitor(keras.callbacks.Callback):
         if self._extractor is None or self._extractor.backbone is not backbone:
             # Kept across epochs: the compiled forward pass reads the current weights.
             self._extractor = FeatureExtractor(backbone)
-        self._first_epoch = None
 
     def evaluate(self):
         """``{"top1", "top5"}`` of the current backbone (%)."""
@@ -81,10 +85,12 @@ class KNNMonitor(keras.callbacks.Callback):
         return knn_accuracy(train_x, train_y, test_x, test_y, k=self.k, temperature=self.temperature,
                             num_classes=self.num_classes)
 
+    def due(self, epoch):
+        """Whether the end of (0-based) ``epoch`` is evaluated."""
+        return epoch == 0 or (epoch + 1) % self.every == 0 or epoch == self.last_epoch
+
     def on_epoch_end(self, epoch, logs=None):
-        if self._first_epoch is None:
-            self._first_epoch = epoch
-        if epoch != self._first_epoch and (epoch + 1) % self.every:
+        if not self.due(epoch):
             return
         scores = self.evaluate()
         self.history.append((epoch, scores["top1"], scores["top5"]))
