@@ -7,7 +7,9 @@ augmentations is built (never at package import).
 
 Main entry points:
 
-* :func:`pretrain_dataset` - batched multi-crop dataset of dicts.
+* :func:`pretrain_dataset` - batched multi-crop dataset of dicts;
+  ``epochs=E`` makes it a finite stream that resumes exactly at any
+  ``start=(epoch, step)`` (:func:`plan_stream`).
 * :class:`MultiCropConfig` / :class:`MultiCrop` - the per-example transform.
 * :func:`load_source` - folders, numpy arrays, ``"synthetic_scenes"``,
   ``"tfds:NAME"``.
@@ -45,12 +47,14 @@ from keras_pqcl.data.masks import (
 )
 from keras_pqcl.data.montage import Montage, MontageConfig, assemble_montages, mcl_dataset
 from keras_pqcl.data.multicrop import MultiCrop, MultiCropConfig
-from keras_pqcl.data.pipeline import pretrain_dataset, steps_per_epoch
+from keras_pqcl.data.pipeline import StreamPlan, plan_stream, pretrain_dataset, steps_per_epoch
 from keras_pqcl.data.queries import QueryConfig, query_coords, sincos_tables
 from keras_pqcl.data.runtime import tune_input_pipeline
 from keras_pqcl.data.sources import (
     IMAGE_EXTENSIONS,
+    UNSUPPORTED_IMAGE_EXTENSIONS,
     SourceInfo,
+    indexed_source,
     list_image_files,
     load_source,
 )
@@ -70,17 +74,21 @@ __all__ = [
     "QueryConfig",
     "SYNTHETIC_CLASS_NAMES",
     "SourceInfo",
+    "StreamPlan",
+    "UNSUPPORTED_IMAGE_EXTENSIONS",
     "assemble_montages",
     "block_mask",
     "color_jitter",
     "crop_and_resize",
     "densecl_crops",
     "gaussian_blur",
+    "indexed_source",
     "list_image_files",
     "load_source",
     "mcl_dataset",
     "normalize",
     "photometric_augment",
+    "plan_stream",
     "pretrain_dataset",
     "query_coords",
     "random_mask",

@@ -59,7 +59,7 @@ import tensorflow as tf
 
 from keras_pqcl.data import augment as aug
 from keras_pqcl.data.multicrop import MultiCrop, MultiCropConfig
-from keras_pqcl.data.pipeline import batched_examples, finalize, keyed_map
+from keras_pqcl.data.pipeline import batched_examples, finalize, keyed_map, plan_stream
 
 __all__ = ["MontageConfig", "MontageLevel", "Montage", "assemble_montages", "mcl_dataset"]
 
@@ -295,6 +295,9 @@ def mcl_dataset(
     jit_compile=True,
     return_info=False,
     source_kwargs=None,
+    epochs=None,
+    steps_per_epoch=None,
+    start=(0, 0),
 ):
     """The batched MCL pre-training dataset: views per image, montages per batch.
 
@@ -302,7 +305,10 @@ def mcl_dataset(
     ``n_global = V``, photometric stage XLA-compiled) → ``batch(N, drop_remainder=True)`` →
     per batch: montages (:class:`Montage`) → prefetch. Every random draw is stateless and
     seeded from ``Dataset.random(seed)`` (per example for the views, per batch for the
-    permutations), so a seeded pipeline is reproducible and each epoch draws anew.
+    permutations), so a seeded pipeline is reproducible and each epoch draws anew. With
+    ``epochs=E`` the seeds come from the resumable stream instead (per example from
+    ``(seed, epoch, position)``, per batch from ``(seed, epoch, step)``, see
+    :mod:`keras_pqcl.data.pipeline`).
 
     Args:
         data: anything :func:`keras_pqcl.data.pretrain_dataset` accepts (a folder,
@@ -319,6 +325,9 @@ def mcl_dataset(
         jit_compile: compile the photometric stage with XLA.
         return_info: also return the source's :class:`~keras_pqcl.data.SourceInfo`.
         source_kwargs: extra ``load_source`` arguments.
+        epochs, steps_per_epoch, start: the resumable stream, as in ``pretrain_dataset``:
+            ``E S - start[0] S - start[1]`` batches (static cardinality), batch ``(e, s)``
+            the same whatever ``start`` the stream was built with.
 
     Returns:
         ``tf.data.Dataset`` of dicts (entries in the module docstring), or
@@ -341,14 +350,18 @@ def mcl_dataset(
     ds, info = batched_examples(
         data, transform, batch_size, shuffle=shuffle, seed=seed, repeat=repeat,
         num_parallel_calls=num_parallel_calls, jit_compile=jit_compile,
-        source_kwargs=source_kwargs, select=views_only,
+        source_kwargs=source_kwargs, select=views_only, epochs=epochs,
+        steps_per_epoch=steps_per_epoch, start=start,
     )
     montage = Montage(config, keep_views=keep_views)
+    # The stream's per-batch keys; batched_examples has checked these arguments already.
+    plan = plan_stream(seed, epochs, steps_per_epoch, start, info.num_examples, batch_size)
 
     @tf.autograph.experimental.do_not_convert
     def to_montages(batch, key):
         # Second seed word 1: independent of the examples' streams (second word 0).
         return montage(batch, tf.stack([key, tf.ones([], tf.int64)]))
 
-    ds = finalize(keyed_map(ds, to_montages, seed, num_parallel_calls), seed)
+    keys = plan.batch_keys() if plan is not None else None
+    ds = finalize(keyed_map(ds, to_montages, seed, num_parallel_calls, keys=keys), seed)
     return (ds, info) if return_info else ds

@@ -10,8 +10,12 @@ Accepted ``data`` values for :func:`load_source`:
 * a directory path: every ``.jpg .jpeg .png .webp .bmp .gif`` file below it
   (recursive, extensions case-insensitive). Labels come from the first-level
   sub-folder names (sorted → 0..K-1) when there are such folders; images
-  directly in the root get -1. Files whose header is not a known image
-  format are skipped with ONE warning giving their count.
+  directly in the root get -1. Files that fail the check (``verify``: the
+  header, or a full decode) are skipped with ONE warning giving their count
+  and names (``SourceInfo.skipped_files`` lists all of them). Image formats
+  TensorFlow cannot decode (``.tif .tiff .heic .heif .avif .jp2`` ...,
+  :data:`UNSUPPORTED_IMAGE_EXTENSIONS`) are not read; one warning names them
+  (``SourceInfo.unsupported_files``).
 * numpy arrays: ``images`` or ``(images,)`` or ``(images, labels)`` or a dict
   with keys ``images``/``image`` and optionally ``labels``/``label``.
   Images are uint8 ``[N, H, W, 3]`` or float in ``[0, 1]``; grayscale
@@ -34,12 +38,26 @@ from keras_pqcl.data import synthetic as synthetic_lib
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "UNSUPPORTED_IMAGE_EXTENSIONS",
     "SourceInfo",
+    "indexed_source",
     "load_source",
     "list_image_files",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+
+# Image formats that tf.io.decode_image cannot read. Files with these
+# extensions are reported by name instead of being silently left out of the
+# count (a folder of TIFFs would otherwise look like an empty folder).
+UNSUPPORTED_IMAGE_EXTENSIONS = (
+    ".tif", ".tiff", ".heic", ".heif", ".avif", ".jp2", ".j2k", ".jpx",
+    ".jxl", ".ico", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".psd", ".exr",
+    ".hdr", ".dng", ".cr2", ".nef", ".arw", ".raw", ".svg",
+)
+
+# Names listed in one warning; the rest are counted ("and N more").
+_MAX_NAMED = 10
 
 SYNTHETIC_DEFAULT_NUM = 2048
 SYNTHETIC_DEFAULT_SIZE = 64
@@ -56,16 +74,28 @@ class SourceInfo:
     Attributes:
         name: short description (e.g. ``"synthetic_scenes:2048"``, a path).
         num_examples: number of examples, or None when unknown. For folders
-            it counts files that passed the header check (a file corrupt
-            past its header is still dropped at decode time).
+            it counts files that passed the check of ``verify``: with
+            ``"header"`` a file corrupt past its header is counted and then
+            dropped at decode time; with ``"decode"`` the count is exact.
         class_names: tuple of class names (label k = class_names[k]) or None.
-        num_skipped: files skipped before decoding (folders only).
+        num_skipped: files skipped before decoding (folders only):
+            ``len(skipped_files)``.
+        skipped_files: paths of the skipped files (unreadable or corrupt),
+            all of them, sorted.
+        unsupported_files: paths of files in formats TensorFlow cannot
+            decode (``.tif`` ...), not read and not counted (folders only).
+        verified: True when ``num_examples`` is exact, i.e. every counted
+            example will be produced: in-memory arrays, or a folder whose
+            every counted file decoded (``verify="decode"``).
     """
 
     name: str
     num_examples: Optional[int]
     class_names: Optional[Tuple[str, ...]]
     num_skipped: int = 0
+    skipped_files: Tuple[str, ...] = ()
+    unsupported_files: Tuple[str, ...] = ()
+    verified: bool = False
 
 
 # ---------------------------------------------------------------------------
@@ -116,12 +146,9 @@ def _as_uint8_rgb(images):
     return images
 
 
-def _numpy_dataset(images, labels, shuffle, seed):
-    """Index-based dataset: shuffling indices is cheap, images are gathered."""
-    n = images.shape[0]
-    index = tf.data.Dataset.range(n)
-    if shuffle:
-        index = index.shuffle(n, seed=seed, reshuffle_each_iteration=True)
+def _array_fetch(images, labels):
+    """``fetch(i)``: example ``i`` (int64 scalar tensor) of the arrays as
+    ``(image uint8 [H, W, 3], label int32 [])``, with TensorFlow ops."""
     if images.nbytes <= _MAX_IN_GRAPH_BYTES:
         images_t = tf.constant(images)
         labels_t = tf.constant(labels)
@@ -137,11 +164,21 @@ def _numpy_dataset(images, labels, shuffle, seed):
             img.set_shape(images.shape[1:])
             lab.set_shape([])
             return img, lab
+    return fetch
 
-    return index.map(fetch, num_parallel_calls=tf.data.AUTOTUNE)
+
+def _numpy_dataset(images, labels, shuffle, seed):
+    """Index-based dataset: shuffling indices is cheap, images are gathered."""
+    n = images.shape[0]
+    index = tf.data.Dataset.range(n)
+    if shuffle:
+        index = index.shuffle(n, seed=seed, reshuffle_each_iteration=True)
+    return index.map(_array_fetch(images, labels),
+                     num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def _from_numpy(data, shuffle, seed, name="numpy"):
+def _numpy_arrays(data):
+    """Validated ``(images uint8 [N, H, W, 3], labels int32 [N])`` of a numpy source."""
     labels = None
     if isinstance(data, dict):
         keys = set(data)
@@ -180,8 +217,14 @@ def _from_numpy(data, shuffle, seed, name="numpy"):
                 f"labels must be integers; got dtype {labels.dtype}."
             )
         labels = labels.astype(np.int32)
+    return images, labels
+
+
+def _from_numpy(data, shuffle, seed, name="numpy"):
+    images, labels = _numpy_arrays(data)
     ds = _numpy_dataset(images, labels, shuffle, seed)
-    info = SourceInfo(name=name, num_examples=n, class_names=None)
+    info = SourceInfo(name=name, num_examples=images.shape[0],
+                      class_names=None, verified=True)
     return ds, info
 
 
@@ -212,16 +255,22 @@ def _parse_synthetic(spec):
     return num, size
 
 
-def _from_synthetic(spec, shuffle, seed):
+def _synthetic_arrays(spec):
+    """``(images, labels, info)`` of a ``"synthetic_scenes[:N[:S]]"`` spec."""
     num, size = _parse_synthetic(spec)
     images, labels = _cached_synthetic(num, size)
-    ds = _numpy_dataset(images, labels, shuffle, seed)
     info = SourceInfo(
         name=f"synthetic_scenes:{num}:{size}",
         num_examples=num,
         class_names=tuple(synthetic_lib.SYNTHETIC_CLASS_NAMES),
+        verified=True,
     )
-    return ds, info
+    return images, labels, info
+
+
+def _from_synthetic(spec, shuffle, seed):
+    images, labels, info = _synthetic_arrays(spec)
+    return _numpy_dataset(images, labels, shuffle, seed), info
 
 
 # ---------------------------------------------------------------------------
@@ -243,15 +292,9 @@ def _looks_like_image(path):
     )
 
 
-def list_image_files(root):
-    """Lists image files below ``root`` with labels from sub-folder names.
-
-    Returns:
-        ``(paths, labels, class_names)``: sorted list of str, int32 numpy
-        ``[n]`` (-1 for images directly in ``root``), tuple of names (empty
-        when there are no first-level sub-folders with images).
-    """
-    paths = []
+def _scan(root):
+    """``(image_paths, unsupported_paths)`` below ``root``, both sorted by walk order."""
+    paths, unsupported = [], []
     seen = set()
     # Follow symlinked folders (common for dataset layouts) but never visit
     # the same real folder twice, so a link loop cannot recurse forever.
@@ -263,8 +306,16 @@ def list_image_files(root):
         seen.add(real)
         dirnames.sort()
         for fname in sorted(filenames):
-            if fname.lower().endswith(IMAGE_EXTENSIONS):
+            lower = fname.lower()
+            if lower.endswith(IMAGE_EXTENSIONS):
                 paths.append(os.path.join(dirpath, fname))
+            elif lower.endswith(UNSUPPORTED_IMAGE_EXTENSIONS):
+                unsupported.append(os.path.join(dirpath, fname))
+    return paths, unsupported
+
+
+def _folder_labels(root, paths):
+    """``(labels int32 [n], class_names)`` from the first-level sub-folders."""
     top = []
     for p in paths:
         rel = os.path.relpath(p, root)
@@ -273,6 +324,19 @@ def list_image_files(root):
     class_names = tuple(sorted({t for t in top if t is not None}))
     index = {name: i for i, name in enumerate(class_names)}
     labels = np.array([index[t] if t is not None else -1 for t in top], np.int32)
+    return labels, class_names
+
+
+def list_image_files(root):
+    """Lists image files below ``root`` with labels from sub-folder names.
+
+    Returns:
+        ``(paths, labels, class_names)``: sorted list of str, int32 numpy
+        ``[n]`` (-1 for images directly in ``root``), tuple of names (empty
+        when there are no first-level sub-folders with images).
+    """
+    paths, _ = _scan(root)
+    labels, class_names = _folder_labels(root, paths)
     return paths, labels, class_names
 
 
@@ -284,7 +348,51 @@ def _decode_file(path, label):
     return image, label
 
 
-def _from_folder(root, shuffle, seed, verify):
+def _decode_failures(paths):
+    """Bool numpy ``[n]``: True where ``paths[i]`` cannot be read or decoded.
+
+    One parallel ``tf.data`` pass decodes every file once. A failing file
+    would abort a plain pass, so each element carries its index, failures
+    are dropped by ``ignore_errors`` and the missing indices name the bad
+    files (order does not matter, hence ``deterministic=False``).
+    """
+    n = len(paths)
+    ds = tf.data.Dataset.from_tensor_slices(
+        (tf.range(n, dtype=tf.int64), tf.constant(paths, tf.string)))
+
+    @tf.autograph.experimental.do_not_convert
+    def check(i, path):
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3,
+                                   expand_animations=False)
+        # Returning a value computed from the pixels keeps the decode from
+        # being pruned as dead code; the shape is the cheapest such value.
+        return i, tf.shape(image)
+
+    ds = ds.map(check, num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=False)
+    ds = ds.ignore_errors(log_warning=False).map(lambda i, shape: i)
+    decoded = np.zeros([n], bool)
+    for index in ds.batch(4096).as_numpy_iterator():
+        decoded[index] = True
+    return ~decoded
+
+
+def _name_list(paths, root):
+    """``"a.png, b/c.jpg and 3 more"``: names relative to ``root``."""
+    rel = [os.path.relpath(p, root) for p in paths]
+    text = ", ".join(rel[:_MAX_NAMED])
+    if len(rel) > _MAX_NAMED:
+        text += f" and {len(rel) - _MAX_NAMED} more"
+    return text
+
+
+def _folder_files(root, verify):
+    """Lists, checks and counts a folder's images.
+
+    Returns:
+        ``(paths, labels, info)``: the usable files (list of str), their
+        labels int32 numpy ``[n]`` and the :class:`SourceInfo`.
+    """
     if not os.path.exists(root):
         raise FileNotFoundError(f"data folder not found: {root!r}")
     if not os.path.isdir(root):
@@ -292,35 +400,63 @@ def _from_folder(root, shuffle, seed, verify):
             f"{root!r} is a file; pass a folder of images, 'synthetic_scenes', "
             "'tfds:NAME' or numpy arrays."
         )
-    paths, labels, class_names = list_image_files(root)
+    if verify not in ("header", "decode", "none"):
+        raise ValueError(
+            f"verify must be 'header', 'decode' or 'none'; got {verify!r}."
+        )
+    paths, unsupported = _scan(root)
+    if unsupported:
+        found = (f"{len(unsupported)} files in formats TensorFlow cannot "
+                 f"decode ({_name_list(unsupported, root)}); convert them to "
+                 "PNG or JPEG to use them")
     if not paths:
         raise ValueError(
             f"no image files found in folder {root!r} (searched recursively "
-            f"for extensions {', '.join(IMAGE_EXTENSIONS)})."
+            f"for extensions {', '.join(IMAGE_EXTENSIONS)})"
+            + (f"; found {found}." if unsupported else ".")
         )
+    if unsupported:
+        warnings.warn(f"{root!r}: not using {found}.", stacklevel=4)
     total = len(paths)
+    bad = []
     if verify in ("header", "decode"):
-        keep = [_looks_like_image(p) for p in paths]
-        if verify == "decode":
-            keep = [k and _decodes(p) for k, p in zip(keep, paths)]
+        keep = np.array([_looks_like_image(p) for p in paths], bool)
+        if verify == "decode" and keep.any():
+            # Only the files with a valid header are decoded.
+            candidates = [p for p, k in zip(paths, keep) if k]
+            keep[np.flatnonzero(keep)[_decode_failures(candidates)]] = False
         bad = [p for p, k in zip(paths, keep) if not k]
         paths = [p for p, k in zip(paths, keep) if k]
-        labels = labels[np.asarray(keep, bool)]
         if bad:
+            check = "header is not a JPEG/PNG/GIF/BMP/WebP signature"
+            if verify == "decode":
+                check += ", or the file failed to read or decode"
             warnings.warn(
                 f"skipped {len(bad)} of {total} image files in {root!r} that "
-                f"are unreadable or corrupt (first: {bad[0]!r}).",
-                stacklevel=3,
+                f"are unreadable or corrupt ({check}): "
+                f"{_name_list(bad, root)}.",
+                stacklevel=4,
             )
         if not paths:
             raise ValueError(
                 f"none of the {total} image files in folder {root!r} could be "
                 f"read (accepted extensions: {', '.join(IMAGE_EXTENSIONS)})."
             )
-    elif verify != "none":
-        raise ValueError(
-            f"verify must be 'header', 'decode' or 'none'; got {verify!r}."
-        )
+    labels, class_names = _folder_labels(root, paths)
+    info = SourceInfo(
+        name=root,
+        num_examples=len(paths),
+        class_names=class_names or None,
+        num_skipped=len(bad),
+        skipped_files=tuple(bad),
+        unsupported_files=tuple(unsupported),
+        verified=verify == "decode",
+    )
+    return paths, labels, info
+
+
+def _from_folder(root, shuffle, seed, verify):
+    paths, labels, info = _folder_files(root, verify)
     ds = tf.data.Dataset.from_tensor_slices(
         (tf.constant(paths), tf.constant(labels, tf.int32))
     )
@@ -332,22 +468,17 @@ def _from_folder(root, shuffle, seed, verify):
     # truncated PNGs): they are dropped silently here, as they cannot be
     # counted before decoding. Use verify="decode" to count them up front.
     ds = ds.ignore_errors(log_warning=False)
-    info = SourceInfo(
-        name=root,
-        num_examples=len(paths),
-        class_names=class_names or None,
-        num_skipped=total - len(paths),
-    )
     return ds, info
 
 
-def _decodes(path):
-    try:
-        tf.io.decode_image(tf.io.read_file(path), channels=3,
-                           expand_animations=False)
-        return True
-    except (tf.errors.OpError, ValueError):
-        return False
+def _folder_fetch(paths, labels):
+    """``fetch(i)``: file ``i`` (int64 scalar tensor) decoded, with its label."""
+    paths_t = tf.constant(paths, tf.string)
+    labels_t = tf.constant(labels, tf.int32)
+
+    def fetch(i):
+        return _decode_file(tf.gather(paths_t, i), tf.gather(labels_t, i))
+    return fetch
 
 
 # ---------------------------------------------------------------------------
@@ -442,9 +573,11 @@ def load_source(data="synthetic_scenes", *, shuffle=False, seed=None,
         seed: int or None; makes shuffling reproducible.
         verify: folders only. ``"header"`` (default) skips files whose first
             bytes are not a JPEG/PNG/GIF/BMP/WebP signature; ``"decode"``
-            also fully decodes every file once (slow; counts every bad
-            file); ``"none"`` trusts the files. In every mode files failing
-            at decode time are dropped by ``ignore_errors``.
+            also decodes every file once, in one parallel pass (about the
+            cost of one epoch's decoding), so that the count is exact and
+            every bad file is named (``info.verified`` True); ``"none"``
+            trusts the files. In every mode files failing at decode time
+            are dropped by ``ignore_errors``.
         split: TFDS split (default ``"train"``).
         data_dir: TFDS data directory (default: tfds' own default).
 
@@ -466,7 +599,49 @@ def load_source(data="synthetic_scenes", *, shuffle=False, seed=None,
         return _from_folder(data, shuffle, seed, verify)
     if isinstance(data, (np.ndarray, tuple, list, dict)):
         return _from_numpy(data, shuffle, seed)
-    raise TypeError(
+    raise _type_error(data)
+
+
+def indexed_source(data="synthetic_scenes", *, verify="header",
+                   split="train", data_dir=None):
+    """Random-access form of a source: example ``i`` without reading ``0..i-1``.
+
+    Streams that must start anywhere (``pretrain_dataset(..., epochs=E,
+    start=...)``) use it to permute indices statelessly.
+
+    Args:
+        data, verify, split, data_dir: as in :func:`load_source`.
+
+    Returns:
+        ``(fetch, info)``: ``fetch(i)`` maps an int64 scalar tensor ``0 <= i
+        < info.num_examples`` to ``(image uint8 [H, W, 3], label int32 [])``
+        with TensorFlow ops (for ``Dataset.map``); for a folder ``i`` indexes
+        the sorted list of usable files. ``None`` for sources that can only
+        be read in order (``"tfds:NAME"``).
+
+    Raises:
+        As :func:`load_source`.
+    """
+    if isinstance(data, os.PathLike):
+        data = os.fspath(data)
+    if isinstance(data, str):
+        if data == "synthetic_scenes" or data.startswith("synthetic_scenes:"):
+            images, labels, info = _synthetic_arrays(data)
+            return _array_fetch(images, labels), info
+        if data.startswith("tfds:"):
+            return None
+        paths, labels, info = _folder_files(data, verify)
+        return _folder_fetch(paths, labels), info
+    if isinstance(data, (np.ndarray, tuple, list, dict)):
+        images, labels = _numpy_arrays(data)
+        info = SourceInfo(name="numpy", num_examples=images.shape[0],
+                          class_names=None, verified=True)
+        return _array_fetch(images, labels), info
+    raise _type_error(data)
+
+
+def _type_error(data):
+    return TypeError(
         "data must be 'synthetic_scenes[:N]', a folder path, 'tfds:NAME' or "
         f"numpy arrays; got {type(data).__name__}."
     )
