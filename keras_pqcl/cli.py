@@ -28,7 +28,17 @@ def _parser():
     pre.add_argument("--batch-size", type=int, dest="batch_size", help="global batch size")
     pre.add_argument("--steps-per-epoch", type=int, dest="steps_per_epoch", help="cap steps per epoch")
     pre.add_argument("--output", default=None, help="output folder (default runs/<recipe>)")
-    pre.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output")
+    pre.add_argument("--resume", action="store_true",
+                     help="continue the run in --output from its newest usable checkpoint (a missing or empty "
+                     "folder starts a new run)")
+    pre.add_argument("--overwrite", action="store_true",
+                     help="replace the run in --output (its checkpoints, logs and backbones are deleted)")
+    pre.add_argument("--checkpoint-every-steps", type=int, dest="checkpoint_every_steps",
+                     help="also checkpoint every N steps inside an epoch (long epochs)")
+    pre.add_argument("--checkpoint-every-minutes", type=float, dest="checkpoint_every_minutes",
+                     help="also checkpoint every N minutes inside an epoch")
+    pre.add_argument("--keep-checkpoints", type=int, dest="keep_checkpoints",
+                     help="checkpoints kept, newest first (default 2)")
     pre.add_argument("--precision", choices=["float32", "mixed_bfloat16"])
     pre.add_argument("--seed", type=int)
     pre.add_argument("--knn-every", type=int, dest="knn_every",
@@ -120,6 +130,10 @@ def main(argv=None):
         # Bad input or a diverged run: the message says what to change, a traceback adds noise.
         print(f"keras-pqcl: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # permissions, a full disk: the system's words and the file
+        where = f": {error.filename}" if error.filename else ""
+        print(f"keras-pqcl: error: {error.strerror or error}{where}", file=sys.stderr)
+        return 2
 
 
 def _main(argv):
@@ -147,6 +161,9 @@ def _main(argv):
         seed=args.seed,
         knn_every=args.knn_every,
         knn_data=args.knn_data,
+        checkpoint_every_steps=args.checkpoint_every_steps,
+        checkpoint_every_minutes=args.checkpoint_every_minutes,
+        keep_checkpoints=args.keep_checkpoints,
     )
     output = args.output or os.path.join("runs", recipe.name)
 
@@ -160,7 +177,7 @@ def _main(argv):
     print(f"keras-pqcl: input pipeline: TensorFlow {'BFC' if tuned['bfc_allocator'] else 'default'} CPU "
           f"allocator, {tuned['intra_op_threads'] or 'default'} intra-op thread(s) "
           "(keras_pqcl.data.tune_input_pipeline)")
-    summary = pretrain(recipe, output, resume=args.resume, verbose=0 if args.quiet else 1)
+    summary = pretrain(recipe, output, resume=args.resume, overwrite=args.overwrite, verbose=0 if args.quiet else 1)
     print("\nDone.")
     width = max(len(k) for k in summary)
     for key, value in summary.items():
@@ -194,6 +211,27 @@ def _test_spec(args):
     if args.data.startswith("tfds:"):
         return args.data
     raise ValueError("--test-data is required when --data is a folder (the test images must be held out).")
+
+
+def _split_identity(spec, seed, split):
+    """What a split is made of, for telling whether train and test are the same images."""
+    if _is_synthetic(spec):
+        from keras_pqcl.data.sources import _parse_synthetic
+
+        return ("synthetic_scenes", *_parse_synthetic(spec or "synthetic_scenes"), seed)
+    if spec.startswith("tfds:"):
+        return ("tfds", spec[len("tfds:"):].strip("/"), split)
+    return ("folder", os.path.realpath(spec))
+
+
+def _warn_if_same_split(args, test_spec):
+    """One stderr line when the test split is the train split: the scores would not generalise."""
+    train = _split_identity(args.data, EVAL_TRAIN_SEED, args.split)
+    if train != _split_identity(test_spec, EVAL_TEST_SEED, args.test_split):
+        return
+    what = f"{args.data} ({args.split})" if train[0] == "tfds" else args.data
+    print(f"keras-pqcl: warning: --test-data is the same as --data ({what}): the scores measure memorisation, "
+          "not generalisation; pass a held-out split.", file=sys.stderr)
 
 
 def _labelled(spec, seed, split):
@@ -235,50 +273,88 @@ def _segmentation(spec, masks, seed, size, what):
 
 
 def _load_backbone(path, use):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"weights file not found: {path!r} (a .keras file written by `keras-pqcl pretrain`)")
-    import keras
+    """The backbone in ``path`` (a backbone file, or a checkpoint's ``use`` backbone)."""
+    from keras_pqcl.io.load import load_backbone
 
-    import keras_pqcl  # noqa: F401  (registers the classes load_model needs)
-
-    try:
-        model = keras.saving.load_model(path)
-    except Exception as error:  # a zip/h5/JSON/class error: the file, not the code, is at fault
-        raise ValueError(f"could not load {path!r} as a Keras model: {type(error).__name__}: {error}") from None
-    if hasattr(model, "forward_features"):
-        return model
-    backbone = getattr(model, f"{use}_backbone", None)
-    if backbone is None:
-        raise ValueError(
-            f"{path!r} holds a {type(model).__name__}, neither a ViT backbone nor a self-supervised model with a "
-            f"{use}_backbone."
-        )
-    return backbone
+    return load_backbone(path, use)
 
 
 def _read_image(path):
+    """``--image`` -> ``(H, W, 3)`` array: uint8, or float in [0, 1] from a float .npy.
+
+    Every way the file can be wrong ends in a ValueError naming it: the CLI prints one line.
+    """
     if not os.path.exists(path):
         raise FileNotFoundError(f"image not found: {path!r}")
+    if os.path.isdir(path):
+        raise ValueError(f"--image {path!r} is a directory; pass one image file (PNG/JPEG) or a .npy array.")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"cannot read --image {path!r} (permission denied); check the file's permissions.")
     import numpy as np
 
     if path.lower().endswith(".npy"):
-        return np.load(path)
+        return _image_array(path)
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
             return np.asarray(img.convert("RGB"))  # as DINO's visualize_attention.py
     except UnidentifiedImageError:
-        raise ValueError(f"{path!r} is not an image file PIL can read.") from None
+        raise ValueError(f"{path!r} is not an image file PIL can read; pass a PNG/JPEG or a .npy array.") from None
+    except Exception as error:  # OSError, SyntaxError, ...: decoders fail in many ways, all the file's fault
+        reason = " ".join(f"{type(error).__name__}: {error}".split())
+        raise ValueError(
+            f"{path!r} is not a readable image (corrupt or truncated): {reason}; re-export it as PNG/JPEG."
+        ) from None
 
 
-def _eval_attention(args, backbone, output):
+def _image_array(path):
+    """A .npy ``--image``: ``(H, W, 3)``, ``(1, H, W, 3)`` or grey ``(H, W)``/``(H, W, 1)`` -> ``(H, W, 3)``.
+
+    Integers in [0, 255] come back as uint8, floats (in [0, 1]) as they are.
+    """
+    import numpy as np
+
+    fix = "save one image with np.save(path, image) where image is (height, width, 3), uint8 or float in [0, 1]"
+    try:
+        image = np.load(path, allow_pickle=False)
+    except Exception as error:  # pickled objects, a damaged header, a truncated body
+        reason = " ".join(f"{type(error).__name__}: {error}".split())
+        raise ValueError(f"{path!r} is not a readable .npy array: {reason}; {fix}.") from None
+    if not isinstance(image, np.ndarray) or not (np.issubdtype(image.dtype, np.integer)
+                                                 or np.issubdtype(image.dtype, np.floating)):
+        raise ValueError(f"{path!r} holds {getattr(image, 'dtype', type(image).__name__)} data, not pixels; {fix}.")
+    if image.ndim == 4 and image.shape[0] == 1:
+        image = image[0]
+    if image.ndim == 3 and image.shape[-1] == 4:
+        raise ValueError(f"{path!r} has shape {image.shape}: the image must have 3 channels (RGB); "
+                         "drop the alpha channel: image[..., :3].")
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    if image.ndim == 2:  # grey, as PIL's convert("RGB") does for grey files
+        image = np.repeat(image[..., None], 3, axis=-1)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"{path!r} has shape {image.shape}, not (height, width, 3) or (height, width); {fix}.")
+    if not image.size:
+        raise ValueError(f"{path!r} has shape {image.shape}: an empty image; {fix}.")
+    lo, hi = float(image.min()), float(image.max())  # NaN propagates and fails the checks below
+    if np.issubdtype(image.dtype, np.integer):
+        if not 0 <= lo <= hi <= 255:
+            raise ValueError(f"{path!r} holds integers in [{lo:g}, {hi:g}], not pixels in [0, 255]; {fix}.")
+        return image.astype(np.uint8)
+    if not 0.0 <= lo <= hi <= 1.0 + 1e-6:
+        raise ValueError(f"{path!r} holds floats in [{lo:g}, {hi:g}], not in [0, 1]; {fix}.")
+    return image
+
+
+def _eval_attention(args, backbone, output, image=None):
+    """Attention/PCA PNGs of ``image`` (``(H, W, 3)`` read from ``--image``; None: a synthetic one)."""
     import numpy as np
 
     from keras_pqcl import eval as ev
 
-    if args.image:
-        image, source = _read_image(args.image), args.image
+    if image is not None:
+        source = args.image
     else:
         data, source = _synthetic("synthetic_scenes:1", EVAL_TEST_SEED)
         image, source = data["images"][0], f"{source}, image 0"
@@ -305,6 +381,8 @@ def _eval(args):
     start = time.time()
     if args.protocol != "attention" and args.image:
         raise ValueError("--image is for `eval attention`; the other protocols read --data/--test-data.")
+    # A bad --image is reported before the (slower) model load.
+    image = _read_image(args.image) if args.protocol == "attention" and args.image else None
     backbone = _load_backbone(args.weights, args.use)
     output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.weights)), "eval", args.protocol)
 
@@ -316,7 +394,7 @@ def _eval(args):
           f"on backend {keras.backend.backend()} -> {output}")
     verbose = 0 if args.quiet else 2
     if args.protocol == "attention":
-        results, splits = _eval_attention(args, backbone, output)
+        results, splits = _eval_attention(args, backbone, output, image)
     elif args.protocol == "dense":
         if isinstance(args.lr, list):
             raise ValueError(f"eval dense takes one --lr, got {len(args.lr)}; sweeping rates is for eval linear.")
@@ -325,6 +403,7 @@ def _eval(args):
         if args.test_data is None and not _is_synthetic(args.data):
             raise ValueError("--test-data (with --test-masks) is required when --data is a folder.")
         test_spec = _test_spec(args)
+        _warn_if_same_split(args, test_spec)
         test_images, test_masks, test_name = _segmentation(test_spec, args.test_masks, EVAL_TEST_SEED, size, "test-")
         # synthetic_scenes: 0 = background and k + 1 = class k; all K + 1 ids count even if a
         # tiny split misses one.
@@ -341,6 +420,7 @@ def _eval(args):
         splits = {"train": train_name, "test": test_name}
     else:
         test_spec = _test_spec(args)
+        _warn_if_same_split(args, test_spec)
         train, train_name = _labelled(args.data, EVAL_TRAIN_SEED, args.split)
         test, test_name = _labelled(test_spec, EVAL_TEST_SEED, args.test_split)
         splits = {"train": train_name, "test": test_name}

@@ -18,7 +18,7 @@ from typing import Callable
 import keras
 
 from keras_pqcl import backbones, callbacks, models, optimizers
-from keras_pqcl.callbacks.checkpoint import _atomic_write, atomic_write_text
+from keras_pqcl.io.files import atomic_write, atomic_write_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +61,7 @@ def _adamw(recipe, steps_per_epoch):
     )
 
 
-def _multicrop_dataset(recipe):
+def _multicrop_dataset(recipe, **stream):
     """The DINO-family multi-crop batches (plus the method's masks and queries)."""
     from keras_pqcl import data as kdata
 
@@ -69,12 +69,12 @@ def _multicrop_dataset(recipe):
     crops.check_patch_size(recipe.patch_size)
     dataset, info = kdata.pretrain_dataset(
         recipe.data, crops=crops, batch_size=recipe.batch_size, shuffle=True, seed=recipe.seed,
-        return_info=True, **method_of(recipe).dataset_args(recipe),
+        return_info=True, **stream, **method_of(recipe).dataset_args(recipe),
     )
     return dataset, info, crops.global_size
 
 
-def _montage_dataset(recipe):
+def _montage_dataset(recipe, **stream):
     """MCL's batches: eight views per image and their montages (``recipe.crops`` holds the
     :class:`~keras_pqcl.data.MontageConfig` arguments)."""
     from keras_pqcl.data import montage
@@ -82,6 +82,7 @@ def _montage_dataset(recipe):
     config = montage.MontageConfig(**recipe.crops)
     dataset, info = montage.mcl_dataset(
         recipe.data, config, batch_size=recipe.batch_size, shuffle=True, seed=recipe.seed, return_info=True,
+        **stream,
     )
     return dataset, info, config.image_size
 
@@ -195,9 +196,27 @@ def build_backbone(recipe, image_size):
     )
 
 
-def build_dataset(recipe):
-    """``(dataset, info, image_size)``: the method's batches of ``recipe.data`` (uncapped)."""
-    return (method_of(recipe).dataset or _multicrop_dataset)(recipe)
+def build_dataset(recipe, start=(0, 0), stop=None):
+    """``(dataset, info, image_size, steps_per_epoch)``: the method's batches of ``recipe.data``
+    for epochs ``start[0]`` (from its step ``start[1]``) to ``stop`` (default
+    ``recipe.epochs``), exclusive.
+
+    Every batch is a function of (seed, epoch, step) alone, so a stream built to resume at
+    ``start`` continues exactly where an uninterrupted run would be.
+    """
+    stop = recipe.epochs if stop is None else stop
+    build = method_of(recipe).dataset or _multicrop_dataset
+    dataset, info, image_size = build(
+        recipe, epochs=stop, steps_per_epoch=recipe.steps_per_epoch, start=tuple(start)
+    )
+    total = int(dataset.cardinality())
+    steps = (total + start[1]) // max(stop - start[0], 1)
+    if total <= 0 or steps < 1:
+        raise ValueError(
+            f"{recipe.data!r} gives no full batch of {recipe.batch_size} images, so a run would train 0 steps; "
+            "lower --batch-size or add images."
+        )
+    return dataset, info, image_size, steps
 
 
 def build_optimizer(recipe, steps_per_epoch):
@@ -231,100 +250,208 @@ def distribution_scope():
     return contextlib.nullcontext()
 
 
-def pretrain(recipe, output_dir, resume=False, verbose=1):
+#: Recipe fields a resumed run may change; every other field fixes the data, the model or
+#: the schedules the checkpoint was trained with.
+RESUMABLE_FIELDS = frozenset({
+    "name", "description", "epochs", "knn_every", "knn_data", "checkpoint_every", "checkpoint_every_steps",
+    "checkpoint_every_minutes", "keep_checkpoints", "stop_on_collapse", "jit_compile",
+})
+
+
+def check_resume(previous, recipe):
+    """Raise a ValueError naming every field of ``recipe`` that differs from ``previous``
+    (the resumed run's ``recipe.json`` dict) but cannot change on resume."""
+    current = json.loads(recipe.to_json())
+    changed = [
+        f"{key} (was {previous[key]!r}, now {value!r})"
+        for key, value in current.items()
+        if key not in RESUMABLE_FIELDS and key in previous and previous[key] != value
+    ]
+    if changed:
+        raise ValueError(
+            "--resume cannot change " + "; ".join(changed) + ": the checkpoint was trained with the old "
+            "value. Drop the change, or start a new run with another --output."
+        )
+
+
+def check_recipe(recipe):
+    """One clear error for a recipe value no run can use."""
+    if recipe.precision not in ("float32", "mixed_bfloat16"):
+        raise ValueError(f"precision must be 'float32' or 'mixed_bfloat16', got {recipe.precision!r}.")
+    for key in ("epochs", "batch_size", "checkpoint_every", "keep_checkpoints"):
+        value = getattr(recipe, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be a whole number >= 1, got {value!r}.")
+    for key in ("steps_per_epoch", "checkpoint_every_steps"):
+        value = getattr(recipe, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{key} must be a whole number >= 1 (or unset), got {value!r}.")
+    if recipe.checkpoint_every_minutes is not None and not recipe.checkpoint_every_minutes > 0:
+        raise ValueError(f"checkpoint_every_minutes must be > 0 (or unset), got {recipe.checkpoint_every_minutes!r}.")
+    if recipe.knn_every < 0:
+        raise ValueError(f"knn_every must be >= 0 (0: off), got {recipe.knn_every!r}.")
+
+
+def _retime(optimizer, fresh):
+    """Give a resumed ``optimizer`` the schedules of ``fresh`` (built for the new run length)."""
+    optimizer.learning_rate = fresh._learning_rate
+    if hasattr(fresh, "decay"):
+        optimizer.decay = fresh.decay
+
+
+def pretrain(recipe, output_dir, resume=False, verbose=1, overwrite=False):
     """Pre-train with ``recipe``, writing everything to ``output_dir``.
 
     ``output_dir`` receives ``teacher_backbone.keras`` and ``student_backbone.keras`` (load
     them with ``keras.saving.load_model`` after ``import keras_pqcl``), ``log.csv``,
-    ``tensorboard/``, ``checkpoints/`` (resume with ``resume=True``), ``recipe.json`` and
-    ``loss.png``.
+    ``tensorboard/``, ``checkpoints/``, ``recipe.json``, ``summary.json`` and ``loss.png``.
+
+    The folder belongs to this run while it lasts (``run.lock``). A folder that holds
+    another run is refused unless ``resume=True`` continues it or ``overwrite=True``
+    replaces it. A resumed run continues from the newest checkpoint that loads, with the
+    same batches, random draws and schedules as if it had never stopped, and ``log.csv`` is
+    cut back to that checkpoint. A larger ``recipe.epochs`` on resume recomputes the
+    per-step schedules (learning rate, weight decay, teacher momentum) for the new length
+    from the resumed step on, as the DINO reference does when restarted with a larger
+    ``--epochs``; other settings that shaped the checkpoint cannot change (see
+    :data:`RESUMABLE_FIELDS`).
+
+    Args:
+        recipe: a :class:`~keras_pqcl.Recipe`.
+        output_dir: the run's folder.
+        resume: continue the run in ``output_dir`` (a missing or empty folder starts anew).
+        verbose: 1 progress bar, 0 none (notices are printed either way).
+        overwrite: delete the run in ``output_dir`` first.
 
     Returns:
         dict summary (epochs, steps, images/s, first and last loss, last k-NN top-1, collapse
         message, paths; ``transfer_backbone`` is the one to evaluate and fine-tune).
     """
-    from keras_pqcl import data as kdata
+    from keras_pqcl.run_folder import RunFolder
 
-    if recipe.precision not in ("float32", "mixed_bfloat16"):
-        raise ValueError(f"precision must be 'float32' or 'mixed_bfloat16', got {recipe.precision!r}.")
+    check_recipe(recipe)
+    with RunFolder(output_dir, resume=resume, overwrite=overwrite) as folder:
+        return _pretrain(recipe, folder, resume, verbose)
+
+
+def _pretrain(recipe, folder, resume, verbose):
+    ckpt_dir = folder.join("checkpoints")
+    previous = folder.previous_recipe() if resume else None
+    model, progress = None, None
     keras.mixed_precision.set_dtype_policy(recipe.precision)
     keras.utils.set_random_seed(recipe.seed)
-    os.makedirs(output_dir, exist_ok=True)
-    ckpt_dir = os.path.join(output_dir, "checkpoints")
+    if resume:
+        if previous is not None:
+            check_resume(previous, recipe)
+        with distribution_scope():
+            model, progress = _resume(recipe, folder, ckpt_dir)
+        if progress is not None and progress.metadata.get("recipe"):
+            # The checkpoint's own record wins over recipe.json, which may be lost or stale.
+            previous = progress.metadata["recipe"]
+            check_resume(previous, recipe)
 
-    dataset, info, image_size = build_dataset(recipe)
+    start = (progress.epoch, progress.step) if progress else (0, 0)
+    epoch, step = start
+    rest = None
+    if step:
+        # A run resumed mid-epoch finishes that epoch in a fit of its own, shorter than an epoch.
+        rest, info, image_size, steps = build_dataset(recipe, start=start, stop=epoch + 1)
+        later = epoch + 1 < recipe.epochs
+        dataset = build_dataset(recipe, start=(epoch + 1, 0))[0] if later else None
+    else:
+        dataset, info, image_size, steps = build_dataset(recipe, start=start)
+    if progress is not None and progress.steps_per_epoch != steps:
+        raise ValueError(
+            f"the data now gives {steps} steps per epoch, but the checkpoint {progress.path} was trained with "
+            f"{progress.steps_per_epoch}; resume with the same data, batch_size and steps_per_epoch."
+        )
     knn = knn_monitor(recipe, image_size)
-    steps = kdata.steps_per_epoch(dataset)
-    if steps is None and info.num_examples:
-        # Folders drop undecodable files on the fly, so the length is only known up to them;
-        # repeating keeps every epoch exactly `steps` batches long.
-        steps = info.num_examples // recipe.batch_size
-        dataset = dataset.repeat()
-    if recipe.steps_per_epoch:
-        steps = min(steps or recipe.steps_per_epoch, recipe.steps_per_epoch)
-    if not steps:
-        raise ValueError(f"Cannot tell how many batches {recipe.data!r} holds; set steps_per_epoch in the recipe.")
-    if kdata.steps_per_epoch(dataset) != steps:
-        dataset = dataset.take(steps)
-    atomic_write_text(os.path.join(output_dir, "recipe.json"), recipe.to_json())
+    atomic_write_text(folder.join("recipe.json"), recipe.to_json())
 
-    initial_epoch = 0
     with distribution_scope():
-        model = None
-        if resume:
-            model, initial_epoch = callbacks.load_checkpoint(ckpt_dir)
-            if model is None and verbose:
-                print(f"No checkpoint in {ckpt_dir}; starting from scratch.")
-            elif verbose:
-                print(f"Resuming from {ckpt_dir} after epoch {initial_epoch}.")
         if model is None:
             model = build_model(recipe, steps, image_size)
+        elif previous is not None and previous.get("epochs") != recipe.epochs:
+            _retime(model.optimizer, build_optimizer(recipe, steps))
+            print(f"keras-pqcl: the run now lasts {recipe.epochs} epochs (was {previous.get('epochs')}): the "
+                  "learning-rate, weight-decay and momentum schedules follow the new length from here on.")
 
-    csv_path = os.path.join(output_dir, "log.csv")
+    csv_path = folder.join("log.csv")
     collapse = callbacks.CollapseGuard(stop=recipe.stop_on_collapse)
+    checkpoint = callbacks.Checkpoint(
+        ckpt_dir, every=recipe.checkpoint_every, every_steps=recipe.checkpoint_every_steps,
+        every_minutes=recipe.checkpoint_every_minutes, keep=recipe.keep_checkpoints, epochs=recipe.epochs,
+        resume_from=progress, metadata={"recipe": json.loads(recipe.to_json())},
+    )
     cbs = [
         callbacks.TeacherEMA(recipe.teacher_momentum, 1.0),
-        callbacks.NaNGuard(),
+        callbacks.NaNGuard(ckpt_dir),
         collapse,
-        callbacks.Checkpoint(ckpt_dir, every=recipe.checkpoint_every),
-        # Before the logger, which only sees what earlier callbacks wrote into the logs.
+        # Before the loggers, which only see what earlier callbacks wrote into the logs.
         *([knn] if knn else []),
-        keras.callbacks.CSVLogger(csv_path, append=initial_epoch > 0),
-        keras.callbacks.TensorBoard(os.path.join(output_dir, "tensorboard"), write_graph=False),
+        callbacks.EpochLog(csv_path, start_epoch=start[0]),
+        keras.callbacks.TensorBoard(folder.join("tensorboard"), write_graph=False),
+        # Last: an epoch's checkpoint is written after its log row, so a kill between the
+        # two resumes from the previous checkpoint and the row is cut and written again.
+        checkpoint,
     ]
-    start = time.time()
-    if initial_epoch < recipe.epochs:
-        model.fit(dataset, epochs=recipe.epochs, initial_epoch=initial_epoch, callbacks=cbs, verbose=verbose)
-    seconds = time.time() - start
+    began = time.time()
+    clock = dict(run_epochs=recipe.epochs, epoch_steps=steps)
+    if rest is not None:
+        model.fit(rest, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=steps - step, callbacks=cbs,
+                  verbose=verbose, **clock)
+        epoch += 1
+    if epoch < recipe.epochs and not model.stop_training:
+        model.fit(dataset, epochs=recipe.epochs, initial_epoch=epoch, steps_per_epoch=steps, callbacks=cbs,
+                  verbose=verbose, **clock)
+    seconds = time.time() - began
 
     paths = {}
     for role in ("teacher", "student"):
-        path = os.path.join(output_dir, f"{role}_backbone.keras")
+        path = folder.join(f"{role}_backbone.keras")
         backbone = getattr(model, f"{role}_backbone")
-        _atomic_write(path, backbone.save)
+        atomic_write(path, backbone.save)
         paths[role] = path
     history = read_log(csv_path)
-    plot_path = plot_log(history, os.path.join(output_dir, "loss.png"))
-    trained_epochs = recipe.epochs - initial_epoch
+    plot_path = plot_log(history, folder.join("loss.png"))
+    trained_steps = recipe.epochs * steps - (start[0] * steps + start[1])
+    knn_scores = [v for v in history.get("knn_top1", []) if v == v]
     summary = {
         "recipe": recipe.name,
         "backend": keras.backend.backend(),
         "epochs": recipe.epochs,
         "steps_per_epoch": steps,
+        "resumed_from": progress.path if progress else None,
         "seconds": round(seconds, 1),
-        "images_per_second": round(trained_epochs * steps * recipe.batch_size / max(seconds, 1e-9), 2),
+        "images_per_second": round(trained_steps * recipe.batch_size / max(seconds, 1e-9), 2),
         "first_loss": history["loss"][0] if history.get("loss") else None,
         "last_loss": history["loss"][-1] if history.get("loss") else None,
         "teacher_backbone": paths["teacher"],
         "student_backbone": paths["student"],
         "transfer_backbone": paths[method_of(recipe).transfer],
+        "checkpoint": checkpoint.last_path,
         "log": csv_path,
         "plot": plot_path,
         "collapse": collapse.message,
-        "knn_top1": knn.history[-1][1] if knn and knn.history else None,
+        "knn_top1": knn_scores[-1] if knn_scores else None,
     }
-    atomic_write_text(os.path.join(output_dir, "summary.json"), json.dumps(summary, indent=2))
+    atomic_write_text(folder.join("summary.json"), json.dumps(summary, indent=2))
     return summary
+
+
+def _resume(recipe, folder, ckpt_dir):
+    """``(model, progress)`` of the newest usable checkpoint, ``(None, None)`` for a new run."""
+    model, progress = callbacks.load_latest_checkpoint(ckpt_dir)
+    if model is None:
+        print(f"keras-pqcl: no checkpoint in {ckpt_dir}; starting from scratch.")
+        return None, None
+    if progress.global_step >= recipe.epochs * progress.steps_per_epoch:
+        raise ValueError(
+            f"the run in {folder.shown!r} has already trained all {progress.epoch} of its epochs "
+            f"({progress.path}); pass --epochs N with N > {progress.epoch} to train it longer."
+        )
+    print(f"keras-pqcl: resuming from {progress.path} {progress.describe()}.")
+    return model, progress
 
 
 #: held-out images per split of the k-NN monitor on ``synthetic_scenes`` (bank, queries).
@@ -358,12 +485,13 @@ def knn_monitor(recipe, image_size):
             f"train/ and val/ sub-folders of class folders (the data {recipe.data!r} has no held-out split)."
         )
     return callbacks.KNNMonitor(
-        train, test, every=recipe.knn_every, image_size=image_size, use=method_of(recipe).transfer
+        train, test, every=recipe.knn_every, image_size=image_size, use=method_of(recipe).transfer,
+        last_epoch=recipe.epochs - 1,
     )
 
 
 def read_log(csv_path):
-    """``{column: [float per epoch]}`` from a ``CSVLogger`` file; ``NA`` cells (a k-NN column
+    """``{column: [float per epoch]}`` from a ``log.csv`` (:class:`~keras_pqcl.callbacks.EpochLog`); ``NA`` cells (a k-NN column
     on epochs it was not evaluated) are NaN, so every column has one value per epoch."""
     if not os.path.exists(csv_path):
         return {}

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from keras_pqcl import cli
+from keras_pqcl.callbacks.checkpoint import read_progress
 from keras_pqcl.recipe import Recipe, available_recipes, load_recipe
 
 RECIPE = '''
@@ -52,22 +53,23 @@ def test_pretrain_writes_artefacts_and_resumes(recipe_file, tmp_path, capsys):
     out = str(tmp_path / "run")
     assert cli.main(["pretrain", "--recipe", recipe_file(), "--output", out, "--quiet"]) == 0
     for name in ("teacher_backbone.keras", "student_backbone.keras", "log.csv", "loss.png",
-                 "recipe.json", "summary.json", "checkpoints/checkpoint.keras"):
+                 "recipe.json", "summary.json", "checkpoints/checkpoint-e00002-s0000000.keras"):
         assert os.path.exists(os.path.join(out, name)), name
     assert "Done." in capsys.readouterr().out
-    with open(os.path.join(out, "checkpoints", "checkpoint.json")) as f:
-        state = json.load(f)
-    assert state == {"epochs_done": 2, "step": 4}
+    progress = read_progress(os.path.join(out, "checkpoints", "checkpoint-e00002-s0000000.keras"))
+    assert (progress.epoch, progress.step, progress.global_step) == (2, 0, 4)
 
     backbone = keras.saving.load_model(os.path.join(out, "teacher_backbone.keras"))
     features = backbone(np.zeros((1, 16, 16, 3), "float32"))
     assert tuple(features["cls"].shape) == (1, 32)
 
-    # Resume for one more epoch: the step counter and the log continue.
+    # Resume for one more epoch: the step counter and the log continue; the resume line
+    # shows even with --quiet.
     assert cli.main(["pretrain", "--recipe", recipe_file(), "--output", out, "--epochs", "3",
                      "--resume", "--quiet"]) == 0
-    with open(os.path.join(out, "checkpoints", "checkpoint.json")) as f:
-        assert json.load(f) == {"epochs_done": 3, "step": 6}
+    assert "resuming from" in capsys.readouterr().out
+    progress = read_progress(os.path.join(out, "checkpoints", "checkpoint-e00003-s0000000.keras"))
+    assert progress.global_step == 6
     with open(os.path.join(out, "log.csv")) as f:
         assert [line.split(",")[0] for line in f.read().split()[1:]] == ["0", "1", "2"]
 
@@ -78,7 +80,7 @@ def test_mixed_bfloat16_trains_with_float32_loss(recipe_file, tmp_path):
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
     assert np.isfinite(summary["last_loss"])
-    model = keras.saving.load_model(os.path.join(out, "checkpoints", "checkpoint.keras"))
+    model = keras.saving.load_model(summary["checkpoint"])
     assert model.student_backbone.compute_dtype == "bfloat16"
     assert model.dino_loss.center.dtype == "float32"
     assert all(v.dtype == "float32" for v in model.trainable_variables)
@@ -87,10 +89,11 @@ def test_mixed_bfloat16_trains_with_float32_loss(recipe_file, tmp_path):
 def test_bad_output_checkpoint_is_a_clear_error(recipe_file, tmp_path, capsys):
     out = tmp_path / "broken"
     (out / "checkpoints").mkdir(parents=True)
-    (out / "checkpoints" / "checkpoint.keras").write_bytes(b"not a zip")
-    (out / "checkpoints" / "checkpoint.json").write_text('{"epochs_done": 1, "step": 2}')
+    (out / "checkpoints" / "checkpoint-e00001-s0000000.keras").write_bytes(b"not a zip")
     assert cli.main(["pretrain", "--recipe", recipe_file(), "--output", str(out), "--resume", "--quiet"]) == 2
-    assert "Could not restore the checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "none of the 1 checkpoints" in err and "checkpoint-e00001-s0000000.keras: not a zip archive" in err
+    assert (out / "checkpoints" / "checkpoint-e00001-s0000000.keras").read_bytes() == b"not a zip"
 
 
 def test_empty_data_folder_is_a_clear_error(recipe_file, tmp_path, capsys):
@@ -98,6 +101,18 @@ def test_empty_data_folder_is_a_clear_error(recipe_file, tmp_path, capsys):
     argv = ["pretrain", "--recipe", recipe_file(), "--data", str(tmp_path / "empty"), "--output", str(tmp_path / "o")]
     assert cli.main(argv) == 2
     assert "no image files found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--steps-per-epoch", "0"], "steps_per_epoch must be a whole number >= 1"),
+    (["--batch-size", "64"], "fewer than batch_size=64"),
+    (["--resume", "--overwrite"], "contradict each other"),
+])
+def test_bad_options_are_one_line(recipe_file, tmp_path, capsys, args, message):
+    argv = ["pretrain", "--recipe", recipe_file(), "--output", str(tmp_path / "o"), "--quiet", *args]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
 
 
 def test_readme_api_names_are_public():

@@ -364,18 +364,17 @@ def test_attention_maps_shapes_sums_and_threshold(vit, tmp_path):
 
 
 # ----------------------------------------------------------------------------- KNNMonitor
-def test_knn_monitor_logs_before_csv_logger(tmp_path):
+def test_knn_monitor_logs_on_its_schedule_before_the_log(tmp_path):
     keras.utils.set_random_seed(0)
     model = ts.dino()
     model.compile(optimizer=kp.optimizers.AdamW(learning_rate=1e-3))
     scenes = kp.data.synthetic_scenes(12, image_size=32, seed=1)
     held_out = (scenes["images"], scenes["labels"])
-    # every=3 over 2 epochs: the first epoch is evaluated anyway (CSVLogger fixes its
-    # columns then), the second is not.
+    # every=3 over 3 epochs: epoch 0 (always) and epoch 2 ((2 + 1) % 3 == 0); not epoch 1.
     monitor = kp.callbacks.KNNMonitor(held_out, held_out, every=3, k=3)
     before, after = str(tmp_path / "before.csv"), str(tmp_path / "after.csv")
-    callbacks = [keras.callbacks.CSVLogger(before), monitor, keras.callbacks.CSVLogger(after)]
-    history = model.fit(ts.dataset(ts.crops(8, n_local=0)), epochs=2, verbose=0, callbacks=callbacks)
+    callbacks = [kp.callbacks.EpochLog(before), monitor, kp.callbacks.EpochLog(after)]
+    history = model.fit(ts.dataset(ts.crops(8, n_local=0)), epochs=3, verbose=0, callbacks=callbacks)
 
     with open(after) as f:
         rows = list(csv.DictReader(f))
@@ -385,8 +384,13 @@ def test_knn_monitor_logs_before_csv_logger(tmp_path):
     assert top1 == monitor.history[0][1] and top1 > 50.0
     with open(before) as f:
         assert "knn_top1" not in f.readline()  # a logger listed before the monitor never sees it
-    assert history.history["knn_top1"] == [top1]
-    assert [epoch for epoch, *_ in monitor.history] == [0]
+    assert history.history["knn_top1"] == [top1, monitor.history[1][1]]
+    assert [epoch for epoch, *_ in monitor.history] == [0, 2]
+    # The schedule depends on the epoch number alone (a resumed run evaluates the same
+    # epochs), and the run's last epoch can be added.
+    assert [e for e in range(7) if monitor.due(e)] == [0, 2, 5]
+    last = kp.callbacks.KNNMonitor(held_out, held_out, every=3, last_epoch=6)
+    assert [e for e in range(7) if last.due(e)] == [0, 2, 5, 6]
 
     with pytest.raises(ValueError, match="teacher"):
         kp.callbacks.KNNMonitor(held_out, held_out, use="ema")

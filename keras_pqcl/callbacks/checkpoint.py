@@ -44,6 +44,7 @@ class Progress:
         metrics: the epoch's metric accumulators (``model.metrics_variables`` values), so a
             resumed epoch logs the mean over all its steps; empty at an epoch boundary.
         rng: ``{variable path: state}`` of the model's random-generator variables.
+        metadata: what the writer added (``keras-pqcl pretrain``: the run's recipe).
         path: the file it was read from.
     """
 
@@ -52,6 +53,7 @@ class Progress:
     steps_per_epoch: int
     metrics: list = dataclasses.field(default_factory=list)
     rng: dict = dataclasses.field(default_factory=dict)
+    metadata: dict = dataclasses.field(default_factory=dict)
     path: str = ""
 
     @property
@@ -109,8 +111,9 @@ def _sync(model):
         model.jax_state_sync()
 
 
-def save_checkpoint(model, directory, epoch, step, steps_per_epoch):
-    """Write one checkpoint of ``model`` at (``epoch`` done, ``step`` done in the next).
+def save_checkpoint(model, directory, epoch, step, steps_per_epoch, metadata=None):
+    """Write one checkpoint of ``model`` at (``epoch`` done, ``step`` done in the next), with
+    ``metadata`` (a JSON-able dict) stored beside its progress.
 
     Raises:
         FloatingPointError: when a weight is not finite; nothing is written, so the previous
@@ -127,6 +130,7 @@ def save_checkpoint(model, directory, epoch, step, steps_per_epoch):
         "steps_per_epoch": int(steps_per_epoch),
         "metrics": [_to_list(v) for v in model.metrics_variables] if step else [],
         "rng": {v.path: _to_list(v) for v in _random_states(model)},
+        "metadata": dict(metadata or {}),
         "backend": keras.backend.backend(),
         "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -174,7 +178,7 @@ def read_progress(path, model=None):
                 return Progress(
                     epoch=int(record["epoch"]), step=int(record["step"]),
                     steps_per_epoch=int(record["steps_per_epoch"]), metrics=record.get("metrics", []),
-                    rng=record.get("rng", {}), path=path,
+                    rng=record.get("rng", {}), metadata=record.get("metadata", {}), path=path,
                 )
             except (ValueError, KeyError, TypeError) as error:
                 raise ValueError(f"its {PROGRESS_MEMBER} is unreadable ({error})") from None
@@ -268,10 +272,12 @@ class Checkpoint(keras.callbacks.Callback):
         resume_from: the :class:`Progress` this ``fit`` resumes; a checkpoint written
             mid-epoch restores that epoch's metric sums when the epoch begins again (``fit``
             resets them first), so its logged means cover all its steps.
+        metadata: a JSON-able dict stored in every checkpoint (the runner stores the recipe,
+            so a resume can tell what the checkpoint was trained with).
     """
 
     def __init__(self, directory, every=1, every_steps=None, every_minutes=None, keep=2, epochs=None,
-                 resume_from=None):
+                 resume_from=None, metadata=None):
         super().__init__()
         self.directory = directory
         self.every = max(int(every), 1)
@@ -280,6 +286,7 @@ class Checkpoint(keras.callbacks.Callback):
         self.keep = max(int(keep), 1)
         self.epochs = epochs
         self.resume_from = resume_from
+        self.metadata = metadata
         self.last_path = None
         self._global_step = 0
         self._steps_per_epoch = 1
@@ -315,7 +322,8 @@ class Checkpoint(keras.callbacks.Callback):
 
     def save(self, epoch, step):
         """Write the checkpoint for (``epoch`` done, ``step`` done) and prune old ones."""
-        self.last_path = save_checkpoint(self.model, self.directory, epoch, step, self._steps_per_epoch)
+        self.last_path = save_checkpoint(self.model, self.directory, epoch, step, self._steps_per_epoch,
+                                         self.metadata)
         self._due = False
         self._last_save = time.monotonic()
         for old in list_checkpoints(self.directory)[self.keep:]:

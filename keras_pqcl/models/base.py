@@ -173,15 +173,29 @@ class SelfSupervisedModel(TrainStep, keras.Model):
     def ssl_forward(self, data, step, training=True):
         raise NotImplementedError
 
-    def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callbacks=None, steps_per_epoch=None, **kwargs):
+    def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callbacks=None, steps_per_epoch=None,
+            run_epochs=None, epoch_steps=None, **kwargs):
         """``keras.Model.fit`` that first sets the schedules' clock.
 
         The number of steps per epoch is read from the dataset's cardinality unless
         ``steps_per_epoch`` is given; a :class:`~keras_pqcl.callbacks.TeacherEMA` with the
         model's default momentum is added when none is passed.
+
+        Args:
+            run_epochs, epoch_steps: the whole run's length in epochs and an epoch's length in
+                steps, when this ``fit`` covers only part of the run (a resumed run that
+                finishes an interrupted epoch first); default ``epochs`` and the steps of
+                this ``fit``'s epochs. The schedules run over ``run_epochs x epoch_steps``.
         """
         from keras_pqcl.callbacks import TeacherEMA
 
+        # First, and with getattr: Keras 3 creates ``self.optimizer`` only in compile(), so
+        # any earlier use (the schedules below read it) would raise AttributeError instead.
+        if getattr(self, "optimizer", None) is None:
+            raise ValueError(
+                "Compile the model first, e.g. model.compile(optimizer="
+                "kp.optimizers.dino_adamw(batch_size, epochs, steps_per_epoch))."
+            )
         steps = steps_per_epoch or _cardinality(x)
         if not steps:
             raise ValueError(
@@ -189,12 +203,7 @@ class SelfSupervisedModel(TrainStep, keras.Model):
                 "or infinite); pass steps_per_epoch= to fit so that the learning-rate, "
                 "temperature and momentum schedules know their length."
             )
-        if self.optimizer is None:
-            raise ValueError(
-                "Compile the model first, e.g. model.compile(optimizer="
-                "kp.optimizers.dino_adamw(batch_size, epochs, steps_per_epoch))."
-            )
-        self.configure_schedules(epochs, steps)
+        self.configure_schedules(run_epochs or epochs, epoch_steps or steps)
         if _is_dataset(x):
             kwargs.setdefault("shuffle", False)  # tf.data shuffles itself; avoids Keras' warning
             x = distributable(x, self)
