@@ -1,4 +1,4 @@
-"""ADCLR ViT-S/16 on DINO (Zhang et al., ICLR 2023, arXiv 2306.13337; reconstructed, spec §6).
+"""ADCLR ViT-S/16 on DINO (Zhang et al., ICLR 2023, arXiv 2306.13337; reconstructed).
 
 Query crops (here the pipeline's local crops, 4 x 96 px at 0.05-0.4) are patch-embedded from
 their pixels with the backbone's own patch embedding and their own interpolated position

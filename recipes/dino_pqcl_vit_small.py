@@ -1,4 +1,4 @@
-"""DINO+PQCL ViT-S/16 (Zhang et al., ICML 2023; reconstructed, spec §5.7).
+"""DINO+PQCL ViT-S/16 (Zhang et al., ICML 2023; reconstructed).
 
 The paper applies PQCL to DINO too, but only the iBOT+PQCL code was released. This follows the
 code's structure with the DINO loss: unmasked global views, no MIM term, ``L = L_cls +

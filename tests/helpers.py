@@ -1,7 +1,7 @@
 """Small NumPy references shared by the unit tests.
 
 Everything here is an independent restatement of the reference formulas (DINO/iBOT/PQCL
-code, see the method spec §1-3); nothing calls library code except to read weights.
+code); nothing calls library code except to read weights.
 """
 
 import contextlib

@@ -242,7 +242,7 @@ COMBOS = [
 
 @pytest.mark.parametrize("options", COMBOS, ids=lambda o: "-".join(o.values()))
 def test_loss_terms_match_numpy(options, default_run, global_model, batch):
-    """``ssl_forward`` against spec §6.2: L_cls (DINO multi-crop with the query crops'
+    """``ssl_forward`` against NumPy: L_cls (DINO multi-crop with the query crops'
     CLS), L_mim (ibot), L_query across views (query i of view a is the target of query i
     of view b != a) or against the crop's own teacher encoding; the agreement monitor;
     the query center's update."""

@@ -1,4 +1,4 @@
-"""VisionTransformer vs a NumPy forward pass (spec §1, §5.3, §9.8, §9.9, §9.11)."""
+"""VisionTransformer vs a NumPy forward pass."""
 
 import importlib
 

@@ -1,4 +1,4 @@
-"""DenseCL vs NumPy restatements of spec §1.3-§1.5: heads, matching, both InfoNCE terms, the
+"""DenseCL vs NumPy restatements of its formulas: heads, matching, both InfoNCE terms, the
 queues, the key encoder's BatchNorm and EMA, fit, saving."""
 
 import keras

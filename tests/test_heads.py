@@ -1,4 +1,4 @@
-"""WeightNormDense and DINOHead vs NumPy (spec §2, §9.13)."""
+"""WeightNormDense and DINOHead vs NumPy."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""iBOTHead, iBOTLoss and the PQCL QueryLoss vs NumPy (spec §2, §4.3, §5.5, §9.1-9.6, §9.23)."""
+"""iBOTHead, iBOTLoss and the PQCL QueryLoss vs NumPy."""
 
 import keras
 import numpy as np

@@ -7,8 +7,9 @@ A batch comes from ``pretrain_dataset`` (synthetic scenes, block masks, query co
 and is repeated: three ``fit`` runs per backend (IBOT, PQCL on iBOT, PQCL on DINO) distil it
 with (nearly) frozen centers and constant teacher temperatures, so every loss term must
 fall. The PQCL(ibot) run also starts MIM at epoch 1 and has its three centers recomputed
-from the formulas of spec §4.3 / §5.5 after its first steps. ``ssl_forward`` itself is
-checked against a NumPy recomputation of every loss term for both PQCL bases.
+after its first steps as momentum-0.9 averages of the teacher's CLS, patch and query
+logits. ``ssl_forward`` itself is checked against a NumPy recomputation of every loss term
+for both PQCL bases.
 """
 
 import math
@@ -224,7 +225,7 @@ def _ce(p, log_q):
 
 @pytest.mark.parametrize("base, local_cls_terms", [("ibot", True), ("dino", False)])
 def test_loss_terms_match_image_major_recomputation(base, local_cls_terms, pqcl_run, pqcl_dino_run, batch):
-    """``ssl_forward`` against the spec's formulas (§4.3, §5.5, §5.7), from networks run on
+    """``ssl_forward`` against the iBOT and PQCL loss formulas, from networks run on
     the crops in *image-major* order (the step uses crop-major order): catches any mix-up
     of views, local crops, masks or queries. (Same batch sizes as the step, so that JAX's
     eager mode reuses the step's compiled ops.)"""

@@ -1,4 +1,4 @@
-"""Layers vs independent NumPy references (spec §1, §5.2, §9.9, §9.11)."""
+"""Layers vs independent NumPy references."""
 
 import math
 

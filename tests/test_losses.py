@@ -1,4 +1,4 @@
-"""DINOLoss vs NumPy (spec §3.3, §9.1, §9.4, §9.5)."""
+"""DINOLoss vs NumPy."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""MCL model (spec §2.5-2.7, §3.3, pitfalls 1, 8, 9, 11): region tiles, loss, target BN,
+"""MCL model: region tiles, loss, target BN,
 EMA, fit and saving. References are short NumPy formulas written here."""
 
 import math

@@ -1,4 +1,4 @@
-"""MCL montages (spec §2.3-2.4): layout, slot -> source mapping, the tf.data pipeline.
+"""MCL montages: layout, slot -> source mapping, the tf.data pipeline.
 
 Expected values are written out in NumPy here: a slot of montage b at ratio r holds source
 view ``views[src, v, ::r, ::r]`` at rows ``(s // r) S/r`` and columns ``(s % r) S/r``.

@@ -1,4 +1,4 @@
-"""AdamW vs a NumPy re-implementation of torch.optim.AdamW with DINO's conventions (§3.4, §9.14-16)."""
+"""AdamW vs a NumPy re-implementation of torch.optim.AdamW with DINO's conventions."""
 
 import math
 

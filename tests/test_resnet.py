@@ -1,4 +1,4 @@
-"""ResNet, split BatchNorm and FPN vs NumPy forward passes (DenseCL/MCL spec §1.2, §2.5, §3.1)."""
+"""ResNet, split BatchNorm and FPN vs NumPy forward passes."""
 
 import contextlib
 import math

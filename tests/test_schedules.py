@@ -1,4 +1,4 @@
-"""Schedules vs DINO's NumPy ``cosine_scheduler`` and teacher-temperature warm-up (§3.3-3.4, §9.3)."""
+"""Schedules vs DINO's NumPy ``cosine_scheduler`` and teacher-temperature warm-up."""
 
 import keras
 import numpy as np

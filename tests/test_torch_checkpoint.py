@@ -1,4 +1,4 @@
-"""PyTorch DINO/iBOT/PQCL checkpoint import vs NumPy and torch forward passes (spec §1, §2).
+"""PyTorch DINO/iBOT/PQCL checkpoint import vs NumPy and torch forward passes.
 
 The state dicts are made here with the official key names and torch layouts (Linear
 ``(out, in)``, Conv2d ``(D, 3, p, p)``); the references read them in those layouts, so a

@@ -2,7 +2,7 @@
 
 A tiny ViT (patch 8, 32 px, depth 2, width 32) and a fixed set of 8 structured images give
 2 steps per epoch; every expectation is recomputed in NumPy from the formulas of the DINO
-reference (spec §3.3-3.4), not from library code.
+reference (loss, centre, schedules), not from library code.
 """
 
 import math

@@ -1,6 +1,6 @@
 """Feature Pyramid Network (Lin et al., CVPR 2017) over ResNet stages, mmdet style.
 
-MCL builds its pyramid this way (spec §2.5): per level a lateral 1x1 convolution, a top-down
+MCL builds its pyramid this way: per level a lateral 1x1 convolution, a top-down
 pathway that adds the nearest-upsampled coarser lateral, then a 3x3 output convolution; no
 activation and no extra P6. With ``use_norm=True`` (MCL) each convolution has no bias and is
 followed by BatchNorm (eps 1e-5, momentum 0.9 = torch 0.1); with ``use_norm=False`` it is the

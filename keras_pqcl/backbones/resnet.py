@@ -1,6 +1,6 @@
 """ResNet backbone (He et al., "Deep Residual Learning", CVPR 2016), torchvision style.
 
-The layout is the one DenseCL, MoCo and MCL pre-train (spec §1.2, §2.5): bottleneck blocks with
+The layout is the one DenseCL, MoCo and MCL pre-train: bottleneck blocks with
 the stride in the 3x3 convolution ("ResNet v1.5", torchvision's ``resnet50``), BatchNorm after
 every convolution, channels last. The stage outputs ``C2..C5`` (strides 4, 8, 16, 32) are
 first-class outputs because the dense methods and the FPN read them.
@@ -19,7 +19,7 @@ Reference conventions kept on purpose:
 
 Shuffle BN (MoCo/DenseCL) on one device is emulated by *split BatchNorm*: with
 ``bn_splits=G`` every BatchNorm in training mode normalises G equal groups of the batch
-separately, as G GPUs with their own BN would (spec §1.5). ``bn_splits=1`` is plain BN.
+separately, as G GPUs with their own BN would. ``bn_splits=1`` is plain BN.
 """
 
 import keras

@@ -7,7 +7,7 @@ Conventions
 -----------
 * A *box* is a float32 vector ``[top, left, height, width]`` in pixels of the
   source image (integer valued, like torchvision's ``get_params``). PQCL needs
-  these exact source coordinates to place positional queries (spec §5.2), so
+  these exact source coordinates to place positional queries, so
   they are sampled explicitly rather than hidden inside a resize op.
 * A *seed* is an int32/int64 tensor of shape ``[2]`` for the ``tf.random``
   stateless ops. The same seed always gives the same box / flip, which is what
@@ -231,7 +231,7 @@ def random_resized_crop(
     """RandomResizedCrop + RandomHorizontalFlip, returning the geometry.
 
     The flip is applied after the crop (as in DINO), and recorded so that
-    models can mirror positional coordinates of flipped views (spec §5.2).
+    models can mirror positional coordinates of flipped views.
 
     Args:
         image: ``[H, W, C]`` tensor (float values kept as they are).

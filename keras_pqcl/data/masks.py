@@ -3,7 +3,7 @@
 The algorithm is iBOT's per-crop mask generator (Zhou et al., "iBOT: Image
 BERT Pre-Training with Online Tokenizer", ICLR 2022), whose block-wise
 masking comes from BEiT (Bao et al., "BEiT: BERT Pre-Training of Image
-Transformers", ICLR 2022). Spec §4.1. This is a fresh TensorFlow version.
+Transformers", ICLR 2022). This is a fresh TensorFlow version.
 
 A mask is a bool ``[H', W']`` grid over the patches of one crop (True =
 masked: the student sees the mask token there). Like ``crops.py`` it uses
@@ -69,7 +69,7 @@ def _ratio_lists(ratio, ratio_var, where="ratio"):
 
 @dataclasses.dataclass
 class MaskConfig:
-    """iBOT masked-image-modelling masks (defaults = iBOT recipe, spec §4.1).
+    """iBOT masked-image-modelling masks (defaults = iBOT recipe).
 
     Attributes:
         patch_size: ViT patch side in pixels; the mask grid of a crop of side

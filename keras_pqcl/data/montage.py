@@ -1,6 +1,6 @@
 """MCL montages: 8 augmented views per image, tiled into multi-scale montages per batch.
 
-MCL (Guo et al. 2023, spec §2.3-2.4) contrasts each image's full view with *sub-images*:
+MCL (Guo et al. 2023) contrasts each image's full view with *sub-images*:
 copies of other views of the batch images downsampled by ``r`` = 2, 4 or 8 and tiled
 ``r x r`` into canvases of the full view's size. A sub-image downsampled by ``r`` then covers
 exactly one ``t x t`` block of FPN cells at stride ``32 / r`` (``t = image_size / 32``, 7 at
@@ -86,7 +86,7 @@ class MontageLevel:
 
 @dataclasses.dataclass
 class MontageConfig:
-    """MCL's views and montages (defaults: the official code, spec §2.3-2.4).
+    """MCL's views and montages (defaults: the official code).
 
     Attributes:
         image_size: side of every view and montage; a multiple of 32 so that each

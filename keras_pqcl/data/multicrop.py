@@ -53,7 +53,7 @@ def _is_num(x):
 
 @dataclasses.dataclass
 class MultiCropConfig:
-    """Multi-crop augmentation settings (defaults = DINO, spec §3.1).
+    """Multi-crop augmentation settings (defaults = DINO's code).
 
     Attributes:
         global_size: side of the global crops in pixels. Default 224.

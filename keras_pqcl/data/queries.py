@@ -4,7 +4,7 @@ PQCL (Positional-Query Contrastive Learning) asks the student, given a global
 view, to predict the teacher's output for every patch of a local crop, from a
 query token that carries only the patch's position in that global view. This
 module computes those positions from the crop boxes that the multi-crop
-pipeline records (spec §5.2):
+pipeline records:
 
 for local crop ``l`` (box ``i_l, j_l, h_l, w_l`` in source pixels, grid
 ``L x L``) and global view ``g`` (box ``i_g, j_g, h_g, w_g``, grid ``G x G``),
@@ -34,6 +34,9 @@ import numbers
 from typing import Optional
 
 import tensorflow as tf
+import tensorflow.experimental.numpy as tnp
+
+from keras_pqcl.layers import sincos as sincos_lib
 
 __all__ = ["QueryConfig", "query_coords", "sincos_tables"]
 
@@ -127,11 +130,9 @@ def sincos_tables(coords, dim):
     Returns:
         float32 ``[..., dim]``.
     """
-    if dim % 4:
-        raise ValueError(f"sin-cos embedding needs a dim divisible by 4, got {dim}.")
-    quarter = dim // 4
-    omega = 1.0 / tf.pow(10000.0, tf.range(quarter, dtype=tf.float32) / quarter)
+    # TF's own NumPy namespace runs in tf.data's graph under every Keras
+    # backend. The frequencies are float32 TF ops (not the NumPy float64
+    # constants), which is what the pipeline has always produced.
+    omega = sincos_lib.frequencies(dim, tnp, tf.float32)
     coords = tf.cast(coords, tf.float32)
-    x = coords[..., 0:1] * omega
-    y = coords[..., 1:2] * omega
-    return tf.concat([tf.sin(x), tf.cos(x), tf.sin(y), tf.cos(y)], axis=-1)
+    return sincos_lib.sincos(coords[..., 0:1], coords[..., 1:2], omega, tnp)

@@ -4,7 +4,7 @@ from keras_pqcl.data.multicrop import MultiCropConfig
 
 
 def densecl_crops(size=224, **overrides):
-    """MoCo-v2 views as DenseCL trains with them (spec §1.6): two crops per image, the same
+    """MoCo-v2 views as DenseCL trains with them: two crops per image, the same
     augmentation for both, sampled independently.
 
     RandomResizedCrop to ``size`` with area (0.2, 1) and aspect (3/4, 4/3); colour jitter

@@ -1,4 +1,4 @@
-"""DenseCL projection heads (Wang et al., CVPR 2021; spec §1.2).
+"""DenseCL projection heads (Wang et al., CVPR 2021).
 
 Both heads read the backbone's last stage ``C5`` and have no BatchNorm:
 

@@ -1,4 +1,4 @@
-"""MCL's region neck and per-level predictors (spec §2.5).
+"""MCL's region neck and per-level predictors.
 
 * :class:`MCLNeck` ("DetConvGpNonLinearHead" in the official code) embeds one region: a
   ``t x t`` tile of a pyramid level that covers exactly one (sub-)image. It mimics the

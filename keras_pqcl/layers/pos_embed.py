@@ -4,12 +4,17 @@ The sin-cos convention is the MAE one used by PQCL (x = column first, then y = r
 bicubic resampling reproduces DINO's ``interpolate_pos_encoding`` (PyTorch ``bicubic`` with
 Keys a = -0.75, ``align_corners=False`` and the ``+0.1`` scale-factor trick), so that
 weights imported from the reference code give the same tokens on 96 px crops.
+
+The sin-cos formula itself is :mod:`keras_pqcl.layers.sincos`, which the tf.data query tables
+share; the functions here only choose the library and the precision.
 """
 
 import math
 
 import numpy as np
 from keras import ops
+
+from keras_pqcl.layers import sincos as sincos_lib
 
 
 def sincos_from_coords(x, y, dim):
@@ -24,14 +29,11 @@ def sincos_from_coords(x, y, dim):
         float32 array ``(..., dim)`` laid out ``[sin(x w), cos(x w), sin(y w), cos(y w)]``
         with ``w_k = 10000 ** (-k / (dim / 4))``.
     """
-    if dim % 4:
-        raise ValueError(f"sin-cos position embedding needs a dim divisible by 4, got {dim}.")
-    quarter = dim // 4
-    omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)
-    x = np.asarray(x, dtype=np.float64)[..., None] * omega
-    y = np.asarray(y, dtype=np.float64)[..., None] * omega
-    table = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=-1)
-    return table.astype(np.float32)
+    # float64 throughout, rounded once at the end: the table is built once, off the step.
+    omega = sincos_lib.frequencies(dim, np, np.float64)
+    x = np.asarray(x, dtype=np.float64)[..., None]
+    y = np.asarray(y, dtype=np.float64)[..., None]
+    return sincos_lib.sincos(x, y, omega, np).astype(np.float32)
 
 
 def sincos_grid(grid_h, grid_w, dim, cls_token=True):
@@ -120,14 +122,7 @@ def sincos_embedding(coords, dim):
         float32 tensor ``(..., dim)`` laid out ``[sin(x w), cos(x w), sin(y w), cos(y w)]``
         with ``w_k = 10000 ** (-k / (dim / 4))``.
     """
-    if dim % 4:
-        raise ValueError(f"sin-cos position embedding needs a dim divisible by 4, got {dim}.")
-    quarter = dim // 4
     # The frequencies are constants: computed once in float64, like the NumPy table.
-    omega = ops.convert_to_tensor(
-        (1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)).astype(np.float32)
-    )
+    omega = ops.convert_to_tensor(sincos_lib.frequencies(dim, np, np.float64).astype(np.float32))
     coords = ops.cast(coords, "float32")
-    x = coords[..., 0:1] * omega
-    y = coords[..., 1:2] * omega
-    return ops.concatenate([ops.sin(x), ops.cos(x), ops.sin(y), ops.cos(y)], axis=-1)
+    return sincos_lib.sincos(coords[..., 0:1], coords[..., 1:2], omega, ops)

@@ -1,12 +1,12 @@
 """InfoNCE against a queue of negatives (MoCo; He et al. 2020) and the queue itself.
 
-DenseCL (spec §1.3, §1.4) uses two of these: the global term on pooled 128-d embeddings and
+DenseCL uses two of these: the global term on pooled 128-d embeddings and
 the dense term on every position of the dense embedding map, each with its own 65,536-entry
 queue. Every row's logits are ``[<q, k+>, <q, n_1>, ..., <q, n_K>] / tau`` with the positive
 in column 0, and the loss is the mean cross-entropy against class 0.
 
 The queue is read *before* it is updated: the current batch's keys are never negatives in the
-step that produces them (spec pitfall 7). Enqueue after computing the loss.
+step that produces them. Enqueue after computing the loss.
 """
 
 import keras

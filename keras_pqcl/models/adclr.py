@@ -36,7 +36,7 @@ class ADCLR(PQCL):
     The query crops are the pipeline's local crops: their count ``n`` and size ``s`` are
     ``MultiCropConfig.n_local`` / ``local_size`` (the paper's number of query patches and
     query crop size). With ``G`` global views of ``B`` images, ``L_h x L_w = s/p x s/p``
-    patches per crop and ``T = n * L_h * L_w`` queries per view, per step (spec §6.2):
+    patches per crop and ``T = n * L_h * L_w`` queries per view, per step:
 
     * query tokens ``(B, T, D)``: ``patch_embed(crop)`` (the same weights as the image
       tokens, pixels visible) plus a position code: ``query_position="crop"`` adds the
@@ -69,8 +69,11 @@ class ADCLR(PQCL):
             ``pos_embed="sincos"`` for ``"global"``.
         base: ``"dino"`` (ADCLR on DINO, ViT-S in the paper; unmasked global views, no MIM)
             or ``"ibot"`` (ViT-B in the paper; masked global views, MIM term).
-        query_position: ``"crop"`` (default; spec §6.2 step 2's suggestion) or ``"global"``.
-        target: ``"cross_view"`` (default; spec §6.2 step 4) or ``"crop"`` (step 5).
+        query_position: ``"crop"`` (default: the paper's position code is unknown, and
+            the crop's own interpolated table is the most plausible one) or ``"global"``.
+        target: ``"cross_view"`` (default: the teacher's query outputs given the other
+            global view) or ``"crop"`` (the teacher's encoding of the query crop on its own,
+            as in the ADCLR mode of the PQCL code).
         out_dim: prototypes ``K`` of the one shared head (CLS, patch and query tokens);
             None means DINO's 65536 for ``base="dino"`` and iBOT's 8192 for ``"ibot"``.
         lambda3: weight of ``L_query``. The paper weighs global and query terms about
@@ -101,7 +104,7 @@ class ADCLR(PQCL):
     Accurate and Dense Contrastive Representation Learning" (ADCLR), ICLR 2023,
     arXiv 2306.13337; the query pixels follow the ADCLR mode of github.com/Sherrylone/PQCL.
     The paper's body was not available: query positions, the cross-view target and the
-    loss weight follow the reconstruction of spec §6.2.
+    loss weight are a reconstruction from the abstract and that code.
     """
 
     # Sin-cos is needed only for query_position="global"; __init__ checks that case.

@@ -72,7 +72,7 @@ def encode(backbone, head, images, masks=None, queries=None, patches=True, train
 class IBOT(SelfDistillation):
     """Student ViT with a mask token + EMA teacher, iBOT heads and the iBOT loss.
 
-    Per step (spec §4.2-4.3), with ``G`` global and ``n`` local crops of ``B`` images:
+    Per step, with ``G`` global and ``n`` local crops of ``B`` images:
 
     * teacher: both global crops, unmasked -> CLS ``(G, B, K)`` and patch ``(G, B, N, K_p)``
       logits;
@@ -94,7 +94,9 @@ class IBOT(SelfDistillation):
         patch_out_dim: patch prototypes ``K_p``; None (default) means ``out_dim`` (8192 in
             the recipes). Must equal ``out_dim`` when ``shared_head``.
         shared_head: one last layer for CLS and patch tokens (True, the published recipes).
-            Student and teacher always share the same head layout here (spec §9.12).
+            Student and teacher always share the same head layout here (the reference's
+            default arguments give the student separate heads but the teacher a shared
+            one; the published recipes share both).
         hidden_dim, bottleneck_dim, head_layers, norm_last_layer: as :class:`DINO`.
         student_temp: 0.1 for both terms.
         warmup_teacher_temp, teacher_temp: CLS teacher temperature 0.04 -> 0.07.

@@ -2,7 +2,7 @@
 
 BYOL-style online network (ResNet + FPN + region neck + one predictor per level) and an EMA
 target network (ResNet + FPN + neck), trained with an InfoNCE over in-batch targets at
-temperature 1 (spec §2.2-2.7). Per branch X in {q, k} the online network sees the full views
+temperature 1. Per branch X in {q, k} the online network sees the full views
 and the montages (see :mod:`keras_pqcl.data.montage`) in one pass; a sub-image downsampled by
 ``r`` sits on the pyramid level of stride ``32 / r`` (r = 1, 2, 4, 8 -> P5, P4, P3, P2: the
 "scale-aware assignment"), where it covers exactly one ``t x t`` tile, so its region is cut
@@ -18,15 +18,17 @@ Choices where the reference leaves room (documented in the report and :class:`MC
 
 * The neck runs only on the tiles the loss uses (the level matching each image's ratio),
   one neck call per level; the reference runs it on every level of every image, ~20x the
-  neck FLOPs, which only changes the neck's BatchNorm statistics (spec §2.5, pitfall 14).
+  neck FLOPs, which only changes the neck's BatchNorm statistics.
 * The target network runs on the whole branch batch (full images and montages), as the
   reference does, so its BatchNorm statistics are the same; only P5 of the full images
   feeds the neck.
-* In-batch negatives on one device (M = N); no cross-device all-gather (pitfall 22).
+* In-batch negatives on one device (M = N); no cross-device all-gather, so a batch smaller
+  than the reference's 4096 gathered targets has fewer negatives and an easier task.
 
 The momentum target keeps BatchNorm in training mode (batch statistics) although its
-variables are not trained (pitfall 1), and the EMA covers parameters only, not the
-BatchNorm moving statistics, which the target accumulates from its own batches (pitfall 8).
+variables are not trained (a non-trainable Keras BatchNormalization layer would use its
+moving statistics instead), and the EMA covers parameters only, not the BatchNorm moving
+statistics, which the target accumulates from its own batches.
 """
 
 import keras

@@ -28,7 +28,7 @@ class PQCL(IBOT):
     """Positional-query contrastive learning on top of iBOT (``base="ibot"``) or DINO.
 
     Per step, with ``G`` global views, ``n`` local crops of ``L x L`` patches and
-    ``T = n * L * L`` queries per view (spec §5.3-5.5):
+    ``T = n * L * L`` queries per view:
 
     * student, per global view: the image (masked for ``base="ibot"``, unmasked for
       ``base="dino"``) plus the ``T`` query tokens
@@ -50,9 +50,11 @@ class PQCL(IBOT):
             ``pos_embed="sincos"`` (the queries are sin-cos codes of positions, which
             mean something only if the image tokens carry the same fixed code), made for
             the global crop size (``image_size``).
-        base: ``"ibot"`` (the released code) or ``"dino"`` (spec §5.7: unmasked global
-            views, no MIM term; the mask token then only builds the queries).
-        out_dim: prototypes ``K`` of the shared head (8192; §5.7 suggests 65536 for DINO).
+        base: ``"ibot"`` (the released code) or ``"dino"`` (reconstructed, as only the
+            iBOT version was released: unmasked global views, no MIM term; the mask token
+            then only builds the queries).
+        out_dim: prototypes ``K`` of the shared head (8192, the PQCL code's value; DINO's
+            own 65536 is the natural choice for ``base="dino"``).
         hidden_dim, bottleneck_dim, head_layers, norm_last_layer, student_temp: as
             :class:`DINO`.
         warmup_teacher_temp, teacher_temp: CLS teacher temperature 0.04 -> 0.07.
@@ -122,7 +124,7 @@ class PQCL(IBOT):
                 "queries are fixed sin-cos codes of positions, so the image tokens must carry the "
                 "same fixed code (PQCL's pos_* architectures)."
             )
-        # The PQCL head applies its CLS last layer to every token (spec §2), so it is shared.
+        # The PQCL head applies its CLS last layer to CLS, patch and query tokens alike: one head.
         kwargs.pop("patch_out_dim", None)
         kwargs.pop("shared_head", None)
         super().__init__(

@@ -1,4 +1,4 @@
-"""PQCL query coordinates and tables (spec §5.2) against NumPy formulas and
+"""PQCL query coordinates and tables against NumPy formulas and
 against the pixels of a coordinate-encoded image."""
 
 import numpy as np
@@ -22,7 +22,8 @@ except ImportError:  # pytest run from inside tests/
 
 
 def _spec_coords(gbox, gflip, lbox, lflip, G, L, flip_correct):
-    """The spec's table, written out for one (global, local) pair: [L*L, 2]."""
+    """PQCL's query coordinates (the module docstring's formula, flips included), written
+    out for one (global, local) pair: [L*L, 2]."""
     ig, jg, hg, wg = gbox
     il, jl, hl, wl = lbox
     kx, ky = wg / G, hg / G
