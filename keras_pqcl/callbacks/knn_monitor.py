@@ -2,8 +2,8 @@
 
 import keras
 
-from keras_pqcl.eval.features import FeatureExtractor
-from keras_pqcl.eval.knn import knn_accuracy
+# keras_pqcl.eval imports TensorFlow; it is imported in the methods that extract features so
+# that importing the callbacks (and keras_pqcl) does not need TensorFlow.
 
 
 class KNNMonitor(keras.callbacks.Callback):
@@ -70,6 +70,8 @@ class KNNMonitor(keras.callbacks.Callback):
         return backbone
 
     def on_train_begin(self, logs=None):
+        from keras_pqcl.eval.features import FeatureExtractor
+
         backbone = self._backbone()  # fail before the first epoch, not after it
         if self._extractor is None or self._extractor.backbone is not backbone:
             # Kept across epochs: the compiled forward pass reads the current weights.
@@ -77,6 +79,9 @@ class KNNMonitor(keras.callbacks.Callback):
 
     def evaluate(self):
         """``{"top1", "top5"}`` of the current backbone (%)."""
+        from keras_pqcl.eval.features import FeatureExtractor
+        from keras_pqcl.eval.knn import knn_accuracy
+
         if self._extractor is None or self._extractor.backbone is not self._backbone():
             self._extractor = FeatureExtractor(self._backbone())
         args = dict(batch_size=self.batch_size, image_size=self.image_size, return_labels=True)

@@ -1,4 +1,4 @@
-"""Evaluation protocols of DINO/iBOT/PQCL on frozen backbones (method spec §3.6).
+"""Evaluation protocols of DINO/iBOT/PQCL on frozen backbones, as their official code runs them.
 
 * :func:`extract_features`, :func:`eval_preprocess` - frozen CLS / pooled / patch features.
 * :func:`knn_accuracy`, :func:`knn_classify`, :func:`knn_evaluate` - weighted k-NN

@@ -14,6 +14,7 @@ momentum range stored in non-trainable variables so that they are saved and resu
 """
 
 import contextlib
+import sys
 import warnings
 
 import keras
@@ -234,11 +235,10 @@ class SelfSupervisedModel(TrainStep, keras.Model):
 
 
 def _is_dataset(data):
-    try:
-        import tensorflow as tf
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(data, tf.data.Dataset)
+    # A tf.data.Dataset exists only if TensorFlow is already imported; looking it up instead
+    # of importing it keeps fit() on arrays under JAX/torch free of TensorFlow.
+    tf = sys.modules.get("tensorflow")
+    return tf is not None and isinstance(data, tf.data.Dataset)
 
 
 def _cardinality(data):

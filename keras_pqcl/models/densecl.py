@@ -1,19 +1,19 @@
 """DenseCL: dense contrastive learning (Wang, Zhang, Shen, Kong, Li; CVPR 2021).
 
-MoCo-v2 plus a dense term (spec §1): a query encoder (ResNet + global and dense heads) and its
+MoCo-v2 plus a dense term: a query encoder (ResNet + global and dense heads) and its
 EMA copy, the key encoder, see two views of each image. The global InfoNCE contrasts pooled
 embeddings; the dense InfoNCE matches every query position to the key position whose *backbone*
 feature is most similar (argmax of cosine similarity) and contrasts it against a queue of
 image-level pooled dense keys. ``L = (1 - lambda) L_global + lambda L_dense``, lambda = 0.5.
 
-BatchNorm of the key encoder (spec §1.5, pitfall 1). The reference runs the key encoder in
+BatchNorm of the key encoder. The reference runs the key encoder in
 train mode: batch statistics, although it gets no gradient. Keras' BatchNormalization uses batch
 statistics only when its layer is trainable, so the key encoder's *layers* stay trainable and
 only its *variables* are marked non-trainable: they never reach the optimizer (nor a gradient
 tape) and JAX threads them as non-trainable state, while every BatchNorm normalises with the
 statistics of the key batch: ``add_teacher(..., batch_statistics=True)``.
 
-EMA (spec §1.5, pitfall 8). Parameters only: conv/dense kernels and biases, BN gamma and beta.
+EMA. Parameters only: conv/dense kernels and biases, BN gamma and beta.
 The BN moving mean/variance are buffers in the reference and are not averaged: each encoder
 keeps its own, updated by its own train-mode forward passes. They never affect training (both
 encoders always run with batch statistics); the query backbone's are the ones transfer uses.
@@ -22,7 +22,7 @@ The momentum is a constant 0.999 (``momentum_schedule="constant"`` reads the sta
 key encoder at the start of a step, before the keys; the shared train step does it right after
 the optimizer update, which gives the same sequence of key weights.
 
-Shuffle BN (spec §1.5, pitfall 19). MoCo permutes the global key batch across GPUs so that the
+Shuffle BN. MoCo permutes the global key batch across GPUs so that the
 key of image n is normalised with other images than its query. The equivalent here is split
 BatchNorm: build the backbone with ``bn_splits=G`` (every BN then normalises G groups of the
 batch separately, G GPUs' worth; 8 for batch 256 = 8 x 32 as in the paper) and keep
@@ -36,7 +36,6 @@ there is no cross-replica key shuffle. Under JAX GSPMD, BN statistics are global
 import keras
 from keras import ops
 
-from keras_pqcl.data.views import densecl_crops  # noqa: F401  (re-exported for convenience)
 from keras_pqcl.heads.densecl_head import DenseCLDenseHead, DenseCLGlobalHead
 from keras_pqcl.losses.info_nce import InfoNCE
 from keras_pqcl.models.base import SelfSupervisedModel, require
@@ -45,8 +44,18 @@ from keras_pqcl.models.dino import clone_backbone
 MOMENTUM_SCHEDULES = ("constant", "cosine")
 
 
+def __getattr__(name):
+    # ``densecl_crops`` is re-exported for convenience, but it lives in the tf.data pipeline:
+    # resolved on first access so that importing the models does not import TensorFlow.
+    if name == "densecl_crops":
+        from keras_pqcl.data.views import densecl_crops
+
+        return densecl_crops
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def dense_correspondence(query_features, key_features):
-    """For every query position, the key position of highest cosine similarity (spec §1.3.2).
+    """For every query position, the key position of highest cosine similarity.
 
     Args:
         query_features: ``(B, N, C)`` backbone features of the query view.
