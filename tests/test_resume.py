@@ -9,36 +9,39 @@ time, inside a checkpoint write (a temporary left behind), right after a checkpo
 evaluation, and resuming from mid-epoch checkpoints.
 """
 
+import importlib.util
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import keras
 import numpy as np
 import pytest
 
+import keras_pqcl  # noqa: F401  (registers the classes the saved files need)
+from keras_pqcl import cli
 from keras_pqcl.callbacks.checkpoint import list_checkpoints
 from keras_pqcl.callbacks.epoch_log import read_rows
+from keras_pqcl.run_folder import RunFolder
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 SCRIPT = os.path.join(HERE, "scripts", "killable_run.py")
 TIMEOUT = 300
 
-#: (kill point for this process, what it leaves behind). ``random`` is a SIGKILL sent from
-#: here after a random delay, wherever the run then is.
+#: The kill point of each process in turn (see ``tests/scripts/killable_run.py``).
 CHAIN = [
     "step:2",    # epoch 1, before any checkpoint: the next run starts from scratch
     "save:2",    # inside the second checkpoint's write (the first landed at step 3)
     "knn:1",     # epoch 1 finished, k-NN running: its row is not written
     "log:1",     # epoch 1's row written, its checkpoint not: the row is cut and rewritten
     "saved:2",   # after a mid-epoch checkpoint landed, before the oldest is pruned
-    "random",    # anywhere
     "step:1",    # resumed mid-epoch, killed one step later
+    "random",    # anywhere in the first second of training (or not at all, if it ends first)
     "-",         # to the end
 ]
 
@@ -49,11 +52,11 @@ def _env(**extra):
 
 
 def _run(output, kill="-", *args, env=None):
-    cmd = [sys.executable, SCRIPT, output, "-" if kill == "random" else kill, *args]
-    proc = subprocess.Popen(cmd, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if kill == "random":
-        time.sleep(random.Random(os.getpid()).uniform(8.0, 20.0))
-        proc.send_signal(signal.SIGKILL)
+        kill = f"random:{random.SystemRandom().randrange(1 << 30)}"
+        print(f"random kill: {kill}")  # shown when the test fails, to replay it
+    cmd = [sys.executable, SCRIPT, output, kill, *args]
+    proc = subprocess.Popen(cmd, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         out, _ = proc.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -62,9 +65,15 @@ def _run(output, kill="-", *args, env=None):
     return proc.returncode, out
 
 
-def _weights(path):
-    import keras_pqcl  # noqa: F401
+def _script():
+    """``tests/scripts/killable_run.py`` as a module (for its recipe)."""
+    spec = importlib.util.spec_from_file_location("killable_run", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
+
+def _weights(path):
     return [keras.ops.convert_to_numpy(w) for w in keras.saving.load_model(path).weights]
 
 
@@ -84,17 +93,29 @@ def _assert_same_run(resumed, reference):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-5, err_msg=name)
 
 
-def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
-    reference = str(tmp_path / "reference")
-    code, out = _run(reference)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run (one per module: every test below compares with or copies it)."""
+    output = str(tmp_path_factory.mktemp("reference") / "run")
+    code, out = _run(output)
     assert code == 0, out[-4000:]
+    return output
+
+
+@pytest.fixture
+def finished_run(reference, tmp_path):
+    output = str(tmp_path / "run")
+    shutil.copytree(reference, output)
+    return output
+
+
+def test_killed_and_resumed_run_equals_uninterrupted_run(reference, tmp_path):
     resumed = str(tmp_path / "resumed")
     for kill in CHAIN:
         code, out = _run(resumed, kill, "--resume")
-        if kill == "-":
-            assert code == 0, out[-4000:]
-        else:
-            assert code in (-signal.SIGKILL, 0), out[-4000:]  # a random kill may come after the end
+        if kill == "random" and code == 0:
+            break  # the run ended before the random moment: nothing left to resume
+        assert code == (0 if kill == "-" else -signal.SIGKILL), out[-4000:]
     assert "resuming from" in out
     _assert_same_run(resumed, reference)
     # No temporaries left, the newest two checkpoints kept, the lock released.
@@ -122,19 +143,10 @@ def test_nan_at_the_end_of_an_epoch_leaves_a_finite_checkpoint(tmp_path):
         assert np.isfinite(json.load(f)["last_loss"])
 
 
-def test_second_run_on_a_locked_folder_is_refused(tmp_path):
-    output = str(tmp_path / "run")
-    first = subprocess.Popen([sys.executable, SCRIPT, output, "-"], env=_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-    try:
-        lock = os.path.join(output, "run.lock")
-        deadline = time.time() + TIMEOUT
-        while not (os.path.exists(lock) and open(lock).read()) and time.time() < deadline:
-            time.sleep(0.2)
-        code, out = _run(output, "-", "--resume")
-    finally:
-        first_out, _ = first.communicate(timeout=TIMEOUT)
-    assert first.returncode == 0, first_out[-4000:]
+def test_second_run_on_a_locked_folder_is_refused(finished_run):
+    """The lock is an OS file lock: held here, as a live run holds it, it stops a run."""
+    with RunFolder(finished_run, resume=True, log=lambda m: None):
+        code, out = _run(finished_run, "-", "--resume", "--epochs", "4")
     assert code == 2 and "is in use by a running pre-training (pid" in out, out[-2000:]
     assert "Traceback" not in out
 
@@ -144,9 +156,11 @@ def test_second_run_on_a_locked_folder_is_refused(tmp_path):
     (["--resume", "--batch-size", "4"], "--resume cannot change batch_size (was 8, now 4)"),
     (["--resume"], "has already trained all 3 of its epochs"),
 ])
-def test_finished_run_refuses_reuse(finished_run, args, message):
-    code, out = _run(finished_run, "-", *args)
-    assert code == 2 and message in out and "Traceback" not in out, out[-2000:]
+def test_finished_run_refuses_reuse(finished_run, args, message, capsys):
+    recipe = _script().write_recipe(os.path.dirname(finished_run))
+    code = cli.main(["pretrain", "--recipe", recipe, "--output", finished_run, "--quiet", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
 
 
 def test_longer_epochs_on_resume_extend_the_schedules(finished_run):
@@ -158,16 +172,6 @@ def test_longer_epochs_on_resume_extend_the_schedules(finished_run):
     # The schedules now span 4 epochs of 4 steps: the optimizer's and the model's clock.
     newest = list_checkpoints(os.path.join(finished_run, "checkpoints"))[0]
     assert newest.endswith("checkpoint-e00004-s0000000.keras")
-    import keras_pqcl  # noqa: F401
-
     model = keras.saving.load_model(newest)
     assert model.optimizer.get_config()["learning_rate"]["config"]["total_steps"] == 16
     assert float(keras.ops.convert_to_numpy(model.total_steps)) == 16.0
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    output = str(tmp_path_factory.mktemp("finished") / "run")
-    code, out = _run(output)
-    assert code == 0, out[-4000:]
-    return output

@@ -15,6 +15,9 @@ Usage::
 * ``log``: right after ``log.csv`` is rewritten, before the epoch's checkpoint;
 * ``knn``: during the k-NN evaluation, before its score reaches the log.
 
+``random:SEED`` instead kills the process at a random moment (seeded) within the first
+second after training starts, wherever it then is: mid-step most often.
+
 ``KILLABLE_NAN_AT_STEP=N`` in the environment instead makes the N-th step's update blow up:
 a student weight becomes NaN right after that step (the loss of the step itself was finite).
 
@@ -24,10 +27,6 @@ The kill points are patched in from here, so the library carries no test hooks.
 import os
 import signal
 import sys
-
-OUTPUT = sys.argv[1]
-KILL = sys.argv[2] if len(sys.argv) > 2 else "-"
-EXTRA = sys.argv[3:]
 
 RECIPE = '''
 from keras_pqcl.recipe import Recipe
@@ -45,10 +44,18 @@ def get_recipe():
 '''
 
 
-def _die_at(point):
-    if KILL == "-":
+def write_recipe(folder, method="dino"):
+    """The tiny recipe as a file in ``folder``; returns its path."""
+    path = os.path.join(folder, "killable_recipe.py")
+    with open(path, "w") as f:
+        f.write(RECIPE.format(method=method))
+    return path
+
+
+def _die_at(kill, point):
+    if kill == "-" or kill.startswith("random:"):
         return lambda: None
-    name, count = KILL.split(":")
+    name, count = kill.split(":")
     seen = [0]
 
     def hit():
@@ -62,14 +69,14 @@ def _die_at(point):
     return hit
 
 
-def main():
+def main(output, kill="-", *extra):
     from keras_pqcl import cli, training
     from keras_pqcl.callbacks import checkpoint, epoch_log, knn_monitor
 
     training.KNN_SYNTHETIC_IMAGES = (64, 32)  # small held-out splits: a test, not a score
 
     step_hit, save_hit, saved_hit, log_hit, knn_hit = (
-        _die_at(p) for p in ("step", "save", "saved", "log", "knn"))
+        _die_at(kill, p) for p in ("step", "save", "saved", "log", "knn"))
 
     guard_end = checkpoint.NaNGuard.on_train_batch_end
     nan_at = int(os.environ.get("KILLABLE_NAN_AT_STEP", 0))
@@ -117,12 +124,24 @@ def main():
 
     knn_monitor.KNNMonitor.evaluate = killable_evaluate
 
-    recipe = os.path.join(os.path.dirname(os.path.abspath(OUTPUT)), "killable_recipe.py")
-    method = os.environ.get("KILLABLE_METHOD", "dino")
-    with open(recipe, "w") as f:
-        f.write(RECIPE.format(method=method))
-    return cli.main(["pretrain", "--recipe", recipe, "--output", OUTPUT, "--quiet", *EXTRA])
+    if kill.startswith("random:"):
+        import random
+        import threading
+
+        delay = random.Random(int(kill.split(":")[1])).uniform(0.0, 1.0)
+        train_begin = checkpoint.Checkpoint.on_train_begin
+
+        def on_train_begin(self, logs=None):
+            train_begin(self, logs)
+            if not getattr(main, "timer", None):
+                main.timer = threading.Timer(delay, lambda: os.kill(os.getpid(), signal.SIGKILL))
+                main.timer.start()
+
+        checkpoint.Checkpoint.on_train_begin = on_train_begin
+
+    recipe = write_recipe(os.path.dirname(os.path.abspath(output)), os.environ.get("KILLABLE_METHOD", "dino"))
+    return cli.main(["pretrain", "--recipe", recipe, "--output", output, "--quiet", *extra])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(*sys.argv[1:]))
