@@ -123,7 +123,15 @@ def _use_backend(backend):
         os.execv(sys.executable, [sys.executable, "-m", "keras_pqcl.cli", *sys.argv[1:]])
 
 
+def _one_line_warning(message, category, filename, lineno, line=None):
+    # A user of the CLI needs the message, not the library line that raised it.
+    return f"keras-pqcl: warning: {message}\n"
+
+
 def main(argv=None):
+    import warnings
+
+    warnings.formatwarning = _one_line_warning
     try:
         return _main(argv)
     except (ValueError, FileNotFoundError, FloatingPointError) as error:
