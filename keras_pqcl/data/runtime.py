@@ -52,7 +52,8 @@ def tune_input_pipeline(input_only=None, bfc_allocator=True):
 
         input_only = keras.backend.backend() != "tensorflow"
     late = []
-    if bfc_allocator:
+    started = _runtime_started(tf)
+    if bfc_allocator and not started:
         # Read when TensorFlow first allocates CPU memory, so an environment variable
         # set now still counts if no op has run yet.
         os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
@@ -61,9 +62,10 @@ def tune_input_pipeline(input_only=None, bfc_allocator=True):
             tf.config.threading.set_intra_op_parallelism_threads(1)
         except RuntimeError:
             late.append("one intra-op thread")
-    bfc = _bfc_in_use(tf)
-    if bfc_allocator and not bfc \
-            and os.environ["TF_CPU_ALLOCATOR_USE_BFC"].lower() in ("1", "true"):
+    # The allocator is chosen from the variable at the first allocation, which happened
+    # before this call when the runtime had already started.
+    bfc = os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "").lower() in ("1", "true")
+    if bfc_allocator and started and not bfc:
         late.append("the BFC allocator")
     if late:
         _logger.warning(
@@ -75,11 +77,10 @@ def tune_input_pipeline(input_only=None, bfc_allocator=True):
     return {"bfc_allocator": bfc, "intra_op_threads": threads or None}
 
 
-def _bfc_in_use(tf):
-    # Only the BFC allocator keeps statistics on the CPU; asking also creates the
-    # allocator, which fixes the choice made above.
+def _runtime_started(tf):
+    """Whether TensorFlow's eager runtime exists yet (it starts with the first op)."""
     try:
-        tf.config.experimental.get_memory_info("CPU:0")
-    except ValueError:
-        return False
-    return True
+        from tensorflow.python.eager import context
+    except ImportError:  # a TensorFlow without that module: assume the worst
+        return True
+    return context.context()._context_handle is not None
