@@ -16,3 +16,15 @@ def pytest_report_header(config):
 def _seed():
     keras.utils.set_random_seed(1234)
     yield
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A tiny saved ViT backbone (``teacher_backbone.keras``), for the CLI tests."""
+    import keras_pqcl as kp
+
+    keras.utils.set_random_seed(3)
+    backbone = kp.backbones.vit_tiny(8, depth=1, embed_dim=32, num_heads=2, image_size=16)
+    path = str(tmp_path_factory.mktemp("run") / "teacher_backbone.keras")
+    backbone.save(path)
+    return path

@@ -3,22 +3,10 @@
 import json
 import os
 
-import keras
 import numpy as np
-import pytest
 from PIL import Image
 
-import keras_pqcl as kp
 from keras_pqcl import cli
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    keras.utils.set_random_seed(3)
-    backbone = kp.backbones.vit_tiny(8, depth=1, embed_dim=32, num_heads=2, image_size=16)
-    path = str(tmp_path_factory.mktemp("run") / "teacher_backbone.keras")
-    backbone.save(path)
-    return path
 
 
 def _record(out):

@@ -12,15 +12,6 @@ import keras_pqcl as kp
 from keras_pqcl import cli
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    keras.utils.set_random_seed(3)
-    backbone = kp.backbones.vit_tiny(8, depth=1, embed_dim=32, num_heads=2, image_size=16)
-    path = str(tmp_path_factory.mktemp("run") / "teacher_backbone.keras")
-    backbone.save(path)
-    return path
-
-
 @pytest.fixture
 def error(tmp_path, capsys):
     """``keras-pqcl eval ARGV`` must exit 2 with a one-line message; returns it."""
