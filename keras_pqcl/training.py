@@ -290,6 +290,21 @@ def check_recipe(recipe):
         raise ValueError(f"checkpoint_every_minutes must be > 0 (or unset), got {recipe.checkpoint_every_minutes!r}.")
     if recipe.knn_every < 0:
         raise ValueError(f"knn_every must be >= 0 (0: off), got {recipe.knn_every!r}.")
+    _knn_splits(recipe)  # a wrong --knn-data fails now, not after the data is built
+
+
+def _knn_splits(recipe):
+    """``(train, test)`` folders of ``recipe.knn_data``, or None when it is unset."""
+    if not (recipe.knn_every and recipe.knn_data):
+        return None
+    splits = [os.path.join(recipe.knn_data, split) for split in ("train", "val")]
+    missing = [path for path in splits if not os.path.isdir(path)]
+    if missing:
+        raise ValueError(
+            f"knn_data={recipe.knn_data!r} needs train/ and val/ sub-folders of class folders; "
+            f"missing: {', '.join(missing)}."
+        )
+    return splits
 
 
 def _retime(optimizer, fresh):
@@ -464,14 +479,7 @@ def knn_monitor(recipe, image_size):
     if not recipe.knn_every:
         return None
     if recipe.knn_data:
-        splits = [os.path.join(recipe.knn_data, split) for split in ("train", "val")]
-        missing = [path for path in splits if not os.path.isdir(path)]
-        if missing:
-            raise ValueError(
-                f"knn_data={recipe.knn_data!r} needs train/ and val/ sub-folders of class folders; "
-                f"missing: {', '.join(missing)}."
-            )
-        train, test = splits
+        train, test = _knn_splits(recipe)
     elif recipe.data.startswith("synthetic_scenes"):
         from keras_pqcl.data.sources import _parse_synthetic
         from keras_pqcl.data.synthetic import synthetic_scenes
@@ -491,8 +499,9 @@ def knn_monitor(recipe, image_size):
 
 
 def read_log(csv_path):
-    """``{column: [float per epoch]}`` from a ``log.csv`` (:class:`~keras_pqcl.callbacks.EpochLog`); ``NA`` cells (a k-NN column
-    on epochs it was not evaluated) are NaN, so every column has one value per epoch."""
+    """``{column: [float per epoch]}`` from a ``log.csv`` (:class:`~keras_pqcl.callbacks.EpochLog`);
+    ``NA`` cells (a k-NN column on epochs it was not evaluated) are NaN, so every column has
+    one value per epoch."""
     if not os.path.exists(csv_path):
         return {}
     with open(csv_path) as f:
