@@ -168,12 +168,13 @@ def test_collapse_guard_quiet_on_healthy_or_interrupted_runs():
 
 # ---------------------------------------------------------------------- k-NN monitor in the runner
 def test_runner_logs_knn_every_n_epochs(tmp_path):
-    recipe = MICRO.derive(name="micro_knn", epochs=3, steps_per_epoch=1, knn_every=2)
+    recipe = MICRO.derive(name="micro_knn", epochs=5, steps_per_epoch=1, knn_every=2)
     summary = pretrain(recipe, str(tmp_path), verbose=0)
     knn = read_log(summary["log"])["knn_top1"]
-    # Epoch 1 (the fit's first) and epoch 2 (every 2nd) are evaluated; epoch 3 is NA in the CSV.
-    assert len(knn) == 3 and all(0.0 <= v <= 100.0 for v in knn[:2]) and math.isnan(knn[2])
-    assert summary["knn_top1"] == knn[1]
+    # Epochs 1 (the first), 2 and 4 (every 2nd) and 5 (the last) are evaluated; epoch 3 is NA.
+    assert len(knn) == 5 and math.isnan(knn[2])
+    assert all(0.0 <= knn[i] <= 100.0 for i in (0, 1, 3, 4))
+    assert summary["knn_top1"] == knn[4]
     assert os.path.exists(summary["plot"])
 
 
