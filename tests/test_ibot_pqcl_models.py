@@ -351,8 +351,8 @@ def test_pred_start_epoch_switches_masks_on(pqcl_run):
 
 
 def test_temperature_schedules():
-    """CLS and query temperatures warm up from epoch 0; the patch temperature is held until
-    ``pred_start_epoch`` and warms up from there (iBOT)."""
+    """The CLS temperature warms up from epoch 0; the patch and query temperatures are held
+    until ``pred_start_epoch`` and warm up from there (iBOT, PQCL)."""
     model = kp.models.PQCL(
         backbone(), **HEAD, pred_start_epoch=2, warmup_teacher_temp_epochs=3,
         teacher_temp=0.07, teacher_patch_temp=0.06, teacher_query_temp=0.05,
@@ -367,11 +367,35 @@ def test_temperature_schedules():
 
     for fn, want in (
         (model.teacher_temp_at, schedule(0.07)),
-        (model.teacher_query_temp_at, schedule(0.05)),
+        (model.teacher_query_temp_at, schedule(0.05, start_epoch=2)),
         (model.teacher_patch_temp_at, schedule(0.06, start_epoch=2)),
     ):
         got = [float(_np(fn(2 * e + 1))) for e in epochs]  # last step of each epoch
         np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("pred_start_epoch", [0, 3])
+def test_query_temperature_is_delayed_by_pred_start_epoch(pred_start_epoch):
+    """The query teacher temperature per epoch, as the PQCL code builds it: held at the
+    warm-up value for ``pred_start_epoch`` epochs, then linspace over the warm-up epochs,
+    then constant; read at the first, a middle and the last step of every epoch."""
+    start, final, warm, epochs, steps = 0.04, 0.07, 4, 10, 3
+    model = kp.models.PQCL(
+        backbone(), **HEAD, pred_start_epoch=pred_start_epoch, warmup_teacher_temp_epochs=warm,
+        warmup_teacher_query_temp=start, teacher_query_temp=final,
+    )
+    model.steps_per_epoch.assign(float(steps))
+    per_epoch = np.concatenate([
+        np.full(pred_start_epoch, start),
+        np.linspace(start, final, warm),
+        np.full(epochs - warm - pred_start_epoch, final),
+    ])
+    assert per_epoch.shape == (epochs,)
+    for step in range(epochs * steps):
+        got = float(_np(model.teacher_query_temp_at(step)))
+        assert got == pytest.approx(per_epoch[step // steps], rel=1e-6), step
+    # Past the end of the schedule it stays at the final value.
+    assert float(_np(model.teacher_query_temp_at(5 * epochs * steps))) == pytest.approx(final, rel=1e-6)
 
 
 # ------------------------------------------------------------------ save/load

@@ -63,7 +63,8 @@ def test_query_positions_and_targets_show_the_same_pixels(flip_correct):
     model = _model()
     mask_token = ops.convert_to_numpy(model.student_backbone.mask_token).reshape(-1)
     cfg = MultiCropConfig(global_size=GLOBAL, local_size=LOCAL, n_local=N_LOCAL,
-                          global_scale=(0.5, 1.0), local_scale=(0.1, 0.3), flip_local=True,
+                          global_scale=(0.5, 1.0), local_scale=(0.1, 0.3),
+                          flip_local=flip_correct,  # the official queries assume unflipped local crops
                           use_keras_cv=False)
     crops = MultiCrop(cfg, photometric=False, normalize=False,
                       queries=QueryConfig(PATCH, flip_correct=flip_correct))

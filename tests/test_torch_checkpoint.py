@@ -8,6 +8,7 @@ transposition mistake in the importer shows up as an output mismatch.
 import argparse
 import ast
 import inspect
+import logging
 import sys
 
 import numpy as np
@@ -85,6 +86,16 @@ def head_state(prefix, patch_head=False):
     if patch_head:
         keys["last_layer2.weight_v"] = (8, 16)
     return {prefix + k: rng.normal(size=s).astype(np.float32) for k, s in keys.items()}
+
+
+def pqcl_unused_state(seed=5):
+    """The weights PQCL's PosVisionTransformer carries but never calls: a model-level
+    LayerNorm ``norm2`` (D,) and a spare block ``query_block`` (a block's 12 tensors)."""
+    donor = backbone_state(seed=seed)
+    sd = {"norm2.weight": donor["norm.weight"], "norm2.bias": donor["norm.bias"]}
+    sd.update({"query_block." + k[len("blocks.0."):]: v for k, v in donor.items() if k.startswith("blocks.0.")})
+    assert len(sd) == 14
+    return sd
 
 
 def prefixed(sd, prefix):
@@ -256,6 +267,55 @@ def test_load_from_saved_training_checkpoint(tmp_path):
     plain = tmp_path / "backbone.pth"
     torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, plain)
     assert_outputs(load(plain), numpy_forward(sd, imgs), imgs)
+
+
+def test_pqcl_unused_modules_are_dropped_and_logged(caplog):
+    sd = backbone_state(seed=6, sincos=True, mask_token=True)
+    extra = pqcl_unused_state()
+    checkpoint = {
+        "teacher": {**prefixed(sd, "backbone."), **prefixed(extra, "backbone."), **head_state("head.")},
+        "student": {**prefixed({**sd, **extra}, "module.backbone."), **head_state("module.head.", True)},
+    }
+    imgs = images()
+    plain = load({"teacher": prefixed(sd, "backbone.")})
+    expected = plain(imgs)
+    for key in ("teacher", "student"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger=torch_checkpoint.__name__):
+            backbone = load(checkpoint, key=key)  # strict=True
+        lines = [r.getMessage() for r in caplog.records if r.name == torch_checkpoint.__name__]
+        assert len(lines) == 1, lines
+        assert "dropped 14 weights" in lines[0] and "(norm2.*, query_block.*)" in lines[0], lines[0]
+        out = backbone(imgs)
+        for name in ("cls", "patches"):
+            np.testing.assert_array_equal(to_numpy(out[name]), to_numpy(expected[name]))
+        assert_outputs(backbone, numpy_forward(sd, imgs), imgs)
+        # The blocks' own norm2 is the checkpoint's, not the root-level one.
+        np.testing.assert_array_equal(to_numpy(backbone.blocks[1].norm2.gamma), sd["blocks.1.norm2.weight"])
+    # Only the unused modules are dropped: nothing is logged for a DINO checkpoint.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=torch_checkpoint.__name__):
+        load(backbone_state())
+    assert not [r for r in caplog.records if r.name == torch_checkpoint.__name__]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    ["fc_norm.weight", "query_block.gamma_1", "norm3.weight", "query_block.attn.relative_position_bias_table"],
+)
+def test_other_extra_keys_next_to_pqcl_ones_stay_errors(extra):
+    sd = {**backbone_state(sincos=True, mask_token=True), **pqcl_unused_state()}
+    sd[extra] = np.ones(DIM, np.float32)
+    with pytest.raises(ValueError) as info:
+        load({"teacher": prefixed(sd, "backbone.")})
+    assert f"1 unexpected keys: [{extra}]" in str(info.value)
+
+
+def test_root_norm2_does_not_stand_in_for_a_blocks_norm2():
+    sd = {**backbone_state(sincos=True), **pqcl_unused_state()}
+    del sd["blocks.1.norm2.weight"]
+    with pytest.raises(ValueError, match=r"1 missing backbone keys: \[blocks.1.norm2.weight\]"):
+        load(sd)
 
 
 def test_select_falls_back_to_generic_wrappers():

@@ -66,8 +66,10 @@ class MultiCropConfig:
             iBOT/PQCL recipes use (0.05, 0.25).
         ratio: aspect-ratio (w / h) range. Default (3/4, 4/3).
         flip_p: horizontal flip probability (after the crop). Default 0.5.
-        flip_local: whether local crops may be flipped. Default True (DINO,
-            and PQCL: ``query_coords`` read a flipped crop's patches mirrored).
+        flip_local: whether local crops may be flipped. Default True (DINO).
+            The official PQCL pipeline never flips them (False); flipped local
+            crops need ``QueryConfig(flip_correct=True)``, whose
+            ``query_coords`` read a flipped crop's patches mirrored.
         color_jitter: (brightness, contrast, saturation, hue) strengths.
             Default (0.4, 0.4, 0.2, 0.1).
         jitter_p: probability of applying colour jitter. Default 0.8.
@@ -302,6 +304,18 @@ class MultiCrop:
                 raise ValueError(
                     "PQCL queries come from local crops, but n_local=0; set "
                     "MultiCropConfig(n_local=1) or more (the PQCL recipe uses 1)."
+                )
+            if not queries.flip_correct and cfg.flip_local and cfg.flip_p > 0:
+                # Uncorrected coordinates take each local patch where it was cut, so
+                # a mirrored local crop would give its tokens mirrored targets; the
+                # official pipeline, which flip_correct=False reproduces, never
+                # flips local crops.
+                raise ValueError(
+                    "QueryConfig(flip_correct=False) reproduces the official PQCL "
+                    "queries, which assume unflipped local crops, but "
+                    f"MultiCropConfig(flip_local=True, flip_p={cfg.flip_p}) flips "
+                    "them. Set MultiCropConfig(flip_local=False) as the official "
+                    "pipeline does, or QueryConfig(flip_correct=True)."
                 )
         # Built eagerly here, never while tracing a map function.
         self._chain = (

@@ -23,7 +23,10 @@ place. With ``flip_correct=True`` (the default) a flipped global view maps
 ``x -> G - x - s_x`` (the patch's left edge in the mirrored frame), and a
 flipped local crop reads its patch columns right to left; the query order stays
 row-major over the local crop's *output* tokens, which is the order of the
-teacher's patch tokens. ``flip_correct=False`` reproduces the official code.
+teacher's patch tokens. ``flip_correct=False`` reproduces the official code,
+which never flips local crops: it therefore requires
+``MultiCropConfig(flip_local=False)`` (or ``flip_p=0``), and
+:class:`~keras_pqcl.data.MultiCrop` raises otherwise.
 
 Reference: Zhang et al., "Patch-level Contrastive Learning via Positional Query
 for Visual Pre-training", ICML 2023 (PQCL).
@@ -49,7 +52,10 @@ class QueryConfig:
         patch_size: the backbone's patch size; the global and local crop
             sizes must be multiples of it. Default 16.
         flip_correct: account for horizontal flips (see the module
-            docstring). Default True; False reproduces the official code.
+            docstring). Default True; False reproduces the official code and
+            needs unflipped local crops, as the official pipeline has:
+            ``MultiCropConfig(flip_local=False)`` (or ``flip_p=0``), else
+            :class:`~keras_pqcl.data.MultiCrop` raises.
         embed_dim: when set, the pipeline also emits ``query_tables``, the
             2-D sin-cos embedding of the coordinates (divisible by 4; 384 for
             ViT-S). Default None: only ``query_coords`` (the model embeds

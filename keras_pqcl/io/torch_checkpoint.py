@@ -9,6 +9,7 @@ torch is imported only when a file path is given, so the library imports without
 """
 
 import argparse
+import logging
 import math
 import os
 import re
@@ -21,6 +22,8 @@ from keras_pqcl.backbones.vit import POS_EMBED_KINDS, VIT_PRESETS, VisionTransfo
 from keras_pqcl.layers.pos_embed import sincos_grid
 
 TORCH_PIN = "torch==2.13.0"
+
+_logger = logging.getLogger(__name__)
 
 # Sub-dicts of a training checkpoint that may hold one network's weights, in the order
 # key=None tries them: the teacher is what the papers evaluate, and the generic wrappers of
@@ -49,6 +52,14 @@ _BLOCK_PARAMS = (
     "mlp.fc1.bias",
     "mlp.fc2.weight",
     "mlp.fc2.bias",
+)
+# PQCL's PosVisionTransformer builds a model-level LayerNorm ``norm2`` and a spare transformer
+# block ``query_block`` that its forward pass never calls; its training checkpoints and extracted
+# backbones still carry their weights. They are dropped by these exact root-level names only:
+# ``blocks.{i}.norm2.*`` is each block's own (used) second LayerNorm, and any other unknown key
+# stays an error under strict=True.
+_PQCL_UNUSED_KEYS = frozenset(
+    ["norm2.weight", "norm2.bias"] + [f"query_block.{param}" for param in _BLOCK_PARAMS]
 )
 # Backbone arguments that come from the checkpoint and ``arch``, not from ``**kwargs``.
 _DERIVED_ARGS = (
@@ -85,7 +96,10 @@ def load_torch_checkpoint(
     * keys with ``module.`` (DistributedDataParallel) and/or ``backbone.`` (the multi-crop
       wrapper) prefixes, which are stripped;
     * projection-head keys (``head.*``, ``head2.*``, ``last_layer*``, top-level ``mlp.*``)
-      are dropped.
+      are dropped;
+    * PQCL's unused top-level ``norm2.weight``/``norm2.bias`` and ``query_block.*`` (a
+      LayerNorm and a transformer block its ``PosVisionTransformer`` builds but never
+      calls) are dropped, with one ``logging`` INFO line giving their count.
 
     Backbone keys and PyTorch shapes (``D`` width, ``p`` patch, ``N`` patches, ``H`` MLP
     hidden width)::
@@ -323,13 +337,17 @@ def _to_numpy(value):
 
 
 def _backbone_entries(raw):
-    """Prefix-free backbone entries as NumPy arrays; head keys dropped."""
-    state = {}
+    """Prefix-free backbone entries as NumPy arrays; head keys and PQCL's unused
+    ``norm2``/``query_block`` weights dropped (the latter logged)."""
+    state, unused = {}, []
     for original, value in raw.items():
         if not isinstance(original, str):
             continue
         name = _strip_prefixes(original)
         if _HEAD_KEY.match(name):
+            continue
+        if name in _PQCL_UNUSED_KEYS:
+            unused.append(name)
             continue
         if name in state:
             raise ValueError(
@@ -337,6 +355,14 @@ def _backbone_entries(raw):
                 f"removed (one is {original!r}); pass the sub-dict of one network only."
             )
         state[name] = _to_numpy(value)
+    if unused:
+        prefixes = sorted({name.split(".")[0] + "." for name in unused})
+        _logger.info(
+            "load_torch_checkpoint: dropped %d weights of PQCL's unused modules (%s*): its "
+            "forward pass never calls them.",
+            len(unused),
+            "*, ".join(prefixes),
+        )
     return state
 
 

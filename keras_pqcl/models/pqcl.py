@@ -163,7 +163,17 @@ class PQCL(IBOT):
 
     # ------------------------------------------------------------------ pieces
     def teacher_query_temp_at(self, step):
-        return self.warmup_temp(step, self.warmup_teacher_query_temp, self.teacher_query_temp)
+        """Query teacher temperature at optimizer ``step`` (scalar), indexed by epoch.
+
+        Held at ``warmup_teacher_query_temp`` before ``pred_start_epoch``, then
+        ``linspace(warmup_teacher_query_temp, teacher_query_temp,
+        warmup_teacher_temp_epochs)``, then ``teacher_query_temp``: the PQCL code delays
+        this warm-up by the MIM start epoch exactly as it delays the patch temperature's.
+        With ``pred_start_epoch=0`` it starts at epoch 0.
+        """
+        return self.warmup_temp(
+            step, self.warmup_teacher_query_temp, self.teacher_query_temp, start_epoch=self.pred_start_epoch
+        )
 
     def queries_from_coords(self, coords):
         """Query tokens ``(..., D)``: the mask token plus the sin-cos code of ``coords``

@@ -108,9 +108,11 @@ def test_queries_point_at_the_pixels_of_their_local_patch(flip_correct):
     source coordinates: the global view's pixels at a query's position show
     the same source pixels as the local patch the query stands for."""
     patch = 8
+    # Uncorrected (official) coordinates come with unflipped local crops, as in
+    # the official pipeline; global views are flipped either way.
     cfg = MultiCropConfig(global_size=64, local_size=32, n_global=2, n_local=3,
                           global_scale=(0.5, 1.0), local_scale=(0.1, 0.3),
-                          flip_local=True)
+                          flip_local=flip_correct)
     mc = MultiCrop(cfg, photometric=False, normalize=False,
                    queries=QueryConfig(patch, flip_correct=flip_correct))
     img = _coord_image(120, 100)
@@ -180,3 +182,23 @@ def test_config_errors():
         MultiCrop(MultiCropConfig(n_local=0), queries=QueryConfig())
     with pytest.raises(ValueError, match="local_size=100"):
         MultiCrop(MultiCropConfig(local_size=100), queries=QueryConfig(16))
+
+
+def test_uncorrected_queries_need_unflipped_local_crops():
+    """flip_correct=False reproduces the official queries, which assume local
+    crops are never flipped: a pipeline that may flip them is refused."""
+    small = dict(global_size=32, local_size=16, n_local=2)
+    official = QueryConfig(patch_size=8, flip_correct=False)
+    with pytest.raises(ValueError, match=r"flip_local=False.*flip_correct=True"):
+        MultiCrop(MultiCropConfig(**small), queries=official)  # flip_local=True
+    with pytest.raises(ValueError, match="flip_local=False"):
+        pretrain_dataset(np.zeros((4, 40, 40, 3), np.uint8), MultiCropConfig(**small),
+                         batch_size=2, queries=official)
+    # Unflipped local crops (or no flips at all) are fine, and so is the
+    # corrected geometry with flipped local crops.
+    MultiCrop(MultiCropConfig(**small, flip_local=False), queries=official)
+    MultiCrop(MultiCropConfig(**small, flip_p=0.0), queries=official)
+    MultiCrop(MultiCropConfig(**small), queries=QueryConfig(patch_size=8))
+    out = MultiCrop(MultiCropConfig(**small, flip_local=False), queries=official)(
+        np.zeros((40, 40, 3), np.uint8), -1, tf.constant([0, 1]))
+    assert not out["local_flips"].numpy().any()
