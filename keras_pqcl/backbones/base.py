@@ -58,7 +58,7 @@ class Backbone:
 
 CONTRACT = ("pos_embed_kind", "has_mask_token", "embed_dim", "patch_size", "out_channels", "forward_features")
 
-#: How to build a backbone that meets each requirement (appended to the errors).
+#: The ViT builder the errors suggest.
 _VIT_EXAMPLE = "kp.backbones.vit_small(16{})"
 
 
