@@ -204,3 +204,25 @@ def test_model_constructors_check_their_backbone():
         models.ADCLR(_vit(pos_embed="learned"), out_dim=12, **HEAD)
         with pytest.raises(ValueError, match="MCL needs a backbone that returns a dict with 'C2'"):
             models.MCL(_vit())
+
+
+def test_plot_log_draws_the_terms_it_is_given(tmp_path, monkeypatch):
+    """The loss panel shows the model's loss_terms (DenseCL's here), not a list of names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    from keras_pqcl.training import plot_log
+
+    drawn, plot = [], Axes.plot
+
+    def record(self, *args, **kwargs):
+        drawn.append(kwargs.get("label"))
+        return plot(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", record)
+    history = {"epoch": [0, 1], "loss": [2, 1], "global": [1, .5], "dense": [1, .4], "query_agreement": [.1, .2]}
+    plot_log(history, str(tmp_path / "loss.png"), terms=("global", "dense", "query_agreement", "absent"))
+    # query_agreement has a panel of its own; absent terms are skipped.
+    assert drawn == ["loss", "global", "dense", "query_agreement"]
