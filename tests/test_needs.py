@@ -10,6 +10,7 @@ import pytest
 import keras_pqcl as kp
 from keras_pqcl import models
 from keras_pqcl.backbones import check_backbone
+from keras_pqcl.backbones.base import CONTRACT
 from keras_pqcl.callbacks import CollapseGuard
 from keras_pqcl.models.needs import Needs, constructor_default
 from keras_pqcl.recipe import Recipe
@@ -169,6 +170,7 @@ def test_vit_and_resnet_declare_the_contract():
     assert (resnet.pos_embed_kind, resnet.has_mask_token, resnet.embed_dim, resnet.patch_size) == (None, False, 128, 32)
     images = np.zeros((2, 64, 64, 3), "float32")
     for backbone in (_vit(), resnet):
+        assert all(hasattr(backbone, name) for name in CONTRACT)
         out = backbone.forward_features(images)
         assert {"cls", "patches", "last_blocks"} <= set(out)
         assert tuple(out["cls"].shape) == (2, backbone.embed_dim)
@@ -190,8 +192,10 @@ def test_check_backbone_names_everything_missing_and_the_fix():
     with pytest.raises(ValueError, match="'C5'.*out_channels.*resnet50"):
         check_backbone(_vit(), models.DenseCL.needs(), "DenseCL")
     check_backbone(resnet, models.MCL.needs(), "MCL")
-    with pytest.raises(ValueError, match="declares pos_embed_kind, has_mask_token.*forward_features"):
+    with pytest.raises(ValueError, match="declares pos_embed_kind, has_mask_token, embed_dim, patch_size "):
         check_backbone(object(), models.DINO.needs(), "DINO")
+    with pytest.raises(ValueError, match="DenseCL needs a backbone that declares out_channels"):
+        check_backbone(object(), models.DenseCL.needs(), "DenseCL")
 
 
 def test_model_constructors_check_their_backbone():

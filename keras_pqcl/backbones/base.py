@@ -58,6 +58,14 @@ class Backbone:
 
 CONTRACT = ("pos_embed_kind", "has_mask_token", "embed_dim", "patch_size", "out_channels", "forward_features")
 
+#: The part of the contract a method of each backbone family reads, so checked: the token
+#: methods read the table kind, mask token, width and patch size; the convolutional ones
+#: only the feature maps (a stand-in that returns them and lists their widths will do).
+READ_BY = {
+    "vit": ("pos_embed_kind", "has_mask_token", "embed_dim", "patch_size"),
+    "resnet": ("out_channels",),
+}
+
 #: The ViT builder the errors suggest.
 _VIT_EXAMPLE = "kp.backbones.vit_small(16{})"
 
@@ -73,7 +81,7 @@ def check_backbone(backbone, needs, method, reasons=None):
             added to the message when that requirement is missed.
     """
     reasons = reasons or {}
-    missing = [name for name in CONTRACT if not hasattr(backbone, name)]
+    missing = [name for name in READ_BY[needs.backbone] if not hasattr(backbone, name)]
     if missing:
         raise ValueError(
             f"{method} needs a backbone that declares {', '.join(missing)} (the contract of "
