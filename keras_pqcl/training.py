@@ -23,28 +23,40 @@ from keras_pqcl.io.files import atomic_write, atomic_write_text
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """How the runner builds one pre-training method.
+    """How the runner builds one pre-training method: its model class, the arguments a
+    method name fixes, and its optimizer. Everything else, the backbone arguments, the
+    batches and the network to transfer, is the model's own declaration
+    (:meth:`~keras_pqcl.models.SelfSupervisedModel.needs` and ``transfer``), read for the
+    recipe's ``method_args``.
 
     Attributes:
-        model: ``(recipe, backbone, **method_args) -> model`` (uncompiled).
-        backbone_args: ``recipe -> dict`` of backbone arguments the method needs
-            (a mask token, the sin-cos table); the recipe's ``pos_embed`` wins when it is set.
-        dataset_args: ``recipe -> dict`` of extra :func:`keras_pqcl.data.pretrain_dataset`
-            arguments (iBOT ``masks``, PQCL ``queries``).
+        model_class: the model (a :class:`~keras_pqcl.models.SelfSupervisedModel`).
+        fixed: constructor arguments the method name implies (``dino_pqcl``:
+            ``base="dino"``); the recipe's ``method_args`` win over them.
         optimizer: ``(recipe, steps_per_epoch) -> optimizer`` (the DINO AdamW by default; the
             contrastive ResNet methods use torch-style SGD).
-        dataset: ``recipe -> (dataset, info, image_size)``; the default builds multi-crop
-            batches from ``recipe.crops`` with :func:`keras_pqcl.data.pretrain_dataset`.
-        transfer: the network to evaluate and fine-tune: ``"teacher"`` (the EMA network of
-            the self-distillation methods and MCL) or ``"student"`` (DenseCL's query encoder).
     """
 
-    model: Callable
-    backbone_args: Callable = lambda recipe: {}
-    dataset_args: Callable = lambda recipe: {}
+    model_class: type
+    fixed: dict = dataclasses.field(default_factory=dict)
     optimizer: Callable = None
-    dataset: Callable = None
-    transfer: str = "teacher"
+
+    def arguments(self, recipe):
+        """The model's constructor arguments (besides the backbone) for ``recipe``."""
+        return {**self.fixed, **recipe.method_args}
+
+    def needs(self, recipe):
+        """The model's :class:`~keras_pqcl.models.needs.Needs` for ``recipe``."""
+        return self.model_class.needs(**self.arguments(recipe))
+
+    @property
+    def transfer(self):
+        """The network to evaluate and fine-tune: ``"teacher"`` or ``"student"``."""
+        return self.model_class.transfer
+
+    def model(self, recipe, backbone):
+        """The (uncompiled) model of ``recipe`` around the student ``backbone``."""
+        return self.model_class(backbone, teacher_momentum=recipe.teacher_momentum, **self.arguments(recipe))
 
 
 def _adamw(recipe, steps_per_epoch):
@@ -69,7 +81,7 @@ def _multicrop_dataset(recipe, **stream):
     crops.check_patch_size(recipe.patch_size)
     dataset, info = kdata.pretrain_dataset(
         recipe.data, crops=crops, batch_size=recipe.batch_size, shuffle=True, seed=recipe.seed,
-        return_info=True, **stream, **method_of(recipe).dataset_args(recipe),
+        return_info=True, **stream, **dataset_args(recipe),
     )
     return dataset, info, crops.global_size
 
@@ -99,10 +111,6 @@ def _sgd(recipe, steps_per_epoch):
     )
 
 
-def _base(recipe, default="ibot"):
-    return recipe.method_args.get("base", default)
-
-
 def _masks(recipe):
     from keras_pqcl.data import MaskConfig
 
@@ -115,61 +123,31 @@ def _queries(recipe):
     return QueryConfig(patch_size=recipe.patch_size, **recipe.queries)
 
 
-def _pqcl_data(recipe):
-    args = {"queries": _queries(recipe)}
-    if _base(recipe) == "ibot":
-        args["masks"] = _masks(recipe)
-    return args
-
-
-def _adclr_data(recipe):
+def dataset_args(recipe):
+    """The extra :func:`keras_pqcl.data.pretrain_dataset` arguments the method's batches
+    need: iBOT ``masks`` (``"global_masks"``), PQCL ``queries`` (``"query_coords"``)."""
+    needs = method_of(recipe).needs(recipe)
     args = {}
-    if recipe.method_args.get("query_position", "crop") == "global":
+    if needs.queries:
         args["queries"] = _queries(recipe)
-    if _base(recipe, "dino") == "ibot":
+    if needs.masks:
         args["masks"] = _masks(recipe)
     return args
-
-
-def _model(name, **fixed):
-    def build(recipe, backbone):
-        return getattr(models, name)(
-            backbone, teacher_momentum=recipe.teacher_momentum, **{**fixed, **recipe.method_args}
-        )
-
-    return build
 
 
 #: method name -> :class:`Method`. ``dino_pqcl`` is ``pqcl`` with ``base="dino"``.
 METHODS = {
-    "dino": Method(_model("DINO"), backbone_args=lambda recipe: {"pos_embed": "learned"}),
-    "ibot": Method(
-        _model("IBOT"),
-        backbone_args=lambda recipe: {"use_mask_token": True, "pos_embed": "learned"},
-        dataset_args=lambda recipe: {"masks": _masks(recipe)},
-    ),
-    "pqcl": Method(
-        _model("PQCL"),
-        backbone_args=lambda recipe: {"use_mask_token": True, "pos_embed": "sincos"},
-        dataset_args=_pqcl_data,
-    ),
-    "dino_pqcl": Method(
-        _model("PQCL", base="dino"),
-        backbone_args=lambda recipe: {"use_mask_token": True, "pos_embed": "sincos"},
-        dataset_args=lambda recipe: {"queries": _queries(recipe)},
-    ),
-    "adclr": Method(
-        _model("ADCLR"),
-        backbone_args=lambda recipe: {
-            # The IBOT base class expects a mask token even where only base="ibot" uses it.
-            "use_mask_token": True,
-            "pos_embed": "sincos" if recipe.method_args.get("query_position") == "global" else "learned",
-        },
-        dataset_args=_adclr_data,
-    ),
-    "densecl": Method(_model("DenseCL"), optimizer=_sgd, transfer="student"),
-    "mcl": Method(_model("MCL"), dataset=_montage_dataset),
+    "dino": Method(models.DINO),
+    "ibot": Method(models.IBOT),
+    "pqcl": Method(models.PQCL),
+    "dino_pqcl": Method(models.PQCL, fixed={"base": "dino"}),
+    "adclr": Method(models.ADCLR),
+    "densecl": Method(models.DenseCL, optimizer=_sgd),
+    "mcl": Method(models.MCL),
 }
+
+#: the dataset builder of each kind of batches (:attr:`~keras_pqcl.models.needs.Needs.batches`).
+DATASETS = {"multicrop": _multicrop_dataset, "montage": _montage_dataset}
 
 
 def method_of(recipe):
@@ -183,7 +161,11 @@ def build_backbone(recipe, image_size):
     if recipe.backbone in backbones.RESNET_PRESETS:
         # Convolutional: no patches, position table or stochastic depth; any input size.
         return backbones.resnet(recipe.backbone, **recipe.backbone_args)
-    args = dict(method_of(recipe).backbone_args(recipe))
+    needs = method_of(recipe).needs(recipe)
+    # A method without a required table gets the ViT's learned one (DINO, iBOT).
+    args = {"pos_embed": needs.pos_embed or "learned"}
+    if needs.mask_token:
+        args["use_mask_token"] = True
     if recipe.pos_embed is not None:
         args["pos_embed"] = recipe.pos_embed
     args.update(recipe.backbone_args)
@@ -205,7 +187,7 @@ def build_dataset(recipe, start=(0, 0), stop=None):
     ``start`` continues exactly where an uninterrupted run would be.
     """
     stop = recipe.epochs if stop is None else stop
-    build = method_of(recipe).dataset or _multicrop_dataset
+    build = DATASETS[method_of(recipe).needs(recipe).batches]
     dataset, info, image_size = build(
         recipe, epochs=stop, steps_per_epoch=recipe.steps_per_epoch, start=tuple(start)
     )
@@ -428,7 +410,7 @@ def _pretrain(recipe, folder, resume, verbose):
         atomic_write(path, backbone.save)
         paths[role] = path
     history = read_log(csv_path)
-    plot_path = plot_log(history, folder.join("loss.png"))
+    plot_path = plot_log(history, folder.join("loss.png"), terms=model.loss_terms)
     trained_steps = recipe.epochs * steps - (start[0] * steps + start[1])
     knn_scores = [v for v in history.get("knn_top1", []) if v == v]
     summary = {
@@ -517,8 +499,11 @@ def read_log(csv_path):
     return columns
 
 
-def plot_log(history, path):
+def plot_log(history, path, terms=()):
     """Loss and its terms, teacher entropy, query agreement and schedules per epoch as a PNG.
+
+    ``terms``: the per-term log names to draw with the loss (the model's ``loss_terms``);
+    those that have a panel of their own (``query_agreement``) or are absent are skipped.
 
     Returns the path, or None when the log holds no loss.
     """
@@ -535,7 +520,7 @@ def plot_log(history, path):
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
     for ax, key in zip(axes[0], panels):
         # The loss panel also shows each term, so a term that stalls (MIM, queries) is visible.
-        lines = [key] + ([t for t in ("cls", "mim", "query") if t in history] if key == "loss" else [])
+        lines = [key] + ([t for t in terms if t in history and t not in panels] if key == "loss" else [])
         for line in lines:
             values = history[line]
             if key == "knn_top1":  # evaluated every few epochs: join the points that exist

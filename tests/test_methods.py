@@ -130,7 +130,8 @@ def test_tiny_variants_keep_the_tiny_setting(name):
 
 # ---------------------------------------------------------------------- collapse guard
 class _Model:
-    out_dim = 100
+    # An iBOT/PQCL-like declaration: three cross-entropies over 100 prototypes.
+    collapse_terms = {"cls": 100, "mim": 100, "query": 100}
     stop_training = False
 
 

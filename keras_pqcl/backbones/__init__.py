@@ -1,5 +1,7 @@
-"""Backbones: the Vision Transformer, ResNet and FPN, with their presets."""
+"""Backbones: the Vision Transformer, ResNet and FPN, with their presets; the contract they
+share (:mod:`keras_pqcl.backbones.base`) and its check."""
 
+from keras_pqcl.backbones.base import Backbone, check_backbone
 from keras_pqcl.backbones.vit import (
     VIT_PRESETS,
     VisionTransformer,

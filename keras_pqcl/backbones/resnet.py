@@ -25,6 +25,7 @@ separately, as G GPUs with their own BN would. ``bn_splits=1`` is plain BN.
 import keras
 from keras import ops
 
+from keras_pqcl.backbones.base import Backbone
 from keras_pqcl.layers.init import kaiming_fan_out, torch_default_init
 
 STAGE_STRIDES = (1, 2, 2, 2)
@@ -173,8 +174,12 @@ class Bottleneck(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="keras_pqcl")
-class ResNet(keras.Model):
+class ResNet(Backbone, keras.Model):
     """Bottleneck ResNet returning the stage outputs ``C2..C5``.
+
+    A :class:`~keras_pqcl.backbones.base.Backbone` without position table or mask token
+    (``pos_embed_kind`` None, ``has_mask_token`` False): ``embed_dim`` is C5's channels,
+    ``patch_size`` C5's stride (32), ``out_channels`` the widths of ``C2..C5``.
 
     Args:
         depths: blocks per stage; ``(3, 4, 6, 3)`` is ResNet-50, ``(3, 4, 23, 3)`` ResNet-101.
@@ -313,8 +318,19 @@ class ResNet(keras.Model):
             out["logits"] = self.fc(ops.mean(x, axis=(1, 2)))
         return out
 
+    @property
+    def embed_dim(self):
+        """Width of the ``"cls"`` and ``"patches"`` features: C5's channels."""
+        return self.stage_channels[-1]
+
+    @property
+    def patch_size(self):
+        """Output stride of ``"patches"`` (C5) in pixels."""
+        return 2 ** (len(self.stage_channels) + 1)
+
     def forward_features(self, images, training=False, n_last_blocks=1, return_attention=False):
-        """The evaluation interface of :mod:`keras_pqcl.eval` (as the ViT's).
+        """The backbone contract's feature dict (see :mod:`keras_pqcl.backbones.base`), read
+        by :mod:`keras_pqcl.eval`.
 
         Returns a dict with ``"cls"`` ``(B, C)``: the globally average-pooled C5 (the image
         feature of the contrastive ResNet papers' k-NN and linear probes), ``"patches"``

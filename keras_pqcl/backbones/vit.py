@@ -10,6 +10,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_pqcl.backbones.base import Backbone
 from keras_pqcl.layers.block import Block
 from keras_pqcl.layers.patch_embed import PatchEmbed
 from keras_pqcl.layers.pos_embed import interpolate_grid, sincos_grid
@@ -18,8 +19,12 @@ POS_EMBED_KINDS = ("learned", "sincos")
 
 
 @keras.saving.register_keras_serializable(package="keras_pqcl")
-class VisionTransformer(keras.Model):
+class VisionTransformer(Backbone, keras.Model):
     """ViT with CLS token, interpolated position embedding, mask token and query stream.
+
+    A :class:`~keras_pqcl.backbones.base.Backbone`: ``pos_embed_kind`` is ``pos_embed``,
+    ``has_mask_token`` is ``use_mask_token``, ``embed_dim`` is ``D``, ``patch_size`` the
+    patch side, ``out_channels`` empty (``call`` returns tokens).
 
     Works on any input whose height and width are multiples of ``patch_size``; the position
     table, made for ``image_size``, is resampled bicubically (as DINO does) for other sizes.
@@ -212,7 +217,8 @@ class VisionTransformer(keras.Model):
         n_last_blocks=1,
         return_attention=False,
     ):
-        """Full forward pass with every feature the methods and evaluations need.
+        """Full forward pass with every feature the methods and evaluations need (the
+        backbone contract's feature dict, see :mod:`keras_pqcl.backbones.base`).
 
         Returns:
             dict with ``"cls"`` ``(B, D)``, ``"patches"`` ``(B, N, D)``, ``"queries"``

@@ -7,13 +7,12 @@ the default here is 1.0 (the whole image resized), which is what small procedura
 as ``synthetic_scenes`` need (a crop would cut objects at the border) and what pre-training
 saw as a global crop of scale 1.
 
-The backbone interface is the one of :class:`keras_pqcl.backbones.VisionTransformer`:
+The backbone interface is the backbone contract of :mod:`keras_pqcl.backbones.base`:
 ``forward_features(images, training=False, n_last_blocks=n)`` returning a dict with
-``"cls"`` ``(B, D)``, ``"patches"`` ``(B, N, D)`` and ``"last_blocks"`` (a list of ``n``
-``(B, 1 + N, D)`` tensors, each through the final LayerNorm), plus ``patch_size`` and
-(optionally) ``image_size`` and ``depth`` attributes. Any object with that interface works:
-:class:`keras_pqcl.backbones.ResNet` gives its pooled C5 as ``"cls"`` and its C5 map
-``(B, h, w, C)`` as ``"patches"`` (a grid already, so no ``patch_size`` is needed).
+``"cls"`` ``(B, D)``, ``"patches"`` and ``"last_blocks"`` (a list of ``n`` ``(B, 1 + N, D)``
+tensors), plus ``patch_size`` and (optionally) ``image_size`` and ``depth`` attributes.
+Token ``"patches"`` ``(B, N, D)`` (the ViT's) are reshaped to the ``patch_size`` grid; a
+convolutional backbone's ``(B, h, w, C)`` map (the ResNet's C5) is a grid already.
 """
 
 import contextlib

@@ -6,4 +6,5 @@ from keras_pqcl.models.densecl import DenseCL
 from keras_pqcl.models.dino import DINO, SelfDistillation, clone_backbone
 from keras_pqcl.models.ibot import IBOT
 from keras_pqcl.models.mcl import MCL
+from keras_pqcl.models.needs import Needs
 from keras_pqcl.models.pqcl import PQCL

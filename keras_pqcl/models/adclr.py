@@ -12,6 +12,7 @@ from keras import ops
 
 from keras_pqcl.models.base import crop_major, require
 from keras_pqcl.models.ibot import encode
+from keras_pqcl.models.needs import Needs, argument
 from keras_pqcl.models.pqcl import BASES, PQCL
 
 QUERY_POSITIONS = ("crop", "global")
@@ -107,9 +108,28 @@ class ADCLR(PQCL):
     loss weight are a reconstruction from the abstract and that code.
     """
 
-    # Sin-cos is needed only for query_position="global"; __init__ checks that case.
-    requires_sincos = False
     query_hint = GLOBAL_POSITION_HINT
+    backbone_reasons = {
+        "pos_embed": "with query_position='global' the queries carry fixed sin-cos codes of their place in "
+        "the view, which match the image tokens only if those carry the same code; or use "
+        "query_position='crop'",
+        "mask_token": "ADCLR runs on the iBOT/PQCL machinery, which builds on one; with base='dino' it "
+        "stays frozen at zero",
+    }
+
+    @classmethod
+    def needs(cls, **method_args):
+        """A ViT with a mask token always: the iBOT/PQCL machinery ADCLR inherits expects
+        one, even where only ``base="ibot"`` reads it. The sin-cos table and
+        ``query_coords`` only for ``query_position="global"`` (``"crop"`` positions the
+        queries with the backbone's own table, whichever it is); ``global_masks`` only for
+        ``base="ibot"``."""
+        base = argument(cls, method_args, "base")
+        query_position = argument(cls, method_args, "query_position")
+        return Needs(
+            backbone="vit", mask_token=True, pos_embed="sincos" if query_position == "global" else None,
+            masks=base == "ibot", queries=query_position == "global",
+        )
 
     def __init__(
         self,
@@ -144,13 +164,7 @@ class ADCLR(PQCL):
             raise ValueError(f"ADCLR query_position must be one of {QUERY_POSITIONS}, got {query_position!r}.")
         if target not in TARGETS:
             raise ValueError(f"ADCLR target must be one of {TARGETS}, got {target!r}.")
-        if query_position == "global" and getattr(backbone, "pos_embed_kind", "sincos") != "sincos":
-            raise ValueError(
-                f"ADCLR with query_position='global' needs a backbone with pos_embed='sincos', got "
-                f"{backbone.pos_embed_kind!r}: the queries carry fixed sin-cos codes of their place in the "
-                "view, which match the image tokens only if those carry the same code. Build the backbone "
-                "with pos_embed='sincos' or use query_position='crop'."
-            )
+        kwargs.setdefault("_needs", type(self).needs(base=base, query_position=query_position))
         if out_dim is None:
             out_dim = 65536 if base == "dino" else 8192
         super().__init__(

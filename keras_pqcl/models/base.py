@@ -5,7 +5,12 @@ A method subclasses :class:`SelfSupervisedModel` and writes, with ``keras.ops`` 
 * ``__init__``: the student modules (trained) and their teacher copies, registered with
   :meth:`add_teacher` so the EMA pairs them;
 * ``ssl_forward(data, step, training)``: teacher and student forward passes and the loss,
-  returning ``(loss, logs)``; losses update their own centers.
+  returning ``(loss, logs)``; losses update their own centers;
+* its declarations, read by the runner and the callbacks instead of the method's name:
+  :meth:`~SelfSupervisedModel.needs` (backbone and batches, from the constructor
+  arguments), ``transfer`` (the network to evaluate), ``loss_terms`` (the per-term logs)
+  and :attr:`~SelfSupervisedModel.collapse_terms` (the terms that are cross-entropies over
+  ``K`` prototypes).
 
 The per-backend gradient step comes from :mod:`keras_pqcl.backend`; the EMA of the teacher
 runs inside that compiled step, after the optimizer update. Schedules are evaluated in-graph
@@ -22,6 +27,7 @@ from keras import ops
 
 from keras_pqcl import schedules
 from keras_pqcl.backend import TrainStep, distributable, ema_update
+from keras_pqcl.models.needs import Needs
 
 
 def _is_seed_state(variable):
@@ -40,6 +46,27 @@ class SelfSupervisedModel(TrainStep, keras.Model):
 
     #: names of per-term losses the method reports (averaged over the epoch).
     loss_terms = ()
+
+    #: the network to evaluate and fine-tune after pre-training: ``"teacher"`` (the EMA
+    #: network) or ``"student"`` (the one the optimizer trains).
+    transfer = "teacher"
+
+    @classmethod
+    def needs(cls, **method_args):
+        """The backbone and batches this method needs with constructor arguments
+        ``method_args`` (others at their defaults), without building anything.
+
+        Returns:
+            a :class:`~keras_pqcl.models.needs.Needs`; unrelated arguments are ignored.
+        """
+        return Needs()
+
+    @property
+    def collapse_terms(self):
+        """``{log name: K}`` of the logged terms that are cross-entropies over ``K``
+        prototypes, which sit at ``ln K`` under uniform collapse
+        (:class:`~keras_pqcl.callbacks.CollapseGuard`); empty when the method has none."""
+        return {}
 
     def __init__(self, teacher_momentum=0.996, teacher_momentum_end=1.0, freeze_last_layer=1, **kwargs):
         super().__init__(**kwargs)

@@ -36,10 +36,12 @@ there is no cross-replica key shuffle. Under JAX GSPMD, BN statistics are global
 import keras
 from keras import ops
 
+from keras_pqcl.backbones.base import check_backbone
 from keras_pqcl.heads.densecl_head import DenseCLDenseHead, DenseCLGlobalHead
 from keras_pqcl.losses.info_nce import InfoNCE
 from keras_pqcl.models.base import SelfSupervisedModel, require
 from keras_pqcl.models.dino import clone_backbone
+from keras_pqcl.models.needs import Needs, argument
 
 MOMENTUM_SCHEDULES = ("constant", "cosine")
 
@@ -82,9 +84,10 @@ class DenseCL(SelfSupervisedModel):
     """Query encoder + EMA key encoder, global and dense heads, two queues, two InfoNCE terms.
 
     Args:
-        backbone: the query backbone, a :class:`~keras_pqcl.backbones.ResNet` (or any model
-            returning a dict with ``feature`` and having ``out_channels``); the key backbone is a
-            copy built from its config.
+        backbone: the query backbone, a :class:`~keras_pqcl.backbones.ResNet` (or any
+            backbone of the contract in :mod:`keras_pqcl.backbones.base` whose call returns a
+            dict with ``feature``, listed in ``out_channels``); the key backbone is a copy built
+            from its config.
         feature: backbone output the heads and the matching read (``"C5"``).
         hidden_dim: hidden width of both heads (2048).
         projection_dim: embedding width (128).
@@ -112,6 +115,15 @@ class DenseCL(SelfSupervisedModel):
     """
 
     loss_terms = ("global", "dense")
+    # The query encoder is the trained network; the key encoder only lags behind it.
+    transfer = "student"
+    # No collapse_terms: both terms are InfoNCE against a queue of keys, not cross-entropies
+    # over prototypes, so no fixed ln K marks a collapse.
+
+    @classmethod
+    def needs(cls, **method_args):
+        """A ResNet returning ``feature`` (``"C5"``); two-view multi-crop batches."""
+        return Needs(backbone="resnet", feature_maps=(argument(cls, method_args, "feature"),))
 
     def __init__(
         self,
@@ -149,12 +161,8 @@ class DenseCL(SelfSupervisedModel):
         self.momentum_schedule = momentum_schedule
         self.seed = seed
 
-        channels = dict(getattr(backbone, "out_channels", None) or {}).get(feature)
-        if channels is None:
-            raise ValueError(
-                f"DenseCL needs a backbone that returns a dict with {feature!r} and lists its widths "
-                f"in `out_channels` (e.g. kp.backbones.resnet50()); got {type(backbone).__name__}."
-            )
+        check_backbone(backbone, type(self).needs(feature=feature), type(self).__name__)
+        channels = dict(backbone.out_channels)[feature]
         if not backbone.built:
             backbone.build()
         self.query_backbone = backbone

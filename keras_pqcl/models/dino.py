@@ -4,9 +4,11 @@ import keras
 from keras import ops
 
 from keras_pqcl import schedules
+from keras_pqcl.backbones.base import check_backbone
 from keras_pqcl.heads.dino_head import DINOHead
 from keras_pqcl.losses.dino_loss import DINOLoss
 from keras_pqcl.models.base import SelfSupervisedModel, crop_major, require
+from keras_pqcl.models.needs import Needs
 
 
 def clone_backbone(backbone, **overrides):
@@ -24,7 +26,15 @@ class SelfDistillation(SelfSupervisedModel):
 
     A subclass calls ``super().__init__`` with the common arguments (see :class:`DINO`),
     then :meth:`add_heads` with its head class, then creates its loss.
+
+    The student backbone is checked here, before anything is built, against
+    ``type(self).needs(...)`` of the outermost constructor's arguments: a subclass whose
+    requirements depend on its own arguments passes ``_needs=type(self).needs(...)`` up
+    (the first one set wins, so a further subclass's answer is not overwritten).
     """
+
+    #: ``{requirement: why}`` added to :func:`~keras_pqcl.backbones.check_backbone`'s error.
+    backbone_reasons = {}
 
     def __init__(
         self,
@@ -40,8 +50,13 @@ class SelfDistillation(SelfSupervisedModel):
         warmup_teacher_temp_epochs=30,
         center_momentum=0.9,
         use_bn_in_head=False,
+        _needs=None,
         **kwargs,
     ):
+        check_backbone(
+            backbone, _needs if _needs is not None else type(self).needs(), type(self).__name__,
+            self.backbone_reasons,
+        )
         super().__init__(**kwargs)
         self.out_dim = out_dim
         self.hidden_dim = hidden_dim
@@ -146,6 +161,16 @@ class DINO(SelfDistillation):
         ``weight_decay`` and ``teacher_entropy`` (entropy of the teacher's mean output; near 0
         means collapse to one prototype, near ``ln K`` uniform collapse).
     """
+
+    @classmethod
+    def needs(cls, **method_args):
+        """Any ViT: no mask token, no particular position table, multi-crop batches."""
+        return Needs(backbone="vit")
+
+    @property
+    def collapse_terms(self):
+        # DINO logs its one cross-entropy, over out_dim prototypes, as the loss itself.
+        return {"loss": self.out_dim}
 
     def __init__(
         self,

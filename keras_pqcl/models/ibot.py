@@ -12,20 +12,13 @@ from keras_pqcl.heads.ibot_head import iBOTHead
 from keras_pqcl.losses.ibot_loss import iBOTLoss
 from keras_pqcl.models.base import crop_major, require
 from keras_pqcl.models.dino import SelfDistillation, mean_output_entropy
+from keras_pqcl.models.needs import Needs
 
 
 def views_major(x):
     """``(B, V, ...)`` -> ``(V * B, ...)``: all images of view 0 first, like :func:`crop_major`."""
     x = ops.swapaxes(x, 0, 1)
     return ops.reshape(x, (-1,) + tuple(x.shape[2:]))
-
-
-def check_backbone(backbone, method):
-    if getattr(backbone, "mask_token", None) is None:
-        raise ValueError(
-            f"{method} needs a backbone with a mask token; build it with use_mask_token=True, "
-            f"e.g. kp.backbones.vit_small(16, use_mask_token=True)."
-        )
 
 
 def encode(backbone, head, images, masks=None, queries=None, patches=True, training=False):
@@ -122,6 +115,15 @@ class IBOT(SelfDistillation):
 
     loss_terms = ("cls", "mim")
 
+    @classmethod
+    def needs(cls, **method_args):
+        """A ViT with a mask token (any position table); batches with ``global_masks``."""
+        return Needs(backbone="vit", mask_token=True, masks=True)
+
+    @property
+    def collapse_terms(self):
+        return {"cls": self.out_dim, "mim": self.patch_out_dim}
+
     def __init__(
         self,
         backbone,
@@ -144,7 +146,6 @@ class IBOT(SelfDistillation):
         center_momentum=0.9,
         **kwargs,
     ):
-        check_backbone(backbone, type(self).__name__)
         super().__init__(
             backbone,
             out_dim=out_dim,

@@ -34,11 +34,13 @@ statistics, which the target accumulates from its own batches.
 import keras
 from keras import ops
 
+from keras_pqcl.backbones.base import check_backbone
 from keras_pqcl.backbones.fpn import FPN
 from keras_pqcl.backend import num_replicas_in_sync
 from keras_pqcl.heads.mcl_head import MCLNeck, MCLPredictor
 from keras_pqcl.models.base import SelfSupervisedModel, require
 from keras_pqcl.models.dino import clone_backbone
+from keras_pqcl.models.needs import Needs, argument
 
 #: Loss weight of each level i (r = 2**i): the reference's (1/2, 1/4, 1/8, 1/8).
 LEVEL_WEIGHTS = (0.5, 0.25, 0.125, 0.125)
@@ -124,6 +126,15 @@ class MCL(SelfSupervisedModel):
     """
 
     loss_terms = ("level_0", "level_1", "level_2", "level_3")
+    # No collapse_terms: each level is a cross-entropy over the batch's own targets (an
+    # InfoNCE), not over prototypes, so no fixed ln K marks a collapse.
+
+    @classmethod
+    def needs(cls, **method_args):
+        """A ResNet returning ``C2..C5`` (``C5`` only with ``fpn=False``); montage batches."""
+        fpn = argument(cls, method_args, "fpn")
+        maps = ("C2", "C3", "C4", "C5") if fpn else ("C5",)
+        return Needs(backbone="resnet", feature_maps=maps, batches="montage")
 
     def __init__(
         self,
@@ -141,6 +152,7 @@ class MCL(SelfSupervisedModel):
         teacher_momentum_end=1.0,
         **kwargs,
     ):
+        check_backbone(backbone, type(self).needs(fpn=fpn), type(self).__name__)
         kwargs.setdefault("freeze_last_layer", 0)
         super().__init__(teacher_momentum=teacher_momentum, teacher_momentum_end=teacher_momentum_end, **kwargs)
         level_weights = tuple(float(w) for w in level_weights)

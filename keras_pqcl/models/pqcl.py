@@ -14,6 +14,7 @@ from keras_pqcl.losses.query_loss import QueryLoss
 from keras_pqcl.models.base import crop_major, require
 from keras_pqcl.models.dino import mean_output_entropy
 from keras_pqcl.models.ibot import IBOT, encode, views_major
+from keras_pqcl.models.needs import Needs, argument
 
 BASES = ("ibot", "dino")
 
@@ -87,9 +88,26 @@ class PQCL(IBOT):
     """
 
     loss_terms = ("cls", "mim", "query", "query_agreement")
-    #: PQCL's queries are sin-cos codes, meaningful only on a sin-cos backbone; a subclass
-    #: whose queries carry other positions (ADCLR) turns the check off and does its own.
-    requires_sincos = True
+    backbone_reasons = {
+        "pos_embed": "PQCL's queries are fixed sin-cos codes of positions, so the image tokens must carry "
+        "the same fixed code, as PQCL's pos_* architectures",
+    }
+
+    @classmethod
+    def needs(cls, **method_args):
+        """A ViT with a mask token (it builds the queries) and the sin-cos table (the
+        queries' codes must match the image tokens'); batches with ``query_coords`` and, for
+        ``base="ibot"``, ``global_masks``."""
+        base = argument(cls, method_args, "base")
+        return Needs(backbone="vit", mask_token=True, pos_embed="sincos", masks=base == "ibot", queries=True)
+
+    @property
+    def collapse_terms(self):
+        # One shared head: every term is a cross-entropy over the same out_dim prototypes.
+        terms = {"cls": self.out_dim, "query": self.out_dim}
+        if self.base == "ibot":
+            terms["mim"] = self.out_dim
+        return terms
 
     def __init__(
         self,
@@ -118,12 +136,8 @@ class PQCL(IBOT):
     ):
         if base not in BASES:
             raise ValueError(f"PQCL base must be one of {BASES}, got {base!r}.")
-        if self.requires_sincos and getattr(backbone, "pos_embed_kind", "sincos") != "sincos":
-            raise ValueError(
-                f"PQCL needs a backbone with pos_embed='sincos', got {backbone.pos_embed_kind!r}: the "
-                "queries are fixed sin-cos codes of positions, so the image tokens must carry the "
-                "same fixed code (PQCL's pos_* architectures)."
-            )
+        # The backbone is checked against the outermost class's needs for these arguments.
+        kwargs.setdefault("_needs", type(self).needs(base=base))
         # The PQCL head applies its CLS last layer to CLS, patch and query tokens alike: one head.
         kwargs.pop("patch_out_dim", None)
         kwargs.pop("shared_head", None)

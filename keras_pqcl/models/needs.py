@@ -1,0 +1,78 @@
+"""What a method needs from its backbone and its batches, declared by the method itself.
+
+Every model class answers :meth:`~keras_pqcl.models.SelfSupervisedModel.needs` from its
+constructor arguments alone, before anything is built. The training runner builds the
+backbone and the data pipeline from that answer, and the model's constructor checks the
+backbone it is given against the same answer
+(:func:`keras_pqcl.backbones.check_backbone`), so the two cannot disagree.
+
+The answers read the constructors' own defaults (:func:`constructor_default`): change a
+default in a model and what the runner builds follows.
+"""
+
+import dataclasses
+import inspect
+from typing import Optional, Tuple
+
+BACKBONE_FAMILIES = ("vit", "resnet")
+BATCH_KINDS = ("multicrop", "montage")
+
+
+@dataclasses.dataclass(frozen=True)
+class Needs:
+    """The requirements of one configured method.
+
+    Attributes:
+        backbone: ``"vit"``: a token backbone (CLS and patch tokens, a position table;
+            :class:`~keras_pqcl.backbones.VisionTransformer`); ``"resnet"``: a convolutional
+            backbone returning named feature maps (:class:`~keras_pqcl.backbones.ResNet`).
+        mask_token: the student backbone must carry a learned mask token
+            (``use_mask_token=True``).
+        pos_embed: the position table the backbone must have (``"sincos"``), or None when
+            any table will do (the runner then builds the ViT's default, ``"learned"``).
+        feature_maps: names of the feature maps the method reads from the backbone's call
+            (``"C5"``...); each must be listed in the backbone's ``out_channels``.
+        masks: every batch carries ``"global_masks"`` (iBOT's masked image modelling).
+        queries: every batch carries ``"query_coords"`` (positional queries).
+        batches: ``"multicrop"`` (:func:`keras_pqcl.data.pretrain_dataset`) or ``"montage"``
+            (:func:`keras_pqcl.data.mcl_dataset`).
+    """
+
+    backbone: str = "vit"
+    mask_token: bool = False
+    pos_embed: Optional[str] = None
+    feature_maps: Tuple[str, ...] = ()
+    masks: bool = False
+    queries: bool = False
+    batches: str = "multicrop"
+
+    def __post_init__(self):
+        if self.backbone not in BACKBONE_FAMILIES:
+            raise ValueError(f"Needs.backbone must be one of {BACKBONE_FAMILIES}, got {self.backbone!r}.")
+        if self.batches not in BATCH_KINDS:
+            raise ValueError(f"Needs.batches must be one of {BATCH_KINDS}, got {self.batches!r}.")
+
+
+_EMPTY = inspect.Parameter.empty
+
+
+def constructor_default(cls, name):
+    """The default of argument ``name`` of ``cls``'s constructor.
+
+    Searched along the class hierarchy, from ``cls`` up, in the first constructor that names
+    the argument; a subclass that passes ``**kwargs`` on inherits its parent's default. Read
+    from the live signature, so ``needs`` cannot drift from what the constructor does.
+    """
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        parameter = inspect.signature(init).parameters.get(name)
+        if parameter is not None and parameter.default is not _EMPTY:
+            return parameter.default
+    raise TypeError(f"{cls.__name__}'s constructor has no argument {name!r} with a default.")
+
+
+def argument(cls, args, name):
+    """``args[name]`` when given, else the constructor's default."""
+    return args[name] if name in args else constructor_default(cls, name)
