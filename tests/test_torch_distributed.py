@@ -149,3 +149,24 @@ def test_gradient_buckets_keep_order_dtype_and_size():
     # 200 bytes: 10 + 30 + 5 float32 (180 B) fit; the 50 (200 B) then opens a new bucket.
     assert _buckets(tensors, 200) == [[0, 1, 3], [2], [4]]
     assert _buckets(tensors, 10**6) == [[0, 1, 3, 4], [2]]
+
+
+def test_sync_step_keeps_missing_gradients_and_averages_tracked_logs():
+    """``_torch_sync_step`` in a one-rank gloo group (the all-reduce is then the identity),
+    told the world has 2 ranks: gradients pass through, a gradient no rank has stays
+    ``None``, and only the loss and the tracked log terms are divided by the world size."""
+    import torch
+    import torch.distributed as dist
+
+    from keras_pqcl.backend import _torch_sync_step
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        variables = [keras.Variable(np.zeros((2, 3), "float32")), keras.Variable(np.zeros(4, "float32"))]
+        grads = [torch.arange(6, dtype=torch.float32).reshape(2, 3), None]
+        logs = {"dino": torch.tensor(3.0), "learning_rate": torch.tensor(0.5)}
+        out, loss, logs = _torch_sync_step(grads, variables, torch.tensor(4.0), logs, {"loss", "dino"}, 2)
+    finally:
+        dist.destroy_process_group()
+    assert torch.equal(out[0], grads[0]) and out[1] is None
+    assert float(loss) == 2.0 and float(logs["dino"]) == 1.5 and float(logs["learning_rate"]) == 0.5
