@@ -4,7 +4,9 @@ TensorFlow under ``tf.distribute`` runs the step once per replica on a slice of 
 so batch statistics (DINO's center) must be all-reduced and hand-written losses divided by
 the replica count (gradients are summed across replicas). JAX ``keras.distribution`` runs
 one global program (GSPMD), so a batch mean is already global. Torch runs one device per
-process; if ``torch.distributed`` is initialised, means are all-reduced across processes.
+process; if ``torch.distributed`` is initialised (:func:`init_torch_distributed`, under
+``torchrun``), means are all-reduced across processes and the train step sums the gradients
+of ``loss / world_size`` over the processes, as TensorFlow's replicas do.
 """
 
 import keras
@@ -68,6 +70,138 @@ def cross_replica_concat(x):
             dist.all_gather(parts, x)
             return torch.cat(parts, dim=0)
     return x
+
+
+# Gradients travel in flat buckets of about this size: one ``all_reduce`` per bucket instead
+# of one per tensor (a ViT-S has ~150 parameter tensors), without a second full copy of every
+# gradient in one buffer. 25 MB is also DDP's default bucket size.
+_BUCKET_BYTES = 25 * 2**20
+
+
+def init_torch_distributed(timeout_s=1800.0):
+    """Join the process group ``torchrun`` describes; a no-op without one.
+
+    Call it at the top of a training script, before any model or tensor is created: on a GPU
+    it also makes ``cuda:LOCAL_RANK`` the current device, which Keras' default ``"cuda"``
+    device then refers to. Reads the variables ``torchrun`` sets: ``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``. Uses NCCL when CUDA is available and
+    gloo otherwise.
+
+    Args:
+        timeout_s: seconds a rendezvous or collective waits for the other processes before
+            it fails (so a dead peer stops the run with an error instead of hanging it).
+            Generous by default: rank 0 may be busy alone (checkpointing, k-NN evaluation)
+            while the others wait at the next step's all-reduce.
+
+    Returns:
+        ``(rank, world_size)``; ``(0, 1)`` when ``WORLD_SIZE`` is unset or 1.
+
+    Raises:
+        RuntimeError: with ``WORLD_SIZE > 1`` under a Keras backend other than torch (use
+            ``tf.distribute`` or ``keras.distribution`` there).
+    """
+    import datetime
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if BACKEND != "torch":
+        raise RuntimeError(
+            f"WORLD_SIZE={world} asks for torch.distributed, but the Keras backend is {BACKEND!r}; "
+            "set KERAS_BACKEND=torch, or use tf.distribute / keras.distribution instead."
+        )
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            backend = "nccl"
+        else:
+            backend = "gloo"
+        dist.init_process_group(backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _buckets(tensors, bucket_bytes):
+    """Indices of ``tensors`` grouped into buckets of one dtype and device, in order, each
+    holding at most ``bucket_bytes`` (a larger tensor gets a bucket of its own)."""
+    buckets, open_buckets = [], {}
+    for i, t in enumerate(tensors):
+        key = (t.dtype, t.device)
+        size = t.numel() * t.element_size()
+        bucket = open_buckets.get(key)
+        if bucket is None or (bucket[0] and bucket[1] + size > bucket_bytes):
+            bucket = open_buckets[key] = [[], 0]
+            buckets.append(bucket[0])
+        bucket[0].append(i)
+        bucket[1] += size
+    return buckets
+
+
+def _all_reduce_sum(tensors, bucket_bytes=_BUCKET_BYTES):
+    """``tensors`` summed over the ranks of ``torch.distributed``, one ``all_reduce`` per
+    bucket. Returns new tensors of the same shapes (views into the reduced buckets); the
+    inputs are not modified. Every rank must pass the same shapes and dtypes, in order."""
+    import torch
+    import torch.distributed as dist
+
+    out = [None] * len(tensors)
+    for idx in _buckets(tensors, bucket_bytes):
+        parts = [tensors[i] for i in idx]
+        flat = torch.cat([p.reshape(-1) for p in parts])
+        dist.all_reduce(flat)
+        for i, piece in zip(idx, flat.split([p.numel() for p in parts])):
+            out[i] = piece.view(tensors[i].shape)
+    return out
+
+
+def _torch_sync_step(grads, variables, loss, logs, tracked, world):
+    """Sums the gradients over the ranks and averages the logged loss terms, in one bucketed
+    all-reduce.
+
+    The gradients are those of ``loss / world`` (each rank's mean over its ``B / world``
+    examples), so their sum is the gradient of the global-batch mean loss: the one-process
+    gradient. After the sum every rank holds identical gradients, hence takes an identical
+    optimizer step. A variable without gradient on some rank (``None``) travels as zeros, with
+    a presence flag: it stays ``None`` only if no rank has a gradient for it, so every rank
+    hands the optimizer the same list.
+
+    The loss and the tracked log terms (names in ``tracked``) are per-rank batch means; their
+    mean over the ranks is the global-batch mean, which is what the metrics then record (as
+    Keras' summed metric variables do under ``tf.distribute``). Other logs (schedule values,
+    untracked diagnostics) stay as computed on this rank.
+
+    Args:
+        grads: ``[tensor | None]``, one per variable of ``variables``.
+        variables: the trainable Keras variables.
+        loss: scalar tensor, this rank's batch-mean loss.
+        logs: ``{name: value}`` from ``ssl_forward``.
+        tracked: names whose values are averaged (the model's metric trackers).
+        world: number of ranks.
+
+    Returns:
+        ``(grads, loss, logs)``: summed gradients (``None`` where no rank had one), the
+        global-mean loss and the logs with the tracked terms averaged.
+    """
+    import torch
+
+    with torch.no_grad():
+        present = torch.tensor([g is not None for g in grads], dtype=torch.float32, device=loss.device)
+        filled = [g if g is not None else torch.zeros_like(v.value) for g, v in zip(grads, variables)]
+        names = [
+            n for n, x in logs.items() if n in tracked and torch.is_tensor(x) and x.is_floating_point()
+        ]
+        means = [loss.detach(), *(logs[n].detach() for n in names)]
+        reduced = _all_reduce_sum([*filled, present, *means])
+        n = len(filled)
+        summed, present, means = reduced[:n], reduced[n], reduced[n + 1:]
+        grads = [g if p > 0 else None for g, p in zip(summed, present.tolist())]
+        logs = dict(logs)
+        for name, value in zip(names, means[1:]):
+            logs[name] = value / world
+        return grads, means[0] / world, logs
 
 
 def distributable(dataset, model):
@@ -147,6 +281,13 @@ class _TensorFlowTrainStep:
 
 
 class _TorchTrainStep:
+    # Under torch.distributed every rank runs this step on its B / world share of the global
+    # batch B. Global (identical on every rank): the gradients after the all-reduce below,
+    # hence the student weights and optimizer state; the teacher (an EMA of identical
+    # students); the centers (``cross_replica_mean`` of the teacher logits in the losses);
+    # DenseCL's queues (``cross_replica_concat`` of the keys); the logged loss terms.
+    # Per-rank: the forward pass itself and BatchNorm batch statistics and moving averages
+    # (no SyncBN, as in the references; ViTs have none).
     def train_step(self, data):
         import torch
 
@@ -154,9 +295,14 @@ class _TorchTrainStep:
         step = self.optimizer.iterations.value.detach().clone()
         self.zero_grad()
         loss, logs = self.ssl_forward(data, step, training=True)
-        self.optimizer.scale_loss(loss / num_replicas_in_sync()).backward()
+        world = num_replicas_in_sync()
+        # As on TensorFlow's replicas: divide by the rank count here, sum the gradients below.
+        self.optimizer.scale_loss(loss / world).backward()
         variables = self.trainable_variables
         grads = [v.value.grad for v in variables]
+        if world > 1:
+            # Before the optimizer: its per-tensor clipping must see the global gradient.
+            grads, loss, logs = _torch_sync_step(grads, variables, loss, logs, getattr(self, "trackers", {}), world)
         with torch.no_grad():
             self.optimizer.apply(grads, variables)
             self.update_teacher(step)

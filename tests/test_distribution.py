@@ -73,8 +73,8 @@ def test_pqcl_two_replicas_match_one_with_three_centers(tmp_path):
 
 @pytest.mark.skipif(BACKEND != "torch", reason="torch single-process behaviour; only in the torch leg")
 def test_torch_single_process_is_one_replica():
-    """Torch runs one device per process (no multi-process test here); without an
-    initialised ``torch.distributed`` the reductions are the identity. Training on a single
+    """Torch runs one device per process (two processes: test_torch_distributed.py); without
+    an initialised ``torch.distributed`` the reductions are the identity. Training on a single
     device is covered by test_training.py."""
     import torch
     import torch.distributed as dist
