@@ -35,7 +35,7 @@ EXTRAS = {
     # multi-GB CUDA build.
     "torch": ["torch==2.13.0"],
     "cv": ["keras-cv==0.9.0"],
-    "test": ["pytest>=8", "scipy"],
+    "test": ["pytest>=8", "scipy", "ruff>=0.6"],
 }
 EXTRAS["all"] = sorted(set(TF_CPU + EXTRAS["jax"] + EXTRAS["torch"] + EXTRAS["cv"]))
 
@@ -43,7 +43,9 @@ setup(
     name="keras-pqcl",
     version=_version(),
     description="Dense self-supervised pre-training of vision models (DINO, iBOT, PQCL, ADCLR) for Keras 3",
-    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
+    long_description=(
+        open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else ""
+    ),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=_packages(),

@@ -157,7 +157,8 @@ def table(rows, args):
         f"{f' at {args.probe_size} px' if args.probe_size else ''}; backend "
         f"{os.environ.get('KERAS_BACKEND', 'tensorflow')}.",
         "",
-        "| method | seeds | k-NN top-1 % | linear top-1 % | dense mIoU % | dense mIoU vs base | pre-training images/s |",
+        "| method | seeds | k-NN top-1 % | linear top-1 % | dense mIoU % | dense mIoU vs base "
+        "| pre-training images/s |",
         "|---|---|---|---|---|---|---|",
     ]
     for label in rows:
@@ -231,7 +232,8 @@ def main():
     parser.add_argument("--report-only", action="store_true", dest="report_only",
                         help="run nothing: write the table and chart from the saved scores of these methods and seeds")
     parser.add_argument("--no-reuse", action="store_false", dest="reuse",
-                        help="re-run every job (and pre-training), even those an earlier run finished with the same settings")
+                        help="re-run every job (and pre-training), even those an earlier run finished with the "
+                        "same settings")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--recipe", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -284,7 +286,8 @@ def run_job(args, label, recipe, seed, random_init, run=True):
     run with the same settings left them there (unless ``--no-reuse``), else from a fresh worker
     process (None when it failed, or when ``run`` is false); ``ran`` says whether a worker ran."""
     settings = job_settings(args, recipe, seed, random_init)
-    name = f"{recipe}_seed{seed}{'_random' if random_init else ''}{f'_probe{args.probe_size}' if args.probe_size else ''}"
+    probe = f"_probe{args.probe_size}" if args.probe_size else ""
+    name = f"{recipe}_seed{seed}{'_random' if random_init else ''}{probe}"
     path = os.path.join(args.output, "results", f"{name}.json")
     if args.reuse and os.path.exists(path):
         with open(path) as f:

@@ -47,14 +47,15 @@ def worker(args):
     import numpy as np
     import keras
     import keras_pqcl as kp
-    from keras import ops
 
     backend = keras.backend.backend()
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     batch = {
-        "global_crops": rng.normal(size=(args.batch, args.n_global, args.global_size, args.global_size, 3)).astype("float32"),
-        "local_crops": rng.normal(size=(args.batch, args.n_local, args.local_size, args.local_size, 3)).astype("float32"),
+        "global_crops": rng.normal(
+            size=(args.batch, args.n_global, args.global_size, args.global_size, 3)).astype("float32"),
+        "local_crops": rng.normal(
+            size=(args.batch, args.n_local, args.local_size, args.local_size, 3)).astype("float32"),
     }
     backbone = kp.backbones.VisionTransformer(
         patch_size=args.patch, embed_dim=args.dim, depth=args.depth, num_heads=args.heads,
@@ -100,7 +101,8 @@ def time_ema(model, backend, args, repeats=5):
     elif backend == "tensorflow":
         import tensorflow as tf
 
-        compiled = tf.function(lambda: model.update_teacher(tf.constant(10, "int64")), jit_compile=bool(args.jit is True))
+        compiled = tf.function(lambda: model.update_teacher(tf.constant(10, "int64")),
+                               jit_compile=bool(args.jit is True))
         fn = lambda: compiled()
     else:
         import torch
@@ -161,7 +163,8 @@ def main():
     print(f"\nDINO step: ViT(dim {args.dim}, depth {args.depth}, patch {args.patch}), batch {args.batch}, "
           f"{args.n_global}x{args.global_size} + {args.n_local}x{args.local_size}, out_dim {args.out_dim}; "
           f"{flops:.1f} GFLOP per image; fp32 matmul peak of this machine (numpy, 2048^3): {peak:.0f} GFLOP/s")
-    print(f"Official PyTorch DINO code: {OFFICIAL_SHARE:.0%} of the matmul peak (issue #3); 'x official' = share / {OFFICIAL_SHARE:.0%}.")
+    print(f"Official PyTorch DINO code: {OFFICIAL_SHARE:.0%} of the matmul peak (issue #3); "
+          f"'x official' = share / {OFFICIAL_SHARE:.0%}.")
     print("| backend | jit | images/s | step s | compile s | EMA share | GFLOP/s | % of peak | x official |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -38,7 +38,6 @@ ROWS = (
 
 def make_batch(recipe, batch_size, rng):
     """One batch with every key any method reads, shaped for ``recipe``'s crops."""
-    import numpy as np
 
     crops, p = recipe.crops, recipe.patch_size
     n_global, n_local = crops.get("n_global", 2), crops["n_local"]

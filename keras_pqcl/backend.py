@@ -225,7 +225,8 @@ def distributable(dataset, model):
     if not any(s.dtype == tf.bool for s in tf.nest.flatten(spec) if hasattr(s, "dtype")):
         return dataset
     return dataset.map(
-        lambda *x: tf.nest.map_structure(lambda t: tf.cast(t, tf.uint8) if t.dtype == tf.bool else t, x[0] if len(x) == 1 else x),
+        lambda *x: tf.nest.map_structure(
+            lambda t: tf.cast(t, tf.uint8) if t.dtype == tf.bool else t, x[0] if len(x) == 1 else x),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )

@@ -44,7 +44,8 @@ def _parser():
     pre.add_argument("--knn-every", type=int, dest="knn_every",
                      help="log the teacher's k-NN top-1 every N epochs (0: off; the tiny recipes use 2)")
     pre.add_argument("--knn-data", dest="knn_data",
-                     help="folder with train/ and val/ class folders for --knn-every (synthetic_scenes: held-out images)")
+                     help="folder with train/ and val/ class folders for --knn-every "
+                     "(synthetic_scenes: held-out images)")
     pre.add_argument("--backend", choices=["tensorflow", "jax", "torch"], help="Keras backend (default: KERAS_BACKEND)")
     pre.add_argument("--quiet", action="store_true", help="no progress bar")
 

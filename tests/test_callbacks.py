@@ -1,7 +1,6 @@
 """Checkpoint atomicity, NaN guard and TeacherEMA argument checks."""
 
 import math
-import os
 
 import pytest
 

@@ -276,7 +276,8 @@ def test_enqueue_gathers_the_global_batch_across_replicas(tmp_path):
     env = dict(os.environ, KERAS_BACKEND="tensorflow", PYTHONPATH=os.pathsep.join(
         p for p in (repo, os.environ.get("PYTHONPATH")) if p))
     out = str(tmp_path / "queue.npy")
-    proc = subprocess.run([sys.executable, "-c", _MIRRORED_ENQUEUE, out], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _MIRRORED_ENQUEUE, out], env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = np.load(out)
     # 2 replicas x 2 keys, twice, into 6 rows: the second global batch wraps around.

@@ -221,7 +221,8 @@ def test_save_load_round_trip(tmp_path):
     assert isinstance(loaded, kp.backbones.ResNet)
     assert loaded.get_config() == model.get_config()
     for name in ("C5", "logits"):
-        np.testing.assert_allclose(to_numpy(forward(loaded, x)[name]), to_numpy(forward(model, x)[name]), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(to_numpy(forward(loaded, x)[name]), to_numpy(forward(model, x)[name]),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_input_errors():
@@ -267,7 +268,8 @@ def test_fpn_shapes_and_numpy():
         assert tuple(out[f"P{i}"].shape) == tuple(feats[f"C{i}"].shape[:3]) + (8,)
     # NumPy: lateral 1x1 + BN, top-down nearest sum, 3x3 (pad 1) + BN, no activation.
     c = {k: f64(v) for k, v in feats.items()}
-    lat = [np_bn_train(np_conv(c[f"C{i + 2}"], f64(fpn.lateral_convs[i].kernel)), fpn.lateral_norms[i]) for i in range(4)]
+    lat = [np_bn_train(np_conv(c[f"C{i + 2}"], f64(fpn.lateral_convs[i].kernel)), fpn.lateral_norms[i])
+           for i in range(4)]
     for i in (3, 2, 1):
         lat[i - 1] = lat[i - 1] + np_nearest(lat[i], lat[i - 1].shape[1:3])
     for i in range(4):
