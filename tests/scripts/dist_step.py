@@ -54,6 +54,7 @@ import keras_pqcl as kp  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tiny_setup as ts  # noqa: E402
+from tiny_setup import tracked  # noqa: E402
 
 EPOCHS, STEPS = 1, 2
 
@@ -80,25 +81,6 @@ def compile_model(model):
             clip_per_tensor=3.0,
         )
     )
-
-
-def tracked(model):
-    """``[(name, variable)]``: student and teacher networks and the center."""
-    out = []
-    for prefix, layers in (
-        ("student", (model.student_backbone, model.student_head)),
-        ("teacher", (model.teacher_backbone, model.teacher_head)),
-    ):
-        for layer in layers:
-            for v in layer.weights:
-                if "seed_generator" not in v.path:
-                    out.append((f"{prefix}/{v.path.split('/', 1)[1]}", v))
-    if METHOD == "pqcl":
-        out += [("center", model.ibot_loss.center), ("center_patch", model.ibot_loss.center2),
-                ("center_query", model.query_loss.center)]
-    else:
-        out.append(("center", model.dino_loss.center))
-    return out
 
 
 def per_replica(variable):

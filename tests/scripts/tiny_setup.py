@@ -92,3 +92,23 @@ def probe_images(n=2 * BATCH, seed=123):
     forward passes of that shape share compiled ops across the test modules.
     """
     return np.random.default_rng(seed).normal(size=(n, GLOBAL_SIZE, GLOBAL_SIZE, 3)).astype("float32")
+
+
+def tracked(model):
+    """``[(name, variable)]``: the student and teacher networks and every center of a DINO or
+    iBOT+PQCL model (seed-generator states left out), for comparing runs variable by variable."""
+    out = []
+    for prefix, layers in (
+        ("student", (model.student_backbone, model.student_head)),
+        ("teacher", (model.teacher_backbone, model.teacher_head)),
+    ):
+        for layer in layers:
+            for v in layer.weights:
+                if "seed_generator" not in v.path:
+                    out.append((f"{prefix}/{v.path.split('/', 1)[1]}", v))
+    if hasattr(model, "query_loss"):
+        out += [("center", model.ibot_loss.center), ("center_patch", model.ibot_loss.center2),
+                ("center_query", model.query_loss.center)]
+    else:
+        out.append(("center", model.dino_loss.center))
+    return out

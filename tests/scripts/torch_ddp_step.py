@@ -38,6 +38,9 @@ from keras_pqcl.backend import init_torch_distributed  # noqa: E402
 from keras_pqcl.data import MaskConfig, MultiCropConfig, QueryConfig  # noqa: E402
 from keras_pqcl.losses.info_nce import Queue  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tiny_setup import tracked  # noqa: E402
+
 BATCH, STEPS, PATCH = 8, 3, 8
 HEAD = dict(out_dim=32, hidden_dim=32, bottleneck_dim=16)
 KEYS = ("global_crops", "local_crops", "global_masks", "query_coords")
@@ -79,25 +82,6 @@ def compile_model(model):
     optimizer = kp.optimizers.dino_adamw(BATCH, STEPS, 1, base_lr=0.1, warmup_epochs=1)
     optimizer.epsilon = 1e-3
     model.compile(optimizer=optimizer)
-
-
-def tracked(model):
-    """``[(name, variable)]``: student and teacher networks and every center."""
-    out = []
-    for prefix, layers in (
-        ("student", (model.student_backbone, model.student_head)),
-        ("teacher", (model.teacher_backbone, model.teacher_head)),
-    ):
-        for layer in layers:
-            for v in layer.weights:
-                if "seed_generator" not in v.path:
-                    out.append((f"{prefix}/{v.path.split('/', 1)[1]}", v))
-    if METHOD == "pqcl":
-        out += [("center", model.ibot_loss.center), ("center_patch", model.ibot_loss.center2),
-                ("center_query", model.query_loss.center)]
-    else:
-        out.append(("center", model.dino_loss.center))
-    return out
 
 
 def queue_check(rank, world):
