@@ -47,20 +47,25 @@ def step_parser(doc, batch):
     return parser
 
 
-def run_rows(script, labels, args):
-    """Each selected row on each backend, each in its own process; the workers' JSON results,
-    with ``"index"`` set to the row number."""
+def selected_rows(args, labels):
+    """The row numbers chosen with ``--rows`` (default: all)."""
+    return [int(r) for r in args.rows.split(",")] if args.rows else list(range(len(labels)))
+
+
+def run_rows(script, labels, args, extra=()):
+    """Each selected row on each backend, each in its own process (``extra``: more worker
+    arguments); the workers' JSON results, with ``"index"`` set to the row number."""
     import sys
 
     from _subprocess import run_worker
 
-    rows = [int(r) for r in args.rows.split(",")] if args.rows else range(len(labels))
+    rows = selected_rows(args, labels)
     results = []
     for backend in args.backends.split(","):
         for i in rows:
             result = run_worker(
                 [script, "--worker", "--row", str(i), "--steps", str(args.steps), "--batch", str(args.batch)]
-                + (["--quick"] if args.quick else []),
+                + (["--quick"] if args.quick else []) + list(extra),
                 f"{labels[i]} on {backend}", KERAS_BACKEND=backend,
             )
             if result:

@@ -3,19 +3,27 @@
 Default setting (issue #3): ViT-S/16, batch 8, 2 x 224 + 6 x 96 crops, out_dim 65536, the full
 trainer (clipping, centering, schedules, EMA). Each backend runs in its own subprocess; the
 table gives images/s, the first step (compile) time, the share of the step spent in the
-teacher EMA, and the fraction of this machine's fp32 matmul peak (NumPy GEMM).
+teacher EMA and the estimated GFLOP/s.
 
-    python benchmarks/dino_step.py                       # all three backends
+With ``--reference PATH`` (a folder holding the official DINO code and its
+``time_official_step.py``), the official PyTorch step is timed with the same settings in a
+subprocess before and after our rows, and each row gets "x official": our images/s over the
+mean of the two official runs of this invocation. That is the only comparison with the
+official code this script makes; numbers from other runs or machines are never mixed in.
+
+    python benchmarks/dino_step.py --reference ../shared/refs/dino_official   # side by side
     python benchmarks/dino_step.py --backends jax --steps 5
-    python benchmarks/dino_step.py --quick               # tiny model, seconds (smoke test)
+    python benchmarks/dino_step.py --quick --backends torch --reference PATH # smoke test (vit_tiny, 32 px)
 
-Compare ratios measured in one run; shared machines are noisy.
+Shared machines are noisy: compare ratios measured in one invocation.
 """
 
 import argparse
 import json
+import sys
 import time
 
+from _official import ARCHS, Bracket, check_reference, machine
 from _subprocess import run_worker
 from _timing import time_fit_steps
 
@@ -119,30 +127,53 @@ def time_ema(model, backend, args, repeats=5):
     return float(np.median(times))
 
 
+def configure(args):
+    """Model and crop settings from the command line (shared by the driver and its workers)."""
+    args.n_global = 2
+    if args.quick:
+        if not args.worker:  # a worker gets the driver's choice through --arch
+            # With --reference the official script needs one of its presets: its smallest, vit_tiny.
+            args.arch = "vit_tiny" if args.reference else "toy"
+        args.patch, args.global_size, args.local_size, args.out_dim = 8, 32, 16, 256
+    else:
+        args.patch, args.global_size, args.local_size, args.out_dim = 16, 224, 96, 65536
+    args.dim, args.depth, args.heads = ARCHS.get(args.arch, (32, 2, 2))
+    if args.jit in (None, "auto"):
+        args.jit = "auto"
+    else:
+        args.jit = args.jit == "True"
+
+
+def official_settings(args):
+    return dict(arch=args.arch, patch=args.patch, batch=args.batch, global_size=args.global_size,
+                local_size=args.local_size, locals=args.n_local, out_dim=args.out_dim)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backends", default="tensorflow,jax,torch")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the first")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--n-local", type=int, default=6, dest="n_local")
-    parser.add_argument("--quick", action="store_true", help="tiny model (smoke test)")
+    parser.add_argument("--arch", default="vit_small", choices=sorted(ARCHS) + ["toy"],
+                        help="ViT preset (the official script's names; toy: dim 32, depth 2, heads 2); "
+                             "--quick overrides it")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny model and crops (smoke test); vit_tiny at 32 px with --reference")
+    parser.add_argument("--reference", default=None, metavar="PATH",
+                        help="a checkout of the official DINO code holding time_official_step.py: "
+                             "its step is timed before and after ours, and each row gets 'x official'")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--jit", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.n_global = 2
-    if args.quick:
-        args.patch, args.dim, args.depth, args.heads = 8, 32, 2, 2
-        args.global_size, args.local_size, args.out_dim = 32, 16, 256
-    else:
-        args.patch, args.dim, args.depth, args.heads = 16, 384, 12, 6
-        args.global_size, args.local_size, args.out_dim = 224, 96, 65536
-    if args.jit in (None, "auto"):
-        args.jit = "auto"
-    else:
-        args.jit = args.jit == "True"
-
+    configure(args)
     if args.worker:
         return worker(args)
+
+    bracket = None
+    if args.reference:
+        bracket = Bracket(check_reference(args.reference), args.steps)
+        bracket.before([official_settings(args)])
 
     rows = []
     configs = []
@@ -153,45 +184,44 @@ def main():
     for backend, jit in configs:
         row = run_worker(
             [__file__, "--worker", "--steps", str(args.steps), "--batch", str(args.batch),
-             "--n-local", str(args.n_local), "--jit", jit] + (["--quick"] if args.quick else []),
+             "--n-local", str(args.n_local), "--jit", jit, "--arch", args.arch]
+            + (["--quick"] if args.quick else []),
             f"{backend} (jit={jit})", KERAS_BACKEND=backend)
         if row:
             rows.append(row)
+            print(f"  {backend} (jit={jit}): {row['images_per_s']:.3f} images/s", file=sys.stderr, flush=True)
 
+    official = None
+    if bracket:
+        bracket.after()
+        official = bracket.images_per_s(official_settings(args))
+
+    model = f"{args.arch} (dim {args.dim}, depth {args.depth}, heads {args.heads}), patch {args.patch}"
     flops = step_flops(args) / args.batch / 1e9
-    peak = machine_peak_gflops()
-    print(f"\nDINO step: ViT(dim {args.dim}, depth {args.depth}, patch {args.patch}), batch {args.batch}, "
-          f"{args.n_global}x{args.global_size} + {args.n_local}x{args.local_size}, out_dim {args.out_dim}; "
-          f"{flops:.1f} GFLOP per image; fp32 matmul peak of this machine (numpy, 2048^3): {peak:.0f} GFLOP/s")
-    print(f"Official PyTorch DINO code: {OFFICIAL_SHARE:.0%} of the matmul peak (issue #3); "
-          f"'x official' = share / {OFFICIAL_SHARE:.0%}.")
-    print("| backend | jit | images/s | step s | compile s | EMA share | GFLOP/s | % of peak | x official |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"\n### DINO training step, {machine()}\n")
+    print(f"- settings: {model}, batch {args.batch}, {args.n_global}x{args.global_size} + "
+          f"{args.n_local}x{args.local_size} crops, out_dim {args.out_dim}, median of {args.steps} steps "
+          f"after the first; {flops:.2f} GFLOP per image (estimate)")
+    if bracket:
+        print("\n".join(bracket.describe()))
+        print("- ratios are within this invocation: 'x official' = our images/s / the official images/s "
+              "(mean of its runs before and after ours)")
+    else:
+        print("- no --reference given: no official run, no 'x official' column; "
+              "compare ratios within one invocation only")
+    print()
+    head = "| backend | jit | images/s | step s | compile s | EMA share | GFLOP/s |"
+    rule = "|---|---|---|---|---|---|---|"
+    if bracket:
+        head, rule = head + " x official |", rule + "---|"
+    print(head)
+    print(rule)
     for r in rows:
-        share = r["gflops"] / peak
-        print(f"| {r['backend']} | {r['jit']} | {r['images_per_s']:.2f} | {r['step_s']:.2f} | {r['compile_s']:.1f} | "
-              f"{100 * r['ema_share']:.1f}% | {r['gflops']:.0f} | {100 * share:.0f}% | {share / OFFICIAL_SHARE:.2f} |")
-
-
-# The official code's 0.66 images/s on the issue's 2-core machine was 24% of its matmul peak;
-# machines differ, so the comparison is made in shares of each machine's own peak.
-OFFICIAL_SHARE = 0.24
-
-
-def machine_peak_gflops(n=2048, repeats=7):
-    """Best fp32 GEMM rate of this machine through NumPy's BLAS (GFLOP/s)."""
-    import numpy as np
-
-    a = np.random.default_rng(0).normal(size=(n, n)).astype("float32")
-    a @ a
-    best = min(_time(lambda: a @ a) for _ in range(repeats))
-    return 2 * n**3 / best / 1e9
-
-
-def _time(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+        line = (f"| {r['backend']} | {r['jit']} | {r['images_per_s']:.3f} | {r['step_s']:.3f} | "
+                f"{r['compile_s']:.1f} | {100 * r['ema_share']:.1f}% | {r['gflops']:.1f} |")
+        if bracket:
+            line += f" {r['images_per_s'] / official:.2f} |" if official else " n/a |"
+        print(line)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,24 @@ iBOT with its paper's 10 local crops, and ADCLR beside DINO with 4 local crops.
 
 "x base" is the plug-in's step time over its base's, from the same backend in the same run
 (machines are shared and noisy: compare ratios, not absolute numbers across runs).
+
+With ``--reference PATH`` (a folder holding the official DINO code and its
+``time_official_step.py``), the official step is timed in a subprocess before and after our
+rows, with each DINO row's settings, and the DINO rows get "x official": our images/s over the
+mean of the two official runs of this invocation. The official script times DINO only, so the
+other methods get no "x official" (the table header says so).
+
+    python benchmarks/method_step.py --reference ../shared/refs/dino_official
+    python benchmarks/method_step.py --quick --backends torch --rows 0,1 --reference PATH  # smoke test
 """
 
+import argparse
 import json
 import os
 import sys
 
-from _timing import run_rows, step_parser, time_fit_steps
+from _official import Bracket, check_reference, machine
+from _timing import run_rows, selected_rows, step_parser, time_fit_steps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -52,25 +63,41 @@ def make_batch(recipe, batch_size, rng):
     }
 
 
+def row_recipe(index, quick, match_official):
+    """The recipe of row ``index``; ``quick``: a tiny model and crops. With ``match_official``
+    the quick model is the official script's smallest preset (vit_tiny) with its fixed head
+    (hidden 2048, bottleneck 256), so that the official step can be run with the same settings."""
+    from keras_pqcl.recipe import load_recipe
+
+    _, _, recipe_name, n_local, _ = ROWS[index]
+    recipe = load_recipe(recipe_name).derive(crops=dict(n_local=n_local))
+    if quick:
+        head = dict(out_dim=256) if match_official else dict(out_dim=256, hidden_dim=64, bottleneck_dim=32)
+        if "patch_out_dim" in recipe.method_args:
+            head["patch_out_dim"] = 256
+        small = dict(backbone="vit_tiny") if match_official else dict(
+            backbone_args=dict(embed_dim=32, depth=2, num_heads=2))
+        recipe = recipe.derive(patch_size=8, method_args=head, crops=dict(global_size=32, local_size=16), **small)
+    return recipe
+
+
+def official_settings(recipe, batch):
+    """The official script's settings for a DINO row's ``recipe``."""
+    crops = recipe.crops
+    return dict(arch=recipe.backbone, patch=recipe.patch_size, batch=batch, global_size=crops["global_size"],
+                local_size=crops["local_size"], locals=crops["n_local"], out_dim=recipe.method_args["out_dim"])
+
+
 def worker(args):
     import keras
     import numpy as np
 
     from keras_pqcl import optimizers
-    from keras_pqcl.recipe import load_recipe
     from keras_pqcl.training import METHODS, build_backbone
 
-    label, method, recipe_name, n_local, _ = ROWS[args.row]
+    label, method, _, n_local, _ = ROWS[args.row]
     keras.utils.set_random_seed(0)
-    recipe = load_recipe(recipe_name).derive(crops=dict(n_local=n_local))
-    if args.quick:
-        head = dict(out_dim=256, hidden_dim=64, bottleneck_dim=32)
-        if "patch_out_dim" in recipe.method_args:
-            head["patch_out_dim"] = 256
-        recipe = recipe.derive(
-            patch_size=8, backbone_args=dict(embed_dim=32, depth=2, num_heads=2), method_args=head,
-            crops=dict(global_size=32, local_size=16),
-        )
+    recipe = row_recipe(args.row, args.quick, args.match_official)
     backbone = build_backbone(recipe, recipe.crops["global_size"])
     model = METHODS[method].model(recipe, backbone)
     model.compile(optimizer=optimizers.dino_adamw(args.batch, 100, 1000), jit_compile="auto")
@@ -88,23 +115,62 @@ def worker(args):
 
 
 def main():
-    args = step_parser(__doc__, batch=8).parse_args()
+    parser = step_parser(__doc__, batch=8)
+    parser.add_argument("--reference", default=None, metavar="PATH",
+                        help="a checkout of the official DINO code holding time_official_step.py: its DINO "
+                             "step is timed before and after ours, and the DINO rows get 'x official'")
+    parser.add_argument("--match-official", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
     if args.worker:
         return worker(args)
-    results = run_rows(__file__, [row[0] for row in ROWS], args)
+
+    labels = [row[0] for row in ROWS]
+    bracket, official_of = None, {}
+    if args.reference:
+        bracket = Bracket(check_reference(args.reference), args.steps)
+        for i in selected_rows(args, labels):
+            if ROWS[i][1] == "dino":
+                recipe = row_recipe(i, args.quick, True)
+                if recipe.crops.get("n_global", 2) == 2:  # the official script has 2 global crops
+                    official_of[labels[i]] = official_settings(recipe, args.batch)
+        bracket.before(list(official_of.values()))
+    results = run_rows(__file__, labels, args, ["--match-official"] if args.reference else [])
+    if bracket:
+        bracket.after()
     for result in results:
         result["base"] = ROWS[result["index"]][4]
 
     step = {(r["backend"], r["row"]): r["step_s"] for r in results}
-    model = "tiny ViT/8" if args.quick else "ViT-S/16"
-    print(f"\nOne training step per method: {model}, batch {args.batch}, median of {args.steps} steps after the first.")
-    print("| backend | method | crops | K | images/s | step s | first step s | x base (step time) |")
-    print("|---|---|---|---|---|---|---|---|")
+    if args.quick:
+        model = "vit_tiny/8 (official head sizes)" if args.reference else "tiny ViT/8 (dim 32, depth 2)"
+    else:
+        model = "ViT-S/16"
+    print(f"\n### One training step per method, {machine()}\n")
+    print(f"- settings: {model}, batch {args.batch}, paper recipes' heads and crops as listed, "
+          f"median of {args.steps} steps after the first")
+    print("- ratios are within this invocation: 'x base' = the plug-in's step time / its base's, same backend")
+    if bracket:
+        print("\n".join(bracket.describe()))
+        print("- 'x official' = our images/s / the official images/s with the same settings (mean of its runs "
+              "before and after ours). The reference's time_official_step.py times DINO only: "
+              "only the DINO rows are compared with the official code")
+    print()
+    head = "| backend | method | crops | K | images/s | step s | first step s | x base (step time) |"
+    rule = "|---|---|---|---|---|---|---|---|"
+    if bracket:
+        head, rule = head + " x official |", rule + "---|"
+    print(head)
+    print(rule)
     for r in results:
         base = step.get((r["backend"], r["base"]))
         ratio = f"{r['step_s'] / base:.2f} vs {r['base']}" if base else ""
-        print(f"| {r['backend']} | {r['row']} | {r['crops']} | {r['out_dim']} | {r['images_per_s']:.2f} | "
-              f"{r['step_s']:.2f} | {r['compile_s']:.1f} | {ratio} |")
+        line = (f"| {r['backend']} | {r['row']} | {r['crops']} | {r['out_dim']} | {r['images_per_s']:.3f} | "
+                f"{r['step_s']:.3f} | {r['compile_s']:.1f} | {ratio} |")
+        if bracket:
+            official = bracket.images_per_s(official_of[r["row"]]) if r["row"] in official_of else None
+            line += (f" {r['images_per_s'] / official:.2f} |" if official
+                     else " n/a (failed) |" if r["row"] in official_of else " — (no official step) |")
+        print(line)
 
 
 if __name__ == "__main__":
