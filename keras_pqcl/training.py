@@ -321,6 +321,9 @@ def pretrain(recipe, output_dir, resume=False, verbose=1, overwrite=False):
     ``--epochs``; other settings that shaped the checkpoint cannot change (see
     :data:`RESUMABLE_FIELDS`).
 
+    ``recipe.init_from`` (continued pre-training) starts the student and teacher backbones
+    from a saved backbone; a resumed run with a checkpoint takes the checkpoint's weights.
+
     Args:
         recipe: a :class:`~keras_pqcl.Recipe`.
         output_dir: the run's folder.
