@@ -3,6 +3,7 @@
     keras-pqcl pretrain --recipe tiny --output runs/tiny
     keras-pqcl pretrain --recipe dino_vit_small --data /path/to/images --epochs 100 --batch-size 64
     keras-pqcl pretrain --recipe tiny --output runs/tiny --resume
+    keras-pqcl pretrain --recipe tiny --output runs/tiny2 --init-from runs/tiny/teacher_backbone.keras
     keras-pqcl recipes
     keras-pqcl eval knn --weights runs/tiny/teacher_backbone.keras
     keras-pqcl eval linear --weights runs/tiny/teacher_backbone.keras --data /path/train --test-data /path/val
@@ -46,6 +47,10 @@ def _parser():
     pre.add_argument("--knn-data", dest="knn_data",
                      help="folder with train/ and val/ class folders for --knn-every "
                      "(synthetic_scenes: held-out images)")
+    pre.add_argument("--init-from", dest="init_from", metavar="FILE",
+                     help="continued pre-training: start the student and teacher backbones from a .keras backbone "
+                     "(e.g. an earlier run's teacher_backbone.keras) or a PyTorch DINO/iBOT/PQCL .pth; heads and "
+                     "schedules start fresh; the architecture must match the recipe's")
     pre.add_argument("--backend", choices=["tensorflow", "jax", "torch"], help="Keras backend (default: KERAS_BACKEND)")
     pre.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -173,6 +178,7 @@ def _main(argv):
         checkpoint_every_steps=args.checkpoint_every_steps,
         checkpoint_every_minutes=args.checkpoint_every_minutes,
         keep_checkpoints=args.keep_checkpoints,
+        init_from=args.init_from,
     )
     output = args.output or os.path.join("runs", recipe.name)
 

@@ -61,6 +61,13 @@ class Recipe:
         knn_data: a folder with ``train/`` and ``val/`` sub-folders of class folders (the
             ImageNet layout) for that k-NN; ``None`` with ``synthetic_scenes`` data uses
             held-out generated images (seeds 1 and 2, never seen in pre-training).
+        init_from: continued pre-training: a ``.keras`` backbone (an earlier run's
+            ``teacher_backbone.keras``; a checkpoint gives its teacher) or a PyTorch
+            DINO/iBOT/PQCL ``.pth``/``.pt`` checkpoint (its teacher) whose weights start both
+            the student and the teacher backbone; heads, optimizer and schedules start fresh.
+            The architecture must match the recipe's backbone (a learned position table of
+            another image size is resampled). ``None``: random init. On ``--resume`` with a
+            checkpoint the checkpoint's weights win, and the value cannot change.
     """
 
     name: str = "custom"
@@ -96,6 +103,7 @@ class Recipe:
     steps_per_epoch: Optional[int] = None
     knn_every: int = 0
     knn_data: Optional[str] = None
+    init_from: Optional[str] = None
 
     def replace(self, **changes):
         """A copy with ``changes`` applied (``None`` values are ignored)."""

@@ -19,6 +19,7 @@ import keras
 
 from keras_pqcl import backbones, callbacks, models, optimizers
 from keras_pqcl.io.files import atomic_write, atomic_write_text
+from keras_pqcl.io.init_from import check_init_from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +208,14 @@ def build_optimizer(recipe, steps_per_epoch):
 
 
 def build_model(recipe, steps_per_epoch, image_size):
-    model = method_of(recipe).model(recipe, build_backbone(recipe, image_size))
+    """The compiled model of ``recipe``; its student backbone starts from ``recipe.init_from``
+    when set, and the model copies the student into the teacher as it is built, so both do."""
+    backbone = build_backbone(recipe, image_size)
+    if recipe.init_from:
+        from keras_pqcl.io.init_from import init_backbone_from
+
+        init_backbone_from(backbone, recipe.init_from)
+    model = method_of(recipe).model(recipe, backbone)
     model.compile(optimizer=build_optimizer(recipe, steps_per_epoch), jit_compile=recipe.jit_compile)
     return model
 
@@ -313,6 +321,9 @@ def pretrain(recipe, output_dir, resume=False, verbose=1, overwrite=False):
     ``--epochs``; other settings that shaped the checkpoint cannot change (see
     :data:`RESUMABLE_FIELDS`).
 
+    ``recipe.init_from`` (continued pre-training) starts the student and teacher backbones
+    from a saved backbone; a resumed run with a checkpoint takes the checkpoint's weights.
+
     Args:
         recipe: a :class:`~keras_pqcl.Recipe`.
         output_dir: the run's folder.
@@ -327,6 +338,9 @@ def pretrain(recipe, output_dir, resume=False, verbose=1, overwrite=False):
     from keras_pqcl.run_folder import RunFolder
 
     check_recipe(recipe)
+    if recipe.init_from and not resume:
+        # A resumed run may not need the file (its checkpoint wins): _pretrain checks it then.
+        check_init_from(recipe.init_from)
     with RunFolder(output_dir, resume=resume, overwrite=overwrite) as folder:
         return _pretrain(recipe, folder, resume, verbose)
 
@@ -346,6 +360,12 @@ def _pretrain(recipe, folder, resume, verbose):
             # The checkpoint's own record wins over recipe.json, which may be lost or stale.
             previous = progress.metadata["recipe"]
             check_resume(previous, recipe)
+        if recipe.init_from:
+            if progress is not None:
+                print(f"keras-pqcl: init_from {recipe.init_from!r} not loaded: the checkpoint {progress.path} "
+                      "already holds the trained weights.")
+            else:
+                check_init_from(recipe.init_from)  # a new run after all: before the data is built
 
     start = (progress.epoch, progress.step) if progress else (0, 0)
     epoch, step = start
