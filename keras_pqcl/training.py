@@ -352,6 +352,8 @@ def _pretrain(recipe, folder, resume, verbose):
     keras.mixed_precision.set_dtype_policy(recipe.precision)
     keras.utils.set_random_seed(recipe.seed)
     if resume:
+        asked_init = recipe.init_from
+        recipe = _keep_init_from(previous, recipe)
         if previous is not None:
             check_resume(previous, recipe)
         with distribution_scope():
@@ -359,8 +361,9 @@ def _pretrain(recipe, folder, resume, verbose):
         if progress is not None and progress.metadata.get("recipe"):
             # The checkpoint's own record wins over recipe.json, which may be lost or stale.
             previous = progress.metadata["recipe"]
+            recipe = _keep_init_from(previous, recipe)
             check_resume(previous, recipe)
-        if recipe.init_from:
+        if recipe.init_from and asked_init:
             if progress is not None:
                 print(f"keras-pqcl: init_from {recipe.init_from!r} not loaded: the checkpoint {progress.path} "
                       "already holds the trained weights.")
@@ -454,6 +457,14 @@ def _pretrain(recipe, folder, resume, verbose):
     }
     atomic_write_text(folder.join("summary.json"), json.dumps(summary, indent=2))
     return summary
+
+
+def _keep_init_from(previous, recipe):
+    """A resume needs no ``--init-from``: the run keeps the file it started from (a different
+    file is still refused by :func:`check_resume`)."""
+    if previous and previous.get("init_from") and recipe.init_from is None:
+        return recipe.replace(init_from=previous["init_from"])
+    return recipe
 
 
 def _resume(recipe, folder, ckpt_dir):

@@ -152,9 +152,13 @@ def test_cli_flag_reaches_the_recipe_and_resume_keeps_the_checkpoint(tmp_path, c
     capsys.readouterr()
     assert cli.main(args + ["--init-from", str(other), "--epochs", "2", "--resume"]) == 2
     assert "--resume cannot change init_from" in capsys.readouterr().err
-    # ... and resuming it with the same file continues the checkpoint, not the file.
+    # ... and resuming it with the same file continues the checkpoint, not the file;
+    # without the flag the run keeps its file.
     assert cli.main(args + ["--init-from", str(path), "--epochs", "2", "--resume"]) == 0
     assert "not loaded: the checkpoint" in capsys.readouterr().out
+    assert cli.main(args + ["--epochs", "3", "--resume"]) == 0
+    with open(os.path.join(out, "recipe.json")) as f:
+        assert json.load(f)["init_from"] == str(path)
 
 
 @pytest.mark.parametrize("kind", ["missing", "directory", "not_keras"])
