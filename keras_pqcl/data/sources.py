@@ -167,16 +167,6 @@ def _array_fetch(images, labels):
     return fetch
 
 
-def _numpy_dataset(images, labels, shuffle, seed):
-    """Index-based dataset: shuffling indices is cheap, images are gathered."""
-    n = images.shape[0]
-    index = tf.data.Dataset.range(n)
-    if shuffle:
-        index = index.shuffle(n, seed=seed, reshuffle_each_iteration=True)
-    return index.map(_array_fetch(images, labels),
-                     num_parallel_calls=tf.data.AUTOTUNE)
-
-
 def _numpy_arrays(data):
     """Validated ``(images uint8 [N, H, W, 3], labels int32 [N])`` of a numpy source."""
     labels = None
@@ -220,12 +210,7 @@ def _numpy_arrays(data):
     return images, labels
 
 
-def _from_numpy(data, shuffle, seed, name="numpy"):
-    images, labels = _numpy_arrays(data)
-    ds = _numpy_dataset(images, labels, shuffle, seed)
-    info = SourceInfo(name=name, num_examples=images.shape[0],
-                      class_names=None, verified=True)
-    return ds, info
+
 
 
 # ---------------------------------------------------------------------------
@@ -266,11 +251,6 @@ def _synthetic_arrays(spec):
         verified=True,
     )
     return images, labels, info
-
-
-def _from_synthetic(spec, shuffle, seed):
-    images, labels, info = _synthetic_arrays(spec)
-    return _numpy_dataset(images, labels, shuffle, seed), info
 
 
 # ---------------------------------------------------------------------------
@@ -455,22 +435,6 @@ def _folder_files(root, verify):
     return paths, labels, info
 
 
-def _from_folder(root, shuffle, seed, verify):
-    paths, labels, info = _folder_files(root, verify)
-    ds = tf.data.Dataset.from_tensor_slices(
-        (tf.constant(paths), tf.constant(labels, tf.int32))
-    )
-    if shuffle:
-        # Shuffle file names (cheap) rather than decoded images.
-        ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.map(_decode_file, num_parallel_calls=tf.data.AUTOTUNE)
-    # Safety net for files whose header is fine but whose data is not (e.g.
-    # truncated PNGs): they are dropped silently here, as they cannot be
-    # counted before decoding. Use verify="decode" to count them up front.
-    ds = ds.ignore_errors(log_warning=False)
-    return ds, info
-
-
 def _folder_fetch(paths, labels):
     """``fetch(i)``: file ``i`` (int64 scalar tensor) decoded, with its label."""
     paths_t = tf.constant(paths, tf.string)
@@ -589,17 +553,33 @@ def load_source(data="synthetic_scenes", *, shuffle=False, seed=None,
         FileNotFoundError: missing folder / TFDS dataset not prepared.
         ValueError: no images, bad arrays or an unparsable spec.
     """
+    indexed = indexed_source(data, verify=verify, split=split, data_dir=data_dir)
+    if indexed is None:
+        return _from_tfds(data, shuffle, seed, split, data_dir)
+    fetch, info = indexed
+    n = info.num_examples
+    # Shuffle indices (cheap) rather than decoded images.
+    index = tf.data.Dataset.range(n)
+    if shuffle:
+        index = index.shuffle(n, seed=seed, reshuffle_each_iteration=True)
+    ds = index.map(fetch, num_parallel_calls=tf.data.AUTOTUNE)
+    if _is_folder(data):
+        # Safety net for files whose header is fine but whose data is not (e.g.
+        # truncated PNGs): they are dropped silently here, as they cannot be
+        # counted before decoding. Use verify="decode" to count them up front.
+        ds = ds.ignore_errors(log_warning=False)
+    return ds, info
+
+
+def _is_synthetic(spec):
+    return spec == "synthetic_scenes" or spec.startswith("synthetic_scenes:")
+
+
+def _is_folder(data):
+    """Whether ``data`` names an image folder: the one source read from files."""
     if isinstance(data, os.PathLike):
         data = os.fspath(data)
-    if isinstance(data, str):
-        if data == "synthetic_scenes" or data.startswith("synthetic_scenes:"):
-            return _from_synthetic(data, shuffle, seed)
-        if data.startswith("tfds:"):
-            return _from_tfds(data, shuffle, seed, split, data_dir)
-        return _from_folder(data, shuffle, seed, verify)
-    if isinstance(data, (np.ndarray, tuple, list, dict)):
-        return _from_numpy(data, shuffle, seed)
-    raise _type_error(data)
+    return isinstance(data, str) and not _is_synthetic(data) and not data.startswith("tfds:")
 
 
 def indexed_source(data="synthetic_scenes", *, verify="header",
@@ -625,7 +605,7 @@ def indexed_source(data="synthetic_scenes", *, verify="header",
     if isinstance(data, os.PathLike):
         data = os.fspath(data)
     if isinstance(data, str):
-        if data == "synthetic_scenes" or data.startswith("synthetic_scenes:"):
+        if _is_synthetic(data):
             images, labels, info = _synthetic_arrays(data)
             return _array_fetch(images, labels), info
         if data.startswith("tfds:"):
@@ -637,11 +617,7 @@ def indexed_source(data="synthetic_scenes", *, verify="header",
         info = SourceInfo(name="numpy", num_examples=images.shape[0],
                           class_names=None, verified=True)
         return _array_fetch(images, labels), info
-    raise _type_error(data)
-
-
-def _type_error(data):
-    return TypeError(
+    raise TypeError(
         "data must be 'synthetic_scenes[:N]', a folder path, 'tfds:NAME' or "
         f"numpy arrays; got {type(data).__name__}."
     )
