@@ -73,3 +73,11 @@ def run_rows(script, labels, args, extra=()):
                 results.append(result)
                 print(f"  {backend:10s} {result['row']:24s} {result['images_per_s']:.2f} images/s", file=sys.stderr)
     return results
+
+
+def print_table(columns, rows):
+    """Print a Markdown table: the header of ``columns``, then one line per row of cells (str)."""
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for cells in rows:
+        print("| " + " | ".join(cells) + " |")

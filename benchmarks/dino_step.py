@@ -25,7 +25,7 @@ import time
 
 from _official import ARCHS, Bracket, check_reference, machine
 from _subprocess import run_worker
-from _timing import time_fit_steps
+from _timing import print_table, time_fit_steps
 
 
 def vit_flops_per_image(size, patch, dim, depth, mlp_ratio=4.0):
@@ -210,18 +210,14 @@ def main():
         print("- no --reference given: no official run, no 'x official' column; "
               "compare ratios within one invocation only")
     print()
-    head = "| backend | jit | images/s | step s | compile s | EMA share | GFLOP/s |"
-    rule = "|---|---|---|---|---|---|---|"
-    if bracket:
-        head, rule = head + " x official |", rule + "---|"
-    print(head)
-    print(rule)
+    columns = ["backend", "jit", "images/s", "step s", "compile s", "EMA share", "GFLOP/s"]
+    cells = []
     for r in rows:
-        line = (f"| {r['backend']} | {r['jit']} | {r['images_per_s']:.3f} | {r['step_s']:.3f} | "
-                f"{r['compile_s']:.1f} | {100 * r['ema_share']:.1f}% | {r['gflops']:.1f} |")
+        cells.append([r["backend"], str(r["jit"]), f"{r['images_per_s']:.3f}", f"{r['step_s']:.3f}",
+                      f"{r['compile_s']:.1f}", f"{100 * r['ema_share']:.1f}%", f"{r['gflops']:.1f}"])
         if bracket:
-            line += f" {r['images_per_s'] / official:.2f} |" if official else " n/a |"
-        print(line)
+            cells[-1].append(f"{r['images_per_s'] / official:.2f}" if official else "n/a")
+    print_table(columns + (["x official"] if bracket else []), cells)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import os
 import sys
 
 from _official import Bracket, check_reference, machine
-from _timing import run_rows, selected_rows, step_parser, time_fit_steps
+from _timing import print_table, run_rows, selected_rows, step_parser, time_fit_steps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -155,22 +155,18 @@ def main():
               "before and after ours). The reference's time_official_step.py times DINO only: "
               "only the DINO rows are compared with the official code")
     print()
-    head = "| backend | method | crops | K | images/s | step s | first step s | x base (step time) |"
-    rule = "|---|---|---|---|---|---|---|---|"
-    if bracket:
-        head, rule = head + " x official |", rule + "---|"
-    print(head)
-    print(rule)
+    columns = ["backend", "method", "crops", "K", "images/s", "step s", "first step s", "x base (step time)"]
+    cells = []
     for r in results:
         base = step.get((r["backend"], r["base"]))
         ratio = f"{r['step_s'] / base:.2f} vs {r['base']}" if base else ""
-        line = (f"| {r['backend']} | {r['row']} | {r['crops']} | {r['out_dim']} | {r['images_per_s']:.3f} | "
-                f"{r['step_s']:.3f} | {r['compile_s']:.1f} | {ratio} |")
+        cells.append([r["backend"], r["row"], r["crops"], str(r["out_dim"]), f"{r['images_per_s']:.3f}",
+                      f"{r['step_s']:.3f}", f"{r['compile_s']:.1f}", ratio])
         if bracket:
             official = bracket.images_per_s(official_of[r["row"]]) if r["row"] in official_of else None
-            line += (f" {r['images_per_s'] / official:.2f} |" if official
-                     else " n/a (failed) |" if r["row"] in official_of else " — (no official step) |")
-        print(line)
+            cells[-1].append(f"{r['images_per_s'] / official:.2f}" if official
+                             else "n/a (failed)" if r["row"] in official_of else "— (no official step)")
+    print_table(columns + (["x official"] if bracket else []), cells)
 
 
 if __name__ == "__main__":
