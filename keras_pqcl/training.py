@@ -8,7 +8,6 @@ Used by ``keras-pqcl pretrain``; importable for scripts and notebooks::
 """
 
 import contextlib
-import csv
 import dataclasses
 import json
 import os
@@ -18,6 +17,7 @@ from typing import Callable
 import keras
 
 from keras_pqcl import backbones, callbacks, models, optimizers
+from keras_pqcl.callbacks.epoch_log import read_rows
 from keras_pqcl.io.files import atomic_write, atomic_write_text
 from keras_pqcl.io.init_from import check_init_from
 
@@ -515,12 +515,8 @@ def read_log(csv_path):
     """``{column: [float per epoch]}`` from a ``log.csv`` (:class:`~keras_pqcl.callbacks.EpochLog`);
     ``NA`` cells (a k-NN column on epochs it was not evaluated) are NaN, so every column has
     one value per epoch."""
-    if not os.path.exists(csv_path):
-        return {}
-    with open(csv_path) as f:
-        rows = list(csv.DictReader(f))
     columns = {}
-    for row in rows:
+    for row in read_rows(csv_path):
         for key, value in row.items():
             try:
                 columns.setdefault(key, []).append(float(value))

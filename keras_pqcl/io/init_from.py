@@ -30,10 +30,10 @@ def check_init_from(path):
         if os.path.isdir(path):
             raise ValueError(f"init_from {path!r} is a directory; pass the .pth file itself.")
         return
-    from keras_pqcl.io.load import _check_archive
+    from keras_pqcl.io.load import check_archive
 
     # load_backbone's own checks, so both entry points word a bad file the same way.
-    _check_archive(path)
+    check_archive(path)
 
 
 def init_backbone_from(backbone, path):

@@ -41,7 +41,7 @@ def load_backbone(path, use="teacher"):
     path = os.fspath(path)
     if use not in USES:
         raise ValueError(f"use={use!r}: pick one of {', '.join(map(repr, USES))}.")
-    _check_archive(path)
+    check_archive(path)
     import keras
 
     import keras_pqcl  # noqa: F401  (registers the classes load_model needs)
@@ -62,7 +62,7 @@ def load_backbone(path, use="teacher"):
     return backbone
 
 
-def _check_archive(path):
+def check_archive(path):
     """Name what is wrong with ``path`` before Keras does: it reports a damaged file as missing."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"weights file not found: {path!r} (a .keras file written by `keras-pqcl pretrain`)")
