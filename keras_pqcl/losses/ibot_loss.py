@@ -8,6 +8,55 @@ from keras_pqcl.losses.dino_loss import DINOLoss
 
 
 @keras.saving.register_keras_serializable(package="keras_pqcl")
+class MaskedPatchLoss(CenteredTeacherLoss):
+    """iBOT's masked image modelling term: same-view distillation at the masked patches.
+
+    With ``P = softmax((t_patch_q - center) / teacher_patch_temp)`` (the teacher saw the
+    unmasked view) and ``CE[b, p] = -sum_k P[b, p, k] log softmax(s_patch_q[b, p] / tau_s)_k``::
+
+        l_q[b] = sum_p m[b, p] CE[b, p] / max(1, sum_p m[b, p])
+        L_mim  = mean_q mean_b l_q[b]
+
+    An image without masked patches contributes 0 but still counts in the batch mean. After
+    the loss the center ``(1, 1, K_p)`` moves towards the mean over ``(G, B, N)`` of *all* raw
+    teacher patch logits, masked or not.
+
+    Call args:
+        student_patches: ``(G, B, N, K_p)`` from the masked global views.
+        teacher_patches: ``(G, B, N, K_p)`` from the unmasked global views.
+        masks: ``(G, B, N)`` or ``(G, B, h, w)`` with ``h * w = N`` (row-major), bool or 0/1.
+        teacher_temp: keyword-only patch teacher temperature ``tau_p``.
+        update_center: update the center after computing the loss (default True).
+    """
+
+    def __init__(self, out_dim, student_temp=0.1, center_momentum=0.9, **kwargs):
+        super().__init__(
+            out_dim, student_temp=student_temp, center_momentum=center_momentum, center_shape=(1, 1, out_dim), **kwargs
+        )
+
+    def call(self, student_patches, teacher_patches, masks, *, teacher_temp, update_center=True):
+        if (
+            len(student_patches.shape) != 4
+            or len(teacher_patches.shape) != 4
+            or student_patches.shape[0] != teacher_patches.shape[0]
+        ):
+            raise ValueError(
+                "student_patches and teacher_patches must both be (G, B, N, K_p); got "
+                f"{tuple(student_patches.shape)} and {tuple(teacher_patches.shape)}."
+            )
+        n_global, n_patches = student_patches.shape[0], student_patches.shape[2]
+        log_q = self.student_log_probs(student_patches)
+        p = self.teacher_probs(teacher_patches, teacher_temp)
+        ce = -ops.einsum("gbnk,gbnk->gbn", p, log_q)
+        m = ops.reshape(ops.cast(masks, "float32"), (n_global, -1, n_patches))
+        per_image = ops.sum(ce * m, axis=-1) / ops.maximum(ops.sum(m, axis=-1), 1.0)
+        loss = ops.mean(per_image)
+        if update_center:
+            self.update_center(teacher_patches, axes=(0, 1, 2))
+        return loss
+
+
+@keras.saving.register_keras_serializable(package="keras_pqcl")
 class iBOTLoss(keras.layers.Layer):
     """CLS self-distillation across views and masked-patch (MIM) distillation within a view.
 
@@ -15,14 +64,8 @@ class iBOTLoss(keras.layers.Layer):
 
     * ``L_cls``: the DINO loss (:class:`DINOLoss`) over the pairs (teacher global ``q``,
       student crop ``v != q``), centered with ``center`` ``(1, K)`` at ``teacher_temp``.
-    * ``L_mim``: same-view pairs only (``v == q``, global views). With
-      ``P = softmax((t_patch_q - center2) / teacher_patch_temp)`` (the teacher saw the
-      unmasked view) and ``CE[b, p] = -sum_k P[b, p, k] log softmax(s_patch_q[b, p] / tau_s)_k``::
-
-          l_q[b] = sum_p m[b, p] CE[b, p] / max(1, sum_p m[b, p])
-          L_mim  = mean_q mean_b l_q[b]
-
-      An image without masked patches contributes 0 but still counts in the batch mean.
+    * ``L_mim``: same-view pairs only (``v == q``, global views): :class:`MaskedPatchLoss`
+      with ``center2`` ``(1, 1, K_p)`` at ``teacher_patch_temp``.
 
     After the loss both centers move with momentum ``center_momentum``: ``center`` towards
     the mean over ``(G, B)`` of the raw teacher CLS logits, ``center2`` towards the mean
@@ -66,13 +109,8 @@ class iBOTLoss(keras.layers.Layer):
             self.cls_loss = DINOLoss(
                 out_dim, student_temp=student_temp, center_momentum=center_momentum, name="cls_loss"
             )
-            # Only the centering arithmetic and the center are needed for the patches.
-            self.patch_loss = CenteredTeacherLoss(
-                self.patch_out_dim,
-                student_temp=student_temp,
-                center_momentum=center_momentum,
-                center_shape=(1, 1, self.patch_out_dim),
-                name="patch_loss",
+            self.patch_loss = MaskedPatchLoss(
+                self.patch_out_dim, student_temp=student_temp, center_momentum=center_momentum, name="patch_loss"
             )
         self.built = True
 
@@ -85,25 +123,6 @@ class iBOTLoss(keras.layers.Layer):
     def center2(self):
         """Patch center ``(1, 1, K_p)``."""
         return self.patch_loss.center
-
-    def mim_loss(self, student_patches, teacher_patches, masks, teacher_patch_temp):
-        """``L_mim`` with the current patch center (no center update)."""
-        if (
-            len(student_patches.shape) != 4
-            or len(teacher_patches.shape) != 4
-            or student_patches.shape[0] != teacher_patches.shape[0]
-        ):
-            raise ValueError(
-                "student_patches and teacher_patches must both be (G, B, N, K_p); got "
-                f"{tuple(student_patches.shape)} and {tuple(teacher_patches.shape)}."
-            )
-        n_global, n_patches = student_patches.shape[0], student_patches.shape[2]
-        log_q = self.patch_loss.student_log_probs(student_patches)
-        p = self.patch_loss.teacher_probs(teacher_patches, teacher_patch_temp)
-        ce = -ops.einsum("gbnk,gbnk->gbn", p, log_q)
-        m = ops.reshape(ops.cast(masks, "float32"), (n_global, -1, n_patches))
-        per_image = ops.sum(ce * m, axis=-1) / ops.maximum(ops.sum(m, axis=-1), 1.0)
-        return ops.mean(per_image)
 
     def call(
         self,
@@ -123,9 +142,9 @@ class iBOTLoss(keras.layers.Layer):
                 f"{student_patches.shape[0]}; both must be the G global views."
             )
         cls = self.cls_loss(student_cls, teacher_cls, teacher_temp=teacher_temp, update_center=update_center)
-        mim = self.mim_loss(student_patches, teacher_patches, masks, teacher_patch_temp)
-        if update_center:
-            self.patch_loss.update_center(teacher_patches, axes=(0, 1, 2))
+        mim = self.patch_loss(
+            student_patches, teacher_patches, masks, teacher_temp=teacher_patch_temp, update_center=update_center
+        )
         return {"cls": cls, "mim": mim}
 
     def get_config(self):
