@@ -88,8 +88,21 @@ class DINOHead(keras.layers.Layer):
         norm = ops.sqrt(ops.sum(ops.square(x32), axis=-1, keepdims=True))
         return ops.cast(x32 / ops.maximum(norm, 1e-12), x.dtype)
 
-    def call(self, x):
+    #: a separate last layer for patch tokens (:class:`~keras_pqcl.heads.iBOTHead`'s option).
+    last_layer2 = None
+
+    @property
+    def last_layers(self):
+        """The weight-normed output layers (those frozen during the first epoch)."""
+        return [self.last_layer] if self.last_layer2 is None else [self.last_layer, self.last_layer2]
+
+    def token_logits(self, x):
+        """MLP, L2 norm and ``last_layer`` on every token: ``(..., D) -> (..., K)``. The
+        PQCL path: CLS, patch and query tokens all go through the CLS projection."""
         return self.last_layer(self.project(x))
+
+    def call(self, x):
+        return self.token_logits(x)
 
     def get_config(self):
         config = super().get_config()

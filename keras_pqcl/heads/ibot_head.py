@@ -89,18 +89,6 @@ class iBOTHead(DINOHead):
         """The layer that projects patch tokens: ``last_layer2``, or ``last_layer`` if shared."""
         return self.last_layer if self.last_layer2 is None else self.last_layer2
 
-    @property
-    def last_layers(self):
-        """The weight-normed output layers (those frozen during the first epoch)."""
-        return [self.last_layer] if self.last_layer2 is None else [self.last_layer, self.last_layer2]
-
-    def token_logits(self, x):
-        """MLP, L2 norm and ``last_layer`` on every token: ``(..., D) -> (..., K)``.
-
-        The PQCL path: CLS, patch and query tokens all go through the CLS projection.
-        """
-        return self.last_layer(self.project(x))
-
     def call(self, tokens):
         if len(tokens.shape) != 3:
             raise ValueError(
