@@ -180,26 +180,13 @@ class MontageConfig:
     def multicrop_config(self):
         """The :class:`MultiCropConfig` that draws the views (as ``n_global`` views)."""
         k = self.views_per_branch
+        shared = {f.name for f in dataclasses.fields(MultiCropConfig)} - {"solarize_p"}  # (A, B) here, per view there
+        args = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in shared}
+        args = {name: tuple(v) if isinstance(v, list) else v for name, v in args.items()}
         return MultiCropConfig(
-            global_size=self.image_size,
-            local_size=self.image_size,
-            n_global=self.num_views,
-            n_local=0,
-            global_scale=tuple(self.scale),
-            ratio=tuple(self.ratio),
-            flip_p=self.flip_p,
-            color_jitter=tuple(self.color_jitter),
-            jitter_p=self.jitter_p,
-            jitter_random_order=self.jitter_random_order,
-            grayscale_p=self.grayscale_p,
-            global_blur_p=(self.blur_p[0],) * k + (self.blur_p[1],) * k,
-            blur_sigma=tuple(self.blur_sigma),
-            solarize_p=(self.solarize_p[0],) * k + (self.solarize_p[1],) * k,
-            solarize_threshold=self.solarize_threshold,
-            mean=tuple(self.mean),
-            std=tuple(self.std),
-            use_keras_cv=self.use_keras_cv,
-            antialias=self.antialias,
+            global_size=self.image_size, local_size=self.image_size, n_global=self.num_views, n_local=0,
+            global_scale=tuple(self.scale), global_blur_p=(self.blur_p[0],) * k + (self.blur_p[1],) * k,
+            solarize_p=(self.solarize_p[0],) * k + (self.solarize_p[1],) * k, **args,
         )
 
     def layout(self, num_images):
