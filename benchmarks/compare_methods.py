@@ -66,12 +66,12 @@ def recipe_name(family, suffix):
 def probe_splits(recipe, n_train, n_test):
     """Held-out labelled images and masks at the recipe data's image size."""
     import keras_pqcl as kp
-    from keras_pqcl.data.sources import _parse_synthetic
+    from keras_pqcl.data.sources import parse_synthetic
 
     if not recipe.data.startswith("synthetic_scenes"):
         raise SystemExit(f"the probes use held-out synthetic_scenes images; recipe {recipe.name!r} trains on "
                          f"{recipe.data!r}. Use a synthetic_scenes recipe.")
-    _, size = _parse_synthetic(recipe.data)  # the pre-training images' side
+    _, size = parse_synthetic(recipe.data)  # the pre-training images' side
     splits = {}
     for split, n, seed in (("train", n_train, PROBE_TRAIN_SEED), ("test", n_test, PROBE_TEST_SEED)):
         data = kp.data.synthetic_scenes(n, image_size=size, seed=seed)

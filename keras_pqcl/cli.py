@@ -207,10 +207,10 @@ def _is_synthetic(spec):
 
 def _synthetic(spec, seed):
     """``synthetic_scenes[:N[:S]]`` generated with ``seed`` -> (arrays dict, description)."""
-    from keras_pqcl.data.sources import _parse_synthetic
+    from keras_pqcl.data.sources import parse_synthetic
     from keras_pqcl.data.synthetic import synthetic_scenes
 
-    num, size = _parse_synthetic(spec or "synthetic_scenes")
+    num, size = parse_synthetic(spec or "synthetic_scenes")
     return synthetic_scenes(num, image_size=size, seed=seed), f"synthetic_scenes:{num}:{size} (seed {seed})"
 
 
@@ -219,9 +219,9 @@ def _test_spec(args):
     if args.test_data:
         return args.test_data
     if _is_synthetic(args.data):
-        from keras_pqcl.data.sources import _parse_synthetic
+        from keras_pqcl.data.sources import parse_synthetic
 
-        num, size = _parse_synthetic(args.data or "synthetic_scenes")
+        num, size = parse_synthetic(args.data or "synthetic_scenes")
         return f"synthetic_scenes:{max(num // 4, 1)}:{size}"
     if args.data.startswith("tfds:"):
         return args.data
@@ -231,9 +231,9 @@ def _test_spec(args):
 def _split_identity(spec, seed, split):
     """What a split is made of, for telling whether train and test are the same images."""
     if _is_synthetic(spec):
-        from keras_pqcl.data.sources import _parse_synthetic
+        from keras_pqcl.data.sources import parse_synthetic
 
-        return ("synthetic_scenes", *_parse_synthetic(spec or "synthetic_scenes"), seed)
+        return ("synthetic_scenes", *parse_synthetic(spec or "synthetic_scenes"), seed)
     if spec.startswith("tfds:"):
         return ("tfds", spec[len("tfds:"):].strip("/"), split)
     return ("folder", os.path.realpath(spec))

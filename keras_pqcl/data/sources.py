@@ -222,7 +222,7 @@ def _cached_synthetic(num, size):
     return out["images"], out["labels"]
 
 
-def _parse_synthetic(spec):
+def parse_synthetic(spec):
     parts = spec.split(":")
     try:
         num = int(parts[1]) if len(parts) > 1 else SYNTHETIC_DEFAULT_NUM
@@ -242,7 +242,7 @@ def _parse_synthetic(spec):
 
 def _synthetic_arrays(spec):
     """``(images, labels, info)`` of a ``"synthetic_scenes[:N[:S]]"`` spec."""
-    num, size = _parse_synthetic(spec)
+    num, size = parse_synthetic(spec)
     images, labels = _cached_synthetic(num, size)
     info = SourceInfo(
         name=f"synthetic_scenes:{num}:{size}",

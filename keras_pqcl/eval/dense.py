@@ -17,7 +17,7 @@ import numpy as np
 from keras import ops
 
 from keras_pqcl.data.sources import IMAGE_EXTENSIONS
-from keras_pqcl.eval.features import FeatureExtractor, _check_channels_last, _inference_mode
+from keras_pqcl.eval.features import FeatureExtractor, check_channels_last, inference_mode
 
 __all__ = [
     "confusion_matrix",
@@ -257,7 +257,7 @@ def dense_probe(
         undefined), ``num_classes``, ``grid`` ``(h, w)`` and sizes.
     """
     for name, images in (("train_images", train_images), ("test_images", test_images)):
-        _check_channels_last(np.shape(images), name)
+        check_channels_last(np.shape(images), name)
         if np.ndim(images) != 4:
             raise ValueError(f"{name} must be a batch (N, H, W, 3); got shape {np.shape(images)}.")
     train_masks = _masks_array(train_masks, np.asarray(train_images), "train_masks")
@@ -307,7 +307,7 @@ def dense_probe(
     classifier.fit(train_x, train_masks, batch_size=batch_size, epochs=int(epochs), shuffle=True, verbose=verbose)
 
     confusion = np.zeros((num_classes, num_classes), np.int64)
-    with _inference_mode():
+    with inference_mode():
         for start in range(0, len(test_x), batch_size):
             logits = classifier(test_x[start:start + batch_size], training=False)
             pred = np.asarray(ops.convert_to_numpy(ops.argmax(logits, axis=-1)))

@@ -32,7 +32,7 @@ AVGPOOL_MODES = (0, 1, 2)
 
 
 # ----------------------------------------------------------------------------- preprocessing
-def _check_channels_last(shape, what="images"):
+def check_channels_last(shape, what="images"):
     if getattr(shape, "rank", 0) is None:  # a dataset of unknown rank: the backbone checks later
         return
     if len(shape) not in (3, 4):
@@ -105,13 +105,13 @@ def eval_preprocess(
                 "float images must lie in [0, 1]; these have negative values, so they look "
                 "normalised already. Pass them with preprocess=False."
             )
-    _check_channels_last(images.shape)
+    check_channels_last(images.shape)
     out = _preprocess_tf(images, size, crop_fraction, antialias, mean, std)
     return out if as_tensor else out.numpy()
 
 
 # ------------------------------------------------------------------------------------ inputs
-def _inference_mode():
+def inference_mode():
     """No autograd graph on torch: extraction would otherwise keep every activation alive."""
     if keras.backend.backend() == "torch":
         import torch
@@ -145,7 +145,7 @@ def _split_arrays(data):
     return data, None
 
 
-def _split_element(element):
+def split_element(element):
     """A dataset element -> ``(images, labels or None)``."""
     if isinstance(element, dict):
         images = element.get("images", element.get("image"))
@@ -162,13 +162,13 @@ def _batches(data, batch_size, image_size, preprocess, crop_fraction, antialias)
     if isinstance(data, (str, os.PathLike)):
         data, _ = load_source(data, shuffle=False)
     if isinstance(data, tf.data.Dataset):
-        images_spec, _ = _split_element(data.element_spec)
-        _check_channels_last(images_spec.shape, "dataset images")
+        images_spec, _ = split_element(data.element_spec)
+        check_channels_last(images_spec.shape, "dataset images")
         if images_spec.shape.rank == 4:
             data = data.unbatch()
 
         def prepare(*element):
-            images, labels = _split_element(element[0] if len(element) == 1 else element)
+            images, labels = split_element(element[0] if len(element) == 1 else element)
             if preprocess:
                 images = _preprocess_tf(images, image_size, crop_fraction, antialias,
                                         augment.IMAGENET_MEAN, augment.IMAGENET_STD)
@@ -191,7 +191,7 @@ def _batches(data, batch_size, image_size, preprocess, crop_fraction, antialias)
 
     images, labels = _split_arrays(data)
     images = keras.ops.convert_to_numpy(images) if not isinstance(images, np.ndarray) else images
-    _check_channels_last(images.shape)
+    check_channels_last(images.shape)
     if images.ndim == 3:
         raise ValueError(
             f"expected a batch of images (batch, height, width, 3); got one image of shape "
@@ -297,7 +297,7 @@ class FeatureExtractor:
         if images.ndim != 4:
             raise ValueError(f"expected a batch (batch, height, width, 3); got shape {images.shape}.")
         model = self._model_for(images)
-        with _inference_mode():
+        with inference_mode():
             value = model.predict_on_batch(images)
         value = np.asarray(keras.ops.convert_to_numpy(value), np.float32)
         if self.output == "patches" and self.patch_size and value.ndim == 3:

@@ -25,7 +25,7 @@ from keras import ops
 from keras_pqcl.data import augment as augment_lib
 from keras_pqcl.data.crops import random_resized_crop
 from keras_pqcl.data.sources import load_source
-from keras_pqcl.eval.features import FeatureExtractor, _split_element
+from keras_pqcl.eval.features import FeatureExtractor, split_element
 
 __all__ = ["EpochCosine", "linear_probe", "train_linear_classifier"]
 
@@ -170,12 +170,12 @@ def train_linear_classifier(
 def _augmented_dataset(train, epoch, image_size, seed):
     """The reference's train transform: RandomResizedCrop(scale 0.08-1) + flip, normalised."""
     if isinstance(train, tf.data.Dataset):
-        dataset = train.unbatch() if len(_split_element(train.element_spec)[0].shape) == 4 else train
+        dataset = train.unbatch() if len(split_element(train.element_spec)[0].shape) == 4 else train
     else:
         dataset, _ = load_source(train, shuffle=False)
 
     def transform(index, element):
-        image, label = _split_element(element)
+        image, label = split_element(element)
         if label is None:
             raise ValueError("the linear probe needs labelled train data.")
         crop_seed = tf.stack([tf.constant(seed * 100003 + epoch, tf.int64), tf.cast(index, tf.int64)])

@@ -19,7 +19,7 @@ import keras
 import numpy as np
 
 from keras_pqcl.data import augment
-from keras_pqcl.eval.features import _check_channels_last, _inference_mode
+from keras_pqcl.eval.features import check_channels_last, inference_mode
 
 __all__ = [
     "attention_maps",
@@ -53,7 +53,7 @@ def _single(image):
         shape = shape[1:]
     if len(shape) != 3:
         raise ValueError(f"expected one image (height, width, 3); got shape {tuple(shape)}.")
-    _check_channels_last(shape, "image")
+    check_channels_last(shape, "image")
     return image
 
 
@@ -101,7 +101,7 @@ def cls_attention(backbone, images):
     ``images`` are model inputs ``(B, H, W, 3)`` (normalised); entry 0 of the last axis is
     the CLS key, entries ``1..N`` the patch keys in row-major grid order.
     """
-    with _inference_mode():
+    with inference_mode():
         out = backbone.forward_features(keras.ops.convert_to_tensor(images), training=False, return_attention=True)
         attention = np.asarray(keras.ops.convert_to_numpy(out["attention"]), np.float32)
     return attention[:, :, 0, :]
@@ -167,7 +167,7 @@ def feature_pca(backbone, image, image_size=None, preprocess=True):
         are reproducible. Fewer than 3 components (tiny grids) are padded with zeros.
     """
     x, (h, w) = _model_input(backbone, image, image_size, preprocess)
-    with _inference_mode():
+    with inference_mode():
         out = backbone.forward_features(keras.ops.convert_to_tensor(x), training=False)
         tokens = keras.ops.convert_to_numpy(out["patches"])
     tokens = np.asarray(tokens, np.float64)[0]
