@@ -3,7 +3,7 @@
 DINO, iBOT, PQCL, ADCLR, DenseCL and MCL on TensorFlow, JAX and PyTorch.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 import importlib
 

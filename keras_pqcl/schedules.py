@@ -45,6 +45,34 @@ def warmup_then_constant(epoch, start, end, warmup_epochs):
 
 
 @keras.saving.register_keras_serializable(package="keras_pqcl")
+class EpochRamp:
+    """A per-epoch schedule: ``linspace(start, end, warmup_epochs)[e]``, then ``end``, where
+    ``e`` counts epochs from ``start_epoch`` (held at ``start`` before it).
+
+    The teacher temperatures of DINO, iBOT and PQCL (0.04 -> 0.07 over 30 epochs); iBOT's
+    patch temperature and PQCL's query temperature start their warm-up at the first epoch
+    with masked image modelling (``start_epoch``).
+    """
+
+    def __init__(self, start, end, warmup_epochs, start_epoch=0):
+        self.start, self.end = float(start), float(end)
+        self.warmup_epochs, self.start_epoch = int(warmup_epochs), int(start_epoch)
+
+    def __call__(self, epoch):
+        """The value at ``epoch`` (a float32 scalar tensor, floored)."""
+        if self.start_epoch:
+            epoch = ops.maximum(epoch - float(self.start_epoch), 0.0)
+        return warmup_then_constant(epoch, self.start, self.end, self.warmup_epochs)
+
+    def get_config(self):
+        return dict(start=self.start, end=self.end, warmup_epochs=self.warmup_epochs, start_epoch=self.start_epoch)
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package="keras_pqcl")
 class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
     """Learning-rate (or weight-decay) schedule: linear warm-up, then cosine decay.
 

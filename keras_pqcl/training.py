@@ -297,13 +297,6 @@ def _knn_splits(recipe):
     return splits
 
 
-def _retime(optimizer, fresh):
-    """Give a resumed ``optimizer`` the schedules of ``fresh`` (built for the new run length)."""
-    optimizer.learning_rate = fresh._learning_rate
-    if hasattr(fresh, "decay"):
-        optimizer.decay = fresh.decay
-
-
 def pretrain(recipe, output_dir, resume=False, verbose=1, overwrite=False):
     """Pre-train with ``recipe``, writing everything to ``output_dir``.
 
@@ -392,7 +385,7 @@ def _pretrain(recipe, folder, resume, verbose):
         if model is None:
             model = build_model(recipe, steps, image_size)
         elif previous is not None and previous.get("epochs") != recipe.epochs:
-            _retime(model.optimizer, build_optimizer(recipe, steps))
+            # fit() sets every schedule's length from its run_epochs (configure_schedules).
             print(f"keras-pqcl: the run now lasts {recipe.epochs} epochs (was {previous.get('epochs')}): the "
                   "learning-rate, weight-decay and momentum schedules follow the new length from here on.")
 
@@ -404,7 +397,6 @@ def _pretrain(recipe, folder, resume, verbose):
         resume_from=progress, metadata={"recipe": json.loads(recipe.to_json())},
     )
     cbs = [
-        callbacks.TeacherEMA(recipe.teacher_momentum, 1.0),
         callbacks.NaNGuard(ckpt_dir),
         collapse,
         # Before the loggers, which only see what earlier callbacks wrote into the logs.
@@ -494,10 +486,10 @@ def knn_monitor(recipe, image_size):
     if recipe.knn_data:
         train, test = _knn_splits(recipe)
     elif recipe.data.startswith("synthetic_scenes"):
-        from keras_pqcl.data.sources import _parse_synthetic
+        from keras_pqcl.data.sources import parse_synthetic
         from keras_pqcl.data.synthetic import synthetic_scenes
 
-        _, size = _parse_synthetic(recipe.data)
+        _, size = parse_synthetic(recipe.data)
         splits = [synthetic_scenes(n, image_size=size, seed=seed) for n, seed in zip(KNN_SYNTHETIC_IMAGES, (1, 2))]
         train, test = ((split["images"], split["labels"]) for split in splits)
     else:

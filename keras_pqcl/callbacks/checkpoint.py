@@ -26,6 +26,9 @@ from keras_pqcl.io.files import atomic_write
 
 PROGRESS_MEMBER = "keras_pqcl_progress.json"
 FORMAT = 2
+#: The whole-model layout: 2 since the self-distillation methods became one model of loss
+#: terms (keras_pqcl 0.2). Checkpoints of the earlier layout do not load into it.
+LAYOUT = 2
 _NAME = "checkpoint-e{epoch:05d}-s{step:07d}.keras"
 _NAME_RE = re.compile(r"^checkpoint-e(\d+)-s(\d+)\.keras$")
 #: keras_pqcl 0.1 wrote one ``checkpoint.keras`` and its epoch count in ``checkpoint.json``.
@@ -46,6 +49,7 @@ class Progress:
         rng: ``{variable path: state}`` of the model's random-generator variables.
         metadata: what the writer added (``keras-pqcl pretrain``: the run's recipe).
         path: the file it was read from.
+        layout: the whole-model layout it was written with (:data:`LAYOUT`).
     """
 
     epoch: int
@@ -55,6 +59,7 @@ class Progress:
     rng: dict = dataclasses.field(default_factory=dict)
     metadata: dict = dataclasses.field(default_factory=dict)
     path: str = ""
+    layout: int = LAYOUT
 
     @property
     def global_step(self):
@@ -125,6 +130,7 @@ def save_checkpoint(model, directory, epoch, step, steps_per_epoch, metadata=Non
         raise FloatingPointError(_nonfinite_message(directory, epoch, step, bad))
     progress = {
         "format": FORMAT,
+        "layout": LAYOUT,
         "epoch": int(epoch),
         "step": int(step),
         "steps_per_epoch": int(steps_per_epoch),
@@ -179,6 +185,7 @@ def read_progress(path, model=None):
                     epoch=int(record["epoch"]), step=int(record["step"]),
                     steps_per_epoch=int(record["steps_per_epoch"]), metrics=record.get("metrics", []),
                     rng=record.get("rng", {}), metadata=record.get("metadata", {}), path=path,
+                    layout=int(record.get("layout", 1)),
                 )
             except (ValueError, KeyError, TypeError) as error:
                 raise ValueError(f"its {PROGRESS_MEMBER} is unreadable ({error})") from None
@@ -198,6 +205,12 @@ def _load(path):
     try:
         model = keras.saving.load_model(path)
     except Exception as error:  # Keras raises many types for a damaged or foreign file
+        if progress is None or progress.layout < LAYOUT:
+            raise ValueError(
+                "it was written by keras_pqcl 0.1, whose whole-model layout this version no longer reads (the "
+                "methods are now one model of loss terms); the run's teacher_backbone.keras and "
+                "student_backbone.keras still load, so continue from one of those with --init-from in a new run"
+            ) from None
         text = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise ValueError(f"Keras could not load it ({type(error).__name__}: {text[:300]})") from None
     if getattr(model, "optimizer", None) is None or not hasattr(model, "steps_per_epoch"):

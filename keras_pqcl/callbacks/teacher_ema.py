@@ -4,9 +4,12 @@ import keras
 
 
 class TeacherEMA(keras.callbacks.Callback):
-    """Owns the teacher momentum schedule: cosine from ``momentum`` to ``final_momentum``.
+    """Replaces the model's teacher momentum range for this ``fit``: cosine from ``momentum``
+    to ``final_momentum``.
 
-    The callback only sets the schedule's range when training starts; the EMA itself,
+    The model owns the schedule (its ``teacher_momentum`` / ``teacher_momentum_end``
+    arguments); this callback is for changing it without rebuilding the model. It sets the
+    range when training starts; the EMA itself,
     ``teacher <- m teacher + (1 - m) student``, runs inside the compiled train step after
     the optimizer update (a per-batch Python loop over variables would cost several times
     the step on TensorFlow). DINO uses 0.996 -> 1 over all iterations; the reference help

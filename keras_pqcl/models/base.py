@@ -38,9 +38,10 @@ class SelfSupervisedModel(TrainStep, keras.Model):
     """Base class: EMA teacher, schedule clock, metrics and ``fit`` plumbing.
 
     Args:
-        teacher_momentum: EMA momentum at step 0 (0.996); used when ``fit`` is given no
-            :class:`~keras_pqcl.callbacks.TeacherEMA`.
-        teacher_momentum_end: EMA momentum at the last step (1.0).
+        teacher_momentum: EMA momentum at step 0 (0.996), rising on a cosine over the run to
+        teacher_momentum_end: the momentum at the last step (1.0). The model owns this
+            schedule (saved with it); a :class:`~keras_pqcl.callbacks.TeacherEMA` passed to
+            ``fit`` replaces its range.
         freeze_last_layer: epochs during which :meth:`frozen_variables` get no update (1).
     """
 
@@ -87,9 +88,12 @@ class SelfSupervisedModel(TrainStep, keras.Model):
         self.total_steps = scalar("total_steps", 1.0)
         self.momentum_start = scalar("momentum_start", teacher_momentum)
         self.momentum_end = scalar("momentum_end", teacher_momentum_end)
-        self.trackers = {
-            name: keras.metrics.Mean(name=name) for name in ("loss",) + tuple(self.loss_terms)
-        }
+        self.trackers = {}
+        self.add_trackers(("loss",) + (type(self).loss_terms if isinstance(type(self).loss_terms, tuple) else ()))
+
+    def add_trackers(self, names):
+        """Epoch means for the logs ``names`` (the per-term losses and monitors)."""
+        self.trackers.update({name: keras.metrics.Mean(name=name) for name in names if name not in self.trackers})
 
     # --------------------------------------------------------------- teacher
     def add_teacher(self, teacher, student, batch_statistics=False):
@@ -150,9 +154,18 @@ class SelfSupervisedModel(TrainStep, keras.Model):
         return []
 
     def configure_schedules(self, epochs, steps_per_epoch):
-        """Set the clock and freeze the last layer; ``fit`` calls this for you."""
+        """Set the run's clock and freeze the last layer; ``fit`` calls this for you.
+
+        The run length is this one: the optimizer's step schedules (learning rate, weight
+        decay) are set to end with it too, so they cannot disagree with the teacher momentum
+        and temperatures (a resumed run given more epochs follows the new length).
+        """
+        total = int(epochs * steps_per_epoch)
         self.steps_per_epoch.assign(float(steps_per_epoch))
-        self.total_steps.assign(float(epochs * steps_per_epoch))
+        self.total_steps.assign(float(total))
+        for schedule in (getattr(self.optimizer, "_learning_rate", None), getattr(self.optimizer, "decay", None)):
+            if isinstance(schedule, schedules.WarmupCosine):
+                schedule.total_steps = total
         frozen = [v for v in self.frozen_variables() if v.trainable]
         if not frozen or not self.freeze_last_layer:
             return
@@ -185,9 +198,11 @@ class SelfSupervisedModel(TrainStep, keras.Model):
                 out[name] = value
         return out
 
-    def schedule_logs(self, step):
+    def schedule_values(self, step):
+        """Every per-step schedule value at ``step``: ``teacher_momentum``, the optimizer's
+        ``learning_rate`` and ``weight_decay``, and a method's own (its temperatures)."""
         logs = {"teacher_momentum": self.teacher_momentum_at(step)}
-        if self.optimizer is not None:
+        if getattr(self, "optimizer", None) is not None:
             logs["learning_rate"] = ops.cast(self.optimizer.learning_rate, "float32")
             current_wd = getattr(self.optimizer, "current_weight_decay", None)
             if current_wd is not None and current_wd() is not None:
@@ -201,13 +216,16 @@ class SelfSupervisedModel(TrainStep, keras.Model):
     def ssl_forward(self, data, step, training=True):
         raise NotImplementedError
 
+    def require(self, data, key, hint):
+        """``data[key]``, or a ValueError naming the key, this model and ``hint``."""
+        return require(data, key, type(self).__name__, hint)
+
     def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callbacks=None, steps_per_epoch=None,
             run_epochs=None, epoch_steps=None, **kwargs):
         """``keras.Model.fit`` that first sets the schedules' clock.
 
         The number of steps per epoch is read from the dataset's cardinality unless
-        ``steps_per_epoch`` is given; a :class:`~keras_pqcl.callbacks.TeacherEMA` with the
-        model's default momentum is added when none is passed.
+        ``steps_per_epoch`` is given.
 
         Args:
             run_epochs, epoch_steps: the whole run's length in epochs and an epoch's length in
@@ -215,8 +233,6 @@ class SelfSupervisedModel(TrainStep, keras.Model):
                 finishes an interrupted epoch first); default ``epochs`` and the steps of
                 this ``fit``'s epochs. The schedules run over ``run_epochs x epoch_steps``.
         """
-        from keras_pqcl.callbacks import TeacherEMA
-
         # First, and with getattr: Keras 3 creates ``self.optimizer`` only in compile(), so
         # any earlier use (the schedules below read it) would raise AttributeError instead.
         if getattr(self, "optimizer", None) is None:
@@ -224,7 +240,7 @@ class SelfSupervisedModel(TrainStep, keras.Model):
                 "Compile the model first, e.g. model.compile(optimizer="
                 "kp.optimizers.dino_adamw(batch_size, epochs, steps_per_epoch))."
             )
-        steps = steps_per_epoch or _cardinality(x)
+        steps = steps_per_epoch or _cardinality(x, batch_size)
         if not steps:
             raise ValueError(
                 "Cannot tell how many steps an epoch has (the dataset's length is unknown "
@@ -235,9 +251,6 @@ class SelfSupervisedModel(TrainStep, keras.Model):
         if _is_dataset(x):
             kwargs.setdefault("shuffle", False)  # tf.data shuffles itself; avoids Keras' warning
             x = distributable(x, self)
-        callbacks = list(callbacks or [])
-        if not any(isinstance(c, TeacherEMA) for c in callbacks):
-            callbacks.insert(0, TeacherEMA(self.teacher_momentum, self.teacher_momentum_end))
         return super().fit(
             x, y, batch_size=batch_size, epochs=epochs, verbose=verbose, callbacks=callbacks,
             steps_per_epoch=steps_per_epoch, **kwargs,
@@ -268,25 +281,38 @@ def _is_dataset(data):
     return tf is not None and isinstance(data, tf.data.Dataset)
 
 
-def _cardinality(data):
+def _cardinality(data, batch_size=None):
+    """Steps of one epoch over ``data``: a dataset's length, or the batches of ``batch_size``
+    (Keras' default 32) in arrays or a dict of arrays (whose ``len`` counts its keys)."""
     if _is_dataset(data):
         n = int(data.cardinality())
         return n if n > 0 else None
+    if isinstance(data, dict):
+        data = next(iter(data.values()), None)
     try:
-        return len(data)
+        return -(-len(data) // (batch_size or 32))
     except TypeError:
         return None
 
 
-def crop_major(crops):
-    """``(batch, crops, H, W, C)`` -> ``(crops * batch, H, W, C)``: all images of crop 0 first.
+def clone_layer(layer, input_shape=None, **overrides):
+    """A new, built layer (or backbone) of ``layer``'s architecture with fresh variables and
+    ``overrides`` in its config (its ``name``, a teacher's ``drop_path_rate=0``)."""
+    config = layer.get_config()
+    config.update(overrides)
+    clone = layer.__class__.from_config(config)
+    clone.build() if input_shape is None else clone.build(input_shape)
+    return clone
+
+
+def crop_major(x):
+    """``(batch, crops, ...)`` -> ``(crops * batch, ...)``: all images of crop 0 first.
 
     This is the order of DINO's multi-crop wrapper, so ``reshape(out, (crops, batch, ...))``
     recovers per-crop outputs.
     """
-    shape = crops.shape
-    x = ops.transpose(crops, (1, 0, 2, 3, 4))
-    return ops.reshape(x, (-1, shape[2], shape[3], shape[4]))
+    x = ops.swapaxes(x, 0, 1)
+    return ops.reshape(x, (-1,) + tuple(x.shape[2:]))
 
 
 def require(data, key, method, hint):

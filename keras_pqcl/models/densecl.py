@@ -40,7 +40,7 @@ from keras_pqcl.backbones.base import check_backbone
 from keras_pqcl.heads.densecl_head import DenseCLDenseHead, DenseCLGlobalHead
 from keras_pqcl.losses.info_nce import InfoNCE
 from keras_pqcl.models.base import SelfSupervisedModel, require
-from keras_pqcl.models.dino import clone_backbone
+from keras_pqcl.models.base import clone_layer
 from keras_pqcl.models.needs import Needs, argument
 
 MOMENTUM_SCHEDULES = ("constant", "cosine")
@@ -166,7 +166,7 @@ class DenseCL(SelfSupervisedModel):
         if not backbone.built:
             backbone.build()
         self.query_backbone = backbone
-        self.key_backbone = clone_backbone(backbone, name="key_backbone")
+        self.key_backbone = clone_layer(backbone, name="key_backbone")
         heads = dict(hidden_dim=self.hidden_dim, out_dim=self.projection_dim)
         shape = (None, None, None, channels)
         self.query_global_head = DenseCLGlobalHead(name="query_global_head", **heads)
@@ -272,7 +272,7 @@ class DenseCL(SelfSupervisedModel):
             self.global_loss.enqueue(k)
             self.dense_loss.enqueue(ops.normalize(ops.cast(key_pooled, "float32"), axis=-1))
 
-        logs = self.schedule_logs(step)
+        logs = self.schedule_values(step)
         logs.update({"global": loss_global, "dense": loss_dense, "loss_lambda": lam})
         return loss, logs
 

@@ -39,7 +39,7 @@ from keras_pqcl.backbones.fpn import FPN
 from keras_pqcl.backend import num_replicas_in_sync
 from keras_pqcl.heads.mcl_head import MCLNeck, MCLPredictor
 from keras_pqcl.models.base import SelfSupervisedModel, require
-from keras_pqcl.models.dino import clone_backbone
+from keras_pqcl.models.base import clone_layer
 from keras_pqcl.models.needs import Needs, argument
 
 #: Loss weight of each level i (r = 2**i): the reference's (1/2, 1/4, 1/8, 1/8).
@@ -82,14 +82,6 @@ def contrastive_level_loss(predictions, targets, labels, temperature=1.0, weight
     ce = ops.sparse_categorical_crossentropy(labels, logits, from_logits=True)
     positive = ops.sum(logits * ops.one_hot(labels, ops.shape(t)[0], dtype=logits.dtype), axis=-1)
     return 2.0 * temperature * weight * ops.mean(ce), ops.mean(positive) * temperature
-
-
-def _clone_layer(layer, name, input_shape):
-    config = layer.get_config()
-    config["name"] = name
-    clone = layer.__class__.from_config(config)
-    clone.build(input_shape)
-    return clone
 
 
 @keras.saving.register_keras_serializable(package="keras_pqcl")
@@ -171,13 +163,13 @@ class MCL(SelfSupervisedModel):
         if not backbone.built:
             backbone.build()
         self.student_backbone = backbone
-        self.teacher_backbone = clone_backbone(backbone, name="teacher_backbone")
+        self.teacher_backbone = clone_layer(backbone, name="teacher_backbone")
         channels = dict(backbone.out_channels)
         if self.use_fpn:
             shapes = {k: (None, None, None, c) for k, c in channels.items()}
             self.student_fpn = FPN(self.fpn_channels, name="student_fpn")
             self.student_fpn.build(shapes)
-            self.teacher_fpn = _clone_layer(self.student_fpn, "teacher_fpn", shapes)
+            self.teacher_fpn = clone_layer(self.student_fpn, shapes, name="teacher_fpn")
             neck_in = self.fpn_channels
         else:
             neck_in = channels["C5"]
@@ -186,7 +178,7 @@ class MCL(SelfSupervisedModel):
             self.neck_convs, self.neck_channels, self.hidden_dim, self.projection_dim, name="student_neck"
         )
         self.student_neck.build(neck_shape)
-        self.teacher_neck = _clone_layer(self.student_neck, "teacher_neck", neck_shape)
+        self.teacher_neck = clone_layer(self.student_neck, neck_shape, name="teacher_neck")
         self.predictors = []
         for i in range(4 if self.use_fpn else 1):
             head = MCLPredictor(self.predictor_hidden_dim, self.projection_dim, name=f"predictor_{i}")
@@ -290,7 +282,7 @@ class MCL(SelfSupervisedModel):
                 if level == 0:
                     pos_cos.append(cos)
         logs["pos_cos"] = (pos_cos[0] + pos_cos[1]) / 2.0
-        logs.update(self.schedule_logs(step))
+        logs.update(self.schedule_values(step))
         return loss, logs
 
     # ------------------------------------------------------------ serialisation

@@ -53,6 +53,20 @@ class Needs:
             raise ValueError(f"Needs.batches must be one of {BATCH_KINDS}, got {self.batches!r}.")
 
 
+def combine(needs):
+    """One :class:`Needs` meeting all of ``needs`` (the terms' of one model): a mask token or
+    batch entry that any needs; the one position table any requires (two different ones
+    raise a ValueError)."""
+    needs = list(needs)
+    tables = {n.pos_embed for n in needs if n.pos_embed is not None}
+    if len(tables) > 1:
+        raise ValueError(f"The loss terms need different position tables: {sorted(tables)}.")
+    return Needs(
+        backbone="vit", mask_token=any(n.mask_token for n in needs), pos_embed=tables.pop() if tables else None,
+        masks=any(n.masks for n in needs), queries=any(n.queries for n in needs),
+    )
+
+
 _EMPTY = inspect.Parameter.empty
 
 
