@@ -9,8 +9,9 @@ Two tables, both measured in this one process so that their ratios are comparabl
    profiler (torch: ``torch.profiler`` ``key_averages`` self time; TensorFlow and JAX: the
    XPlane trace of ``tf.profiler`` / ``jax.profiler``, host events summed per op name, and
    per op group with the numeric suffix of XLA instruction names dropped). Shares are of the
-   profiled wall time of those steps. Nested trace events are counted where they occur, so
-   shares of a parent and its children may both appear; the torch table uses self time only.
+   profiled wall time of those steps. Ops that run at once on different threads (TensorFlow's
+   inter-op pool) are each counted in full, so shares may add up to more than 100%; nested
+   trace events are counted where they occur. The torch table uses self time only.
 2. **Ablation**: the step timed with one trainer feature removed at a time, without editing
    the model: clipping off, K = 4096, no local crops, EMA a no-op (``ema_update`` patched),
    drop path 0, tanh-approximate GELU in the backbone MLPs, Keras' own AdamW instead of the
@@ -193,7 +194,7 @@ _WRAPPERS = re.compile(
     r"(^\$|TraceContext|__inference|train_function|one_step_on|multi_step_on|PjitFunction|"
     r"ExecuteOnLocalDevices|PjRt|Thunk::Execute|ThunkExecutor|XlaModule|jit_|EagerExecute|"
     r"EagerKernelExecute|FunctionRun|Iterator::|ExecutorState::Process|ExecutorDoneCallback|"
-    r"RunGraph|InstantiatedCapturedFunction|tf_data|Execute$|DEVICE_MEMORY)"
+    r"RunGraph|InstantiatedCapturedFunction|tf_data|Execute$|DEVICE_MEMORY|KernelAndDeviceFunc|TFE_Py_|^Run$|ExecuteAsyncOnStream|BlockUntilReady)"
 )
 
 
