@@ -77,6 +77,14 @@ class AdamW(keras.optimizers.Optimizer):
             return decay(self.iterations)
         return decay
 
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        if keras.backend.backend() != "torch":
+            return super()._backend_update_step(grads, trainable_variables, learning_rate)
+        # Eager torch: the update of ``update_step`` as one fused kernel (see torch_fused).
+        from keras_pqcl.optimizers.torch_fused import fused_adamw_step
+
+        fused_adamw_step(self, grads, trainable_variables, learning_rate)
+
     def update_step(self, gradient, variable, learning_rate):
         index = self._get_variable_index(variable)
         dtype = variable.dtype
