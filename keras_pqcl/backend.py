@@ -124,6 +124,147 @@ def init_torch_distributed(timeout_s=1800.0):
     return dist.get_rank(), dist.get_world_size()
 
 
+# Environment read by :func:`init_jax_distributed` when an argument is None, before Slurm's.
+COORDINATOR_ENV = "KERAS_PQCL_COORDINATOR"
+NUM_PROCESSES_ENV = "KERAS_PQCL_NUM_PROCESSES"
+PROCESS_ID_ENV = "KERAS_PQCL_PROCESS_ID"
+
+
+def _env_int(name):
+    import os
+
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} must be an integer; fix or unset it.") from None
+
+
+def init_jax_distributed(coordinator=None, num_processes=None, process_id=None):
+    """Join a multi-process JAX run (``jax.distributed``) and train data-parallel over every
+    device of every process; a no-op for one process.
+
+    Each argument left None is read from the environment: ``KERAS_PQCL_COORDINATOR``
+    (``HOST:PORT`` of process 0), ``KERAS_PQCL_NUM_PROCESSES``, ``KERAS_PQCL_PROCESS_ID``,
+    then Slurm's ``SLURM_NTASKS`` / ``SLURM_PROCID`` (under ``srun`` JAX also finds the
+    coordinator, the first node of the step, by itself). Call it first in a training
+    script, before any JAX array or Keras model exists.
+
+    Afterwards the distribution is ``keras.distribution.DataParallel`` over all global
+    devices with ``auto_shard_dataset=False``: every process feeds only its own share of
+    each global batch (``B / num_processes`` examples, e.g. from ``pretrain_dataset(...,
+    shard=process_shard())``), and Keras' JAX trainer assembles the global batch from the
+    processes' shares in process order (``jax.make_array_from_process_local_data``). The
+    step then runs as one GSPMD program over the global batch, so centers, queues and
+    gradients are global with no code of ours. On CPU the cross-process collectives use
+    gloo (JAX has none on CPU otherwise). A peer that never joins fails the rendezvous
+    after JAX's ``initialization_timeout`` (300 s); one that dies mid-run is detected by
+    the coordinator's heartbeat (100 s).
+
+    Returns:
+        ``(process_id, num_processes)``; ``(0, 1)`` when the process count is unset or 1.
+
+    Raises:
+        ValueError: a process count above 1 under a Keras backend other than JAX, a
+            missing coordinator or process id outside Slurm, or an id outside
+            ``[0, num_processes)``.
+    """
+    import os
+
+    if num_processes is None:
+        num_processes = _env_int(NUM_PROCESSES_ENV)
+    slurm = num_processes is None and _env_int("SLURM_NTASKS") is not None
+    if slurm:
+        num_processes = _env_int("SLURM_NTASKS")
+    if num_processes is None or num_processes <= 1:
+        return 0, 1
+    if BACKEND != "jax":
+        raise ValueError(
+            f"num_processes={num_processes} asks for jax.distributed, but the Keras backend is {BACKEND!r}; "
+            "set KERAS_BACKEND=jax (TensorFlow: TF_CONFIG, torch: torchrun)."
+        )
+    if process_id is None:
+        process_id = _env_int(PROCESS_ID_ENV)
+    if process_id is None and slurm:
+        process_id = _env_int("SLURM_PROCID")
+    coordinator = coordinator or os.environ.get(COORDINATOR_ENV) or None
+    if not slurm and (coordinator is None or process_id is None):
+        raise ValueError(
+            f"a {num_processes}-process JAX run needs the coordinator HOST:PORT and this process's id: pass "
+            f"coordinator= and process_id=, or set {COORDINATOR_ENV} and {PROCESS_ID_ENV}."
+        )
+    if process_id is not None and not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id={process_id} must lie in [0, {num_processes}); fix {PROCESS_ID_ENV}.")
+    import jax
+
+    if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
+        # Before the CPU client exists: without it a CPU computation spanning processes fails.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if not jax.distributed.is_initialized():
+        keras.distribution.initialize(coordinator, num_processes, process_id)
+    keras.distribution.set_distribution(
+        keras.distribution.DataParallel(devices=jax.devices(), auto_shard_dataset=False)
+    )
+    return jax.process_index(), jax.process_count()
+
+
+def process_index():
+    """This process's index among the training processes (0 without multi-process training).
+
+    torch: the ``torch.distributed`` rank; JAX: ``jax.process_index()``; TensorFlow: the
+    worker's task index under ``MultiWorkerMirroredStrategy``.
+    """
+    return _process()[0]
+
+
+def process_count():
+    """Number of training processes (1 without multi-process training)."""
+    return _process()[1]
+
+
+def is_chief():
+    """True in the one process that writes logs, checkpoints and summaries (process 0)."""
+    return process_index() == 0
+
+
+def process_shard():
+    """``keras_pqcl.data.Shard`` of this process: which part of each global batch it feeds."""
+    from keras_pqcl.data.sharding import Shard
+
+    index, count = _process()
+    return Shard(index, count)
+
+
+def _process():
+    if BACKEND == "torch":
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+    elif BACKEND == "jax":
+        import jax
+
+        return jax.process_index(), jax.process_count()
+    elif BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        resolver = getattr(tf.distribute.get_strategy(), "cluster_resolver", None)
+        if resolver is not None and resolver.cluster_spec().jobs:
+            return _tf_worker(resolver)
+    return 0, 1
+
+
+def _tf_worker(resolver):
+    """``(index, count)`` of a TF_CONFIG worker; a ``chief`` task, when present, is index 0."""
+    spec = resolver.cluster_spec()
+    chiefs = spec.num_tasks("chief") if "chief" in spec.jobs else 0
+    count = chiefs + (spec.num_tasks("worker") if "worker" in spec.jobs else 0)
+    index = resolver.task_id + (chiefs if resolver.task_type == "worker" else 0)
+    return index, count
+
+
 def _buckets(tensors, bucket_bytes):
     """Indices of ``tensors`` grouped into buckets of one dtype and device, in order, each
     holding at most ``bucket_bytes`` (a larger tensor gets a bucket of its own)."""
