@@ -26,7 +26,6 @@ whose sum over the processes is the one-process checksum); ``queue_entries`` /
 process contributing its share); ``world``, ``rank`` and ``iterations``.
 """
 
-import json
 import os
 import sys
 
@@ -51,15 +50,18 @@ KEYS = ("global_crops", "local_crops", "global_masks", "query_coords")
 
 
 def start():
-    """Joins the multi-process run; returns the strategy scope to build the model under."""
-    import contextlib
-
+    """Joins the multi-process run; returns the TensorFlow strategy (the default one without
+    TF_CONFIG), or None under JAX."""
     if MODE == "jax":
         backend.init_jax_distributed()
-        return contextlib.nullcontext()
-    if json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster"):
-        return backend.init_tf_multiworker().scope()
-    return contextlib.nullcontext()
+        return None
+    return backend.init_tf_multiworker() or tf.distribute.get_strategy()
+
+
+def scope(strategy):
+    import contextlib
+
+    return strategy.scope() if strategy is not None else contextlib.nullcontext()
 
 
 def local_dataset():
@@ -120,12 +122,13 @@ def to_numpy(x):
     return np.array(ops.convert_to_numpy(x))
 
 
-def queue_check(rank, world):
+def queue_check(rank, world, strategy):
     """A small Queue fed 3 global batches of 6 keys; this process holds its share of each."""
     from keras_pqcl.losses.info_nce import Queue
 
     keras.utils.set_random_seed(0)
-    queue = Queue(size=10, dim=4)
+    with scope(strategy):
+        queue = Queue(size=10, dim=4)
     keys = np.random.default_rng(1).normal(size=(STEPS, 6, 4)).astype("float32")
     share = 6 // world
     for k in keys:
@@ -137,8 +140,8 @@ def queue_check(rank, world):
             layout = keras.distribution.distribution().get_data_layout(k.shape)
             queue.enqueue(_jax_global(local, layout))
         else:
-            strategy = tf.distribute.get_strategy()
-            strategy.run(tf.function(queue.enqueue), args=(local,))
+            # Each worker's replica enqueues its share; the queue gathers them in order.
+            tf.function(lambda keys: strategy.run(queue.enqueue, args=(keys,)))(local)
     return to_numpy(queue.entries), to_numpy(queue.pointer)
 
 
@@ -151,18 +154,18 @@ def _jax_global(local, layout):
 def main():
     global METHOD
 
-    scope = start()
+    strategy = start()
     for METHOD in METHODS:
-        run_method(scope, f"{OUT}_{METHOD}.npz")
+        run_method(strategy, f"{OUT}_{METHOD}.npz")
 
 
-def run_method(scope, path):
+def run_method(strategy, path):
     from tiny_setup import tracked
 
     rank, world = backend.process_index(), backend.process_count()
     batch, dataset = local_dataset()
     batch_sum = np.array([float(np.asarray(v, "float64").sum()) for v in batch.values()])
-    with scope:
+    with scope(strategy):
         model = build()
         compile_model(model)
     out = {"world": np.array(world), "rank": np.array(rank), "batch_sum": batch_sum}
@@ -170,14 +173,18 @@ def run_method(scope, path):
     for i, (_, v) in enumerate(tracked(model)):
         out[f"init/{i}"] = to_numpy(v)
     if MODE == "tensorflow" and world > 1:
-        dataset = backend.per_worker_dataset(lambda: dataset)
+        # A distributed dataset has no length: the same batch repeated, one step per epoch.
+        local = dataset.repeat()
+        dataset, steps = backend.per_worker_dataset(lambda: local), 1
+    else:
+        steps = None
     # One step per epoch: the history's epoch means are the per-step losses.
-    history = model.fit(dataset, epochs=STEPS, verbose=0)
+    history = model.fit(dataset, epochs=STEPS, steps_per_epoch=steps, verbose=0)
     for i, (_, v) in enumerate(tracked(model)):
         out[f"final/{i}"] = to_numpy(v)
     out["loss"] = np.array(history.history["loss"])
     out["iterations"] = np.array(int(to_numpy(model.optimizer.iterations)))
-    out["queue_entries"], out["queue_pointer"] = queue_check(rank, world)
+    out["queue_entries"], out["queue_pointer"] = queue_check(rank, world, strategy)
     np.savez(path, **out)
 
 
