@@ -48,6 +48,18 @@ def test_shards_are_disjoint_and_form_the_one_process_batch(kwargs):
         assert sorted(seen) == list(range(N // BATCH * BATCH))
 
 
+def test_every_shard_has_the_same_number_of_batches_and_knows_it():
+    """25 examples, batch 6: the 25th is dropped in every process (a lone local batch in
+    process 0 would leave it waiting for the others), and Keras can read the length."""
+    from keras_pqcl.data import steps_per_epoch
+
+    data = (np.zeros((25, 20, 20, 3), np.uint8), np.arange(25, dtype=np.int32))
+    for i in range(PROCESSES):
+        ds = pretrain_dataset(data, crops=CROPS, batch_size=BATCH, seed=7, shard=Shard(i, PROCESSES),
+                              photometric=False, jit_compile=False)
+        assert steps_per_epoch(ds) == 4 and len(list(ds)) == 4
+
+
 def test_one_shard_is_the_whole_batch():
     assert Shard().local_batch(BATCH) == BATCH and Shard(0, 1).select("unchanged", BATCH) == "unchanged"
 

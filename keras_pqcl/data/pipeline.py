@@ -522,10 +522,13 @@ def batched_examples(data, transform, batch_size, shuffle=True, seed=None,
         def keyed(example, key):
             return per_example(example, tf.stack([key, tf.zeros([], tf.int64)]))
 
+        ds, count = _whole_batches(ds, batch_size, shard, info)
         keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
         # Keys are drawn for every example, so a shard's examples keep the
         # keys they have in the one-process pipeline.
         ds = shard.select(tf.data.Dataset.zip((ds, keys)), batch_size)
+        if count is not None:
+            ds = ds.apply(tf.data.experimental.assert_cardinality(count))
         ds = ds.map(keyed, num_parallel_calls=num_parallel_calls,
                     deterministic=_deterministic(seed))
     else:
@@ -537,6 +540,30 @@ def batched_examples(data, transform, batch_size, shuffle=True, seed=None,
         ds = ds.map(to_views, num_parallel_calls=num_parallel_calls,
                     deterministic=_deterministic(seed))
     return ds, info
+
+
+def _whole_batches(ds, batch_size, shard, info):
+    """``(ds, count)``: for a shard of several, the source cut to whole global
+    batches, and the number of examples the shard keeps (None: infinite).
+
+    Without the cut the examples of a last, partial global batch would give
+    the first processes one local batch more than the others, which would
+    then wait for them at the next collective.
+    """
+    if shard.count == 1:
+        return ds, None
+    card = int(ds.cardinality())
+    if card == tf.data.INFINITE_CARDINALITY:
+        return ds, None
+    if card < 0:
+        raise ValueError(
+            f"the source {info.name!r} has an unknown number of examples, so "
+            "its last global batch cannot be cut off evenly for the "
+            f"{shard.count} processes; pass epochs=E and seed=<int> (the "
+            "resumable stream counts the source) or repeat=True."
+        )
+    batches = card // batch_size
+    return ds.take(batches * batch_size), batches * shard.local_batch(batch_size)
 
 
 def keyed_map(ds, fn, seed, num_parallel_calls=tf.data.AUTOTUNE, keys=None):
