@@ -124,6 +124,261 @@ def init_torch_distributed(timeout_s=1800.0):
     return dist.get_rank(), dist.get_world_size()
 
 
+# Environment read by :func:`init_jax_distributed` when an argument is None, before Slurm's.
+COORDINATOR_ENV = "KERAS_PQCL_COORDINATOR"
+NUM_PROCESSES_ENV = "KERAS_PQCL_NUM_PROCESSES"
+PROCESS_ID_ENV = "KERAS_PQCL_PROCESS_ID"
+
+
+def _env_int(name):
+    import os
+
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} must be an integer; fix or unset it.") from None
+
+
+def init_jax_distributed(coordinator=None, num_processes=None, process_id=None):
+    """Join a multi-process JAX run (``jax.distributed``) and train data-parallel over every
+    device of every process; a no-op for one process.
+
+    Each argument left None is read from the environment: ``KERAS_PQCL_COORDINATOR``
+    (``HOST:PORT`` of process 0), ``KERAS_PQCL_NUM_PROCESSES``, ``KERAS_PQCL_PROCESS_ID``,
+    then Slurm's ``SLURM_NTASKS`` / ``SLURM_PROCID`` (under ``srun`` JAX also finds the
+    coordinator, the first node of the step, by itself). Call it first in a training
+    script, before any JAX array or Keras model exists.
+
+    Afterwards the distribution is ``keras.distribution.DataParallel`` over all global
+    devices with ``auto_shard_dataset=False``: every process feeds only its own share of
+    each global batch (``B / num_processes`` examples, e.g. from ``pretrain_dataset(...,
+    shard=process_shard())``), and Keras' JAX trainer assembles the global batch from the
+    processes' shares in process order (``jax.make_array_from_process_local_data``). The
+    step then runs as one GSPMD program over the global batch, so centers, queues and
+    gradients are global with no code of ours. On CPU the cross-process collectives use
+    gloo (JAX has none on CPU otherwise). A peer that never joins fails the rendezvous
+    after JAX's ``initialization_timeout`` (300 s); one that dies mid-run is detected by
+    the coordinator's heartbeat (100 s).
+
+    Returns:
+        ``(process_id, num_processes)``; ``(0, 1)`` when the process count is unset or 1.
+
+    Raises:
+        ValueError: a process count above 1 under a Keras backend other than JAX, a
+            missing coordinator or process id outside Slurm, or an id outside
+            ``[0, num_processes)``.
+    """
+    import os
+
+    if num_processes is None:
+        num_processes = _env_int(NUM_PROCESSES_ENV)
+    slurm = num_processes is None and _env_int("SLURM_NTASKS") is not None
+    if slurm:
+        num_processes = _env_int("SLURM_NTASKS")
+    if num_processes is None or num_processes <= 1:
+        return 0, 1
+    if BACKEND != "jax":
+        raise ValueError(
+            f"num_processes={num_processes} asks for jax.distributed, but the Keras backend is {BACKEND!r}; "
+            "set KERAS_BACKEND=jax (TensorFlow: TF_CONFIG, torch: torchrun)."
+        )
+    if process_id is None:
+        process_id = _env_int(PROCESS_ID_ENV)
+    if process_id is None and slurm:
+        process_id = _env_int("SLURM_PROCID")
+    coordinator = coordinator or os.environ.get(COORDINATOR_ENV) or None
+    if not slurm and (coordinator is None or process_id is None):
+        raise ValueError(
+            f"a {num_processes}-process JAX run needs the coordinator HOST:PORT and this process's id: pass "
+            f"coordinator= and process_id=, or set {COORDINATOR_ENV} and {PROCESS_ID_ENV}."
+        )
+    if process_id is not None and not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id={process_id} must lie in [0, {num_processes}); fix {PROCESS_ID_ENV}.")
+    import jax
+
+    if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
+        # Before the CPU client exists: without it a CPU computation spanning processes fails.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if not jax.distributed.is_initialized():
+        keras.distribution.initialize(coordinator, num_processes, process_id)
+    keras.distribution.set_distribution(
+        keras.distribution.DataParallel(devices=jax.devices(), auto_shard_dataset=False)
+    )
+    return jax.process_index(), jax.process_count()
+
+
+# The strategy of :func:`init_tf_multiworker`, once created: the process's place in the run
+# is known outside its scope too.
+_TF_STRATEGY = None
+
+
+def init_tf_multiworker(timeout_s=1800.0):
+    """``tf.distribute.MultiWorkerMirroredStrategy`` over the workers ``TF_CONFIG`` (or
+    Slurm) describes; None for a single process.
+
+    Call it first in a training script, before TensorFlow runs any op, then create and
+    compile the model under ``strategy.scope()`` and feed :func:`per_worker_dataset`. The
+    train step is the one of ``MirroredStrategy``: each replica's loss divided by the global
+    replica count, gradients summed over all replicas of all workers, centers and queues
+    all-reduced (:func:`cross_replica_mean`, :func:`cross_replica_concat`). Collectives use
+    NCCL on GPUs and TensorFlow's ring implementation (gRPC) on CPUs.
+
+    ``TF_CONFIG`` is e.g. ``{"cluster": {"worker": ["host0:port", "host1:port"]}, "task":
+    {"type": "worker", "index": 1}}``; without it, under ``srun`` with more than one task,
+    Slurm's variables are read (``SlurmClusterResolver``).
+
+    Args:
+        timeout_s: seconds a collective waits for the other workers before it fails, so a
+            dead peer stops the run with an error instead of hanging it.
+
+    Returns:
+        The strategy, or None when neither ``TF_CONFIG`` nor Slurm names several workers.
+
+    Raises:
+        ValueError: ``TF_CONFIG`` is not JSON, or it asks for workers under a Keras backend
+            other than TensorFlow.
+    """
+    import json
+    import os
+
+    global _TF_STRATEGY
+    raw = os.environ.get("TF_CONFIG") or "{}"
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError:
+        raise ValueError(f"TF_CONFIG={raw!r} is not JSON; fix or unset it.") from None
+    slurm = not config.get("cluster") and (_env_int("SLURM_NTASKS") or 1) > 1
+    if not config.get("cluster") and not slurm:
+        return None
+    if BACKEND != "tensorflow":
+        raise ValueError(
+            f"TF_CONFIG / Slurm name several workers for tf.distribute, but the Keras backend is {BACKEND!r}; "
+            "set KERAS_BACKEND=tensorflow (JAX: init_jax_distributed, torch: torchrun)."
+        )
+    import tensorflow as tf
+
+    if _TF_STRATEGY is not None:
+        return _TF_STRATEGY
+    cluster = tf.distribute.cluster_resolver
+    resolver = cluster.SlurmClusterResolver() if slurm else cluster.TFConfigClusterResolver()
+    implementation = tf.distribute.experimental.CommunicationImplementation
+    options = tf.distribute.experimental.CommunicationOptions(
+        implementation=implementation.NCCL if tf.config.list_physical_devices("GPU") else implementation.RING,
+        timeout_seconds=timeout_s,
+    )
+    _TF_STRATEGY = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver, communication_options=options)
+    return _TF_STRATEGY
+
+
+def per_worker_dataset(dataset_fn, strategy=None):
+    """``fit``'s input under ``MultiWorkerMirroredStrategy`` when each worker reads its own
+    shard: ``dataset_fn()`` builds this worker's part of every global batch (e.g.
+    ``pretrain_dataset(..., shard=process_shard())``, ``B / N`` examples).
+
+    TensorFlow's own ``experimental_distribute_dataset`` would treat each worker's batch as
+    the global batch and split it again; here every worker's batches are used as they are
+    (split further only over the worker's own replicas, in order), so the global batch is
+    the workers' shares in worker order, as one process reads it.
+    """
+    import tensorflow as tf
+
+    strategy = strategy or _TF_STRATEGY or tf.distribute.get_strategy()
+    workers = max(process_count(), 1)
+
+    def per_replica(context):
+        ds = _bools_as_uint8(dataset_fn())
+        local = context.num_replicas_in_sync // workers
+        if local > 1:
+            # Replicas of a worker take consecutive batches of its dataset.
+            ds = ds.rebatch(_static_batch(ds) // local)
+        return ds
+
+    options = tf.distribute.InputOptions(experimental_fetch_to_device=True)
+    return strategy.distribute_datasets_from_function(per_replica, options)
+
+
+def _static_batch(ds):
+    import tensorflow as tf
+
+    sizes = {s.shape[0] for s in tf.nest.flatten(ds.element_spec) if hasattr(s, "shape") and s.shape.rank}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(f"per_worker_dataset needs batches of one static size, got leading sizes {sizes}.")
+    return sizes.pop()
+
+
+def _bools_as_uint8(ds):
+    """Boolean entries of ``ds`` cast to uint8 (TensorFlow cannot all-reduce booleans)."""
+    import tensorflow as tf
+
+    if not any(s.dtype == tf.bool for s in tf.nest.flatten(ds.element_spec) if hasattr(s, "dtype")):
+        return ds
+    return ds.map(
+        lambda *x: tf.nest.map_structure(
+            lambda t: tf.cast(t, tf.uint8) if t.dtype == tf.bool else t, x[0] if len(x) == 1 else x),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+
+
+def process_index():
+    """This process's index among the training processes (0 without multi-process training).
+
+    torch: the ``torch.distributed`` rank; JAX: ``jax.process_index()``; TensorFlow: the
+    worker's task index under ``MultiWorkerMirroredStrategy``.
+    """
+    return _process()[0]
+
+
+def process_count():
+    """Number of training processes (1 without multi-process training)."""
+    return _process()[1]
+
+
+def is_chief():
+    """True in the one process that writes logs, checkpoints and summaries (process 0)."""
+    return process_index() == 0
+
+
+def process_shard():
+    """``keras_pqcl.data.Shard`` of this process: which part of each global batch it feeds."""
+    from keras_pqcl.data.sharding import Shard
+
+    index, count = _process()
+    return Shard(index, count)
+
+
+def _process():
+    if BACKEND == "torch":
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+    elif BACKEND == "jax":
+        import jax
+
+        return jax.process_index(), jax.process_count()
+    elif BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        strategy = _TF_STRATEGY or tf.distribute.get_strategy()
+        resolver = getattr(strategy, "cluster_resolver", None)
+        if resolver is not None and resolver.cluster_spec().jobs:
+            return _tf_worker(resolver)
+    return 0, 1
+
+
+def _tf_worker(resolver):
+    """``(index, count)`` of a TF_CONFIG worker; a ``chief`` task, when present, is index 0."""
+    spec = resolver.cluster_spec()
+    chiefs = spec.num_tasks("chief") if "chief" in spec.jobs else 0
+    count = chiefs + (spec.num_tasks("worker") if "worker" in spec.jobs else 0)
+    index = resolver.task_id + (chiefs if resolver.task_type == "worker" else 0)
+    return index, count
+
+
 def _buckets(tensors, bucket_bytes):
     """Indices of ``tensors`` grouped into buckets of one dtype and device, in order, each
     holding at most ``bucket_bytes`` (a larger tensor gets a bucket of its own)."""
@@ -221,15 +476,7 @@ def distributable(dataset, model):
         return dataset
     if not isinstance(dataset, tf.data.Dataset):
         return dataset
-    spec = dataset.element_spec
-    if not any(s.dtype == tf.bool for s in tf.nest.flatten(spec) if hasattr(s, "dtype")):
-        return dataset
-    return dataset.map(
-        lambda *x: tf.nest.map_structure(
-            lambda t: tf.cast(t, tf.uint8) if t.dtype == tf.bool else t, x[0] if len(x) == 1 else x),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
-    )
+    return _bools_as_uint8(dataset)
 
 
 def ema_update(pairs, momentum):
@@ -278,7 +525,35 @@ class _TensorFlowTrainStep:
         grads = tape.gradient(scaled, variables)
         self.optimizer.apply(grads, variables)
         self.update_teacher(step)
-        return self.collect_logs(loss, logs)
+        logs = self.collect_logs(loss, logs)
+        if _tf_multi_worker():
+            # Keras reduces every log over the workers with ``reduce(MEAN, v, axis=0)``,
+            # which fails on a scalar ("Invalid reduction dimension 0 for input with 0
+            # dimensions"); as a (1,) vector each log becomes the mean over the replicas.
+            logs = {k: tf.reshape(v, [1]) if v.shape.rank == 0 else v for k, v in logs.items()}
+        return logs
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras' TensorFlow trainer builds a distributed model from the first batch, MEAN-
+        # reduced across replicas as one nested structure. MultiWorkerMirroredStrategy's
+        # reduce takes one value only ("Attempt to convert a value ({'global_crops':
+        # PerReplica...}) with an unsupported type dict"), and its collectives refuse uint8
+        # (iBOT's masks). The build needs shapes only: use this worker's first replica's
+        # share, with no collective at all.
+        import tensorflow as tf
+
+        strategy = self._distribute_strategy
+        if strategy is not None and iterator is not None and strategy.num_replicas_in_sync > 1:
+            for _, _, it in iterator:
+                batch = next(it)
+                break
+            flat = tf.nest.flatten(batch)
+            if flat and all(isinstance(x, tf.distribute.DistributedValues) for x in flat):
+                batch = tf.nest.map_structure(lambda x: strategy.experimental_local_results(x)[0], batch)
+            with strategy.scope():
+                self._symbolic_build(data_batch=batch)
+            return
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
 
 class _TorchTrainStep:
@@ -339,6 +614,14 @@ class _JaxTrainStep:
         ntv = [scope.get_current_value(v) for v in non_trainable]
         mv = [scope.get_current_value(v) for v in metric_vars]
         return logs, (tv, ntv, new_ov, mv)
+
+
+def _tf_multi_worker():
+    """True under a ``MultiWorkerMirroredStrategy`` of more than one worker."""
+    import tensorflow as tf
+
+    strategy = tf.distribute.get_strategy()
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and process_count() > 1
 
 
 def _unpack(data):

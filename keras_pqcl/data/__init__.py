@@ -50,6 +50,7 @@ from keras_pqcl.data.multicrop import MultiCrop, MultiCropConfig
 from keras_pqcl.data.pipeline import StreamPlan, plan_stream, pretrain_dataset, steps_per_epoch
 from keras_pqcl.data.queries import QueryConfig, query_coords, sincos_tables
 from keras_pqcl.data.runtime import tune_input_pipeline
+from keras_pqcl.data.sharding import Shard
 from keras_pqcl.data.sources import (
     IMAGE_EXTENSIONS,
     UNSUPPORTED_IMAGE_EXTENSIONS,
@@ -73,6 +74,7 @@ __all__ = [
     "Photometric",
     "QueryConfig",
     "SYNTHETIC_CLASS_NAMES",
+    "Shard",
     "SourceInfo",
     "StreamPlan",
     "UNSUPPORTED_IMAGE_EXTENSIONS",

@@ -57,6 +57,7 @@ from typing import Optional, Tuple
 import tensorflow as tf
 
 from keras_pqcl.data.multicrop import MultiCrop, MultiCropConfig
+from keras_pqcl.data.sharding import Shard
 from keras_pqcl.data.sources import SourceInfo, indexed_source, load_source
 
 __all__ = ["StreamPlan", "plan_stream", "pretrain_dataset", "steps_per_epoch"]
@@ -264,9 +265,11 @@ def plan_stream(seed, epochs, steps_per_epoch, start, num_examples,
 
 def _stream_examples(data, per_example, batch_size, shuffle, seed, epochs,
                      steps_per_epoch, start, source_kwargs,
-                     num_parallel_calls):
+                     num_parallel_calls, shard):
     """``(dataset, info, plan)``: ``per_example(example, seed [2])`` over the
-    examples of the stream, in order (not batched)."""
+    examples of the stream (of ``shard``'s part of each batch), in order (not
+    batched)."""
+    local = shard.local_batch(batch_size)
     kwargs = dict(source_kwargs)
     # The stream must never run short: count a folder by decoding it.
     kwargs.setdefault("verify", "decode")
@@ -284,8 +287,13 @@ def _stream_examples(data, per_example, batch_size, shuffle, seed, epochs,
                      else position)
             return per_example(fetch(index), plan.example_seed(epoch, position))
 
-        ds = plan.positions().map(one, num_parallel_calls=num_parallel_calls,
-                                  deterministic=True)
+        # Positions, not examples, are dropped: another shard's examples are
+        # never read.
+        ds = shard.select(plan.positions(), batch_size, lambda e, p: p)
+        ds = ds.apply(tf.data.experimental.assert_cardinality(
+            plan.num_batches * local))
+        ds = ds.map(one, num_parallel_calls=num_parallel_calls,
+                    deterministic=True)
         return ds, info, plan
 
     # In-order sources: each epoch reads the source from its beginning.
@@ -323,6 +331,10 @@ def _stream_examples(data, per_example, batch_size, shuffle, seed, epochs,
     # running short.
     ds = ds.apply(tf.data.experimental.assert_cardinality(
         plan.num_batches * batch_size))
+    if shard.count > 1:
+        ds = shard.select(ds, batch_size, lambda example, where: where[1])
+        ds = ds.apply(tf.data.experimental.assert_cardinality(
+            plan.num_batches * local))
 
     @tf.autograph.experimental.do_not_convert
     def one(example, where):
@@ -364,6 +376,7 @@ def pretrain_dataset(
     epochs=None,
     steps_per_epoch=None,
     start=(0, 0),
+    shard=None,
 ):
     """Builds the batched multi-crop pre-training dataset.
 
@@ -409,6 +422,11 @@ def pretrain_dataset(
         start: ``(epoch, step)`` of the stream's first batch, to resume:
             the stream then holds ``E S - start[0] S - start[1]`` batches,
             equal to the uninterrupted stream's from that point.
+        shard: :class:`~keras_pqcl.data.Shard` of a multi-process run
+            (``keras_pqcl.backend.process_shard()``): ``batch_size`` stays the
+            global batch ``B`` and this process gets its ``B / N`` examples
+            of each batch, exactly those of the one-process batch. None: the
+            whole batch.
 
     Returns:
         ``tf.data.Dataset`` of dicts (see :mod:`keras_pqcl.data.multicrop`)
@@ -433,7 +451,7 @@ def pretrain_dataset(
         data, transform, batch_size, shuffle=shuffle, seed=seed, repeat=repeat,
         num_parallel_calls=num_parallel_calls, jit_compile=jit_compile,
         source_kwargs=source_kwargs, epochs=epochs,
-        steps_per_epoch=steps_per_epoch, start=start)
+        steps_per_epoch=steps_per_epoch, start=start, shard=shard)
     ds = finalize(ds, seed)
     return (ds, info) if return_info else ds
 
@@ -441,7 +459,8 @@ def pretrain_dataset(
 def batched_examples(data, transform, batch_size, shuffle=True, seed=None,
                      repeat=False, num_parallel_calls=tf.data.AUTOTUNE,
                      jit_compile=True, source_kwargs=None, select=None, *,
-                     epochs=None, steps_per_epoch=None, start=(0, 0)):
+                     epochs=None, steps_per_epoch=None, start=(0, 0),
+                     shard=None):
     """``(dataset, info)``: the source mapped through ``transform`` per example and batched.
 
     The front every pre-training pipeline shares (:func:`pretrain_dataset`, MCL's
@@ -455,12 +474,19 @@ def batched_examples(data, transform, batch_size, shuffle=True, seed=None,
     With ``epochs=E`` the examples and their seeds come from the stream of
     :func:`plan_stream` instead (module docstring); the result then has the
     static cardinality ``E S - start[0] S - start[1]``.
+
+    ``shard`` (a :class:`~keras_pqcl.data.Shard`): ``batch_size`` stays the
+    global batch ``B``; the dataset holds only this process's part of each
+    batch, ``B / N`` examples, each with the seed it has in the one-process
+    pipeline. The examples are selected before they are augmented.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) \
             or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
     _check_stream_args(seed, epochs, steps_per_epoch, start, repeat)
     source_kwargs = dict(source_kwargs or {})
+    shard = shard if shard is not None else Shard()
+    local = shard.local_batch(batch_size)
 
     finish = tf.function(transform.finish, jit_compile=jit_compile,
                          autograph=False)
@@ -496,16 +522,48 @@ def batched_examples(data, transform, batch_size, shuffle=True, seed=None,
         def keyed(example, key):
             return per_example(example, tf.stack([key, tf.zeros([], tf.int64)]))
 
-        ds = keyed_map(ds, keyed, seed, num_parallel_calls)
+        ds, count = _whole_batches(ds, batch_size, shard, info)
+        keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+        # Keys are drawn for every example, so a shard's examples keep the
+        # keys they have in the one-process pipeline.
+        ds = shard.select(tf.data.Dataset.zip((ds, keys)), batch_size)
+        if count is not None:
+            ds = ds.apply(tf.data.experimental.assert_cardinality(count))
+        ds = ds.map(keyed, num_parallel_calls=num_parallel_calls,
+                    deterministic=_deterministic(seed))
     else:
         ds, info, _ = _stream_examples(
             data, per_example, batch_size, shuffle, seed, epochs,
-            steps_per_epoch, start, source_kwargs, num_parallel_calls)
-    ds = ds.batch(batch_size, drop_remainder=True)
+            steps_per_epoch, start, source_kwargs, num_parallel_calls, shard)
+    ds = ds.batch(local, drop_remainder=True)
     if jit_compile:
         ds = ds.map(to_views, num_parallel_calls=num_parallel_calls,
                     deterministic=_deterministic(seed))
     return ds, info
+
+
+def _whole_batches(ds, batch_size, shard, info):
+    """``(ds, count)``: for a shard of several, the source cut to whole global
+    batches, and the number of examples the shard keeps (None: infinite).
+
+    Without the cut the examples of a last, partial global batch would give
+    the first processes one local batch more than the others, which would
+    then wait for them at the next collective.
+    """
+    if shard.count == 1:
+        return ds, None
+    card = int(ds.cardinality())
+    if card == tf.data.INFINITE_CARDINALITY:
+        return ds, None
+    if card < 0:
+        raise ValueError(
+            f"the source {info.name!r} has an unknown number of examples, so "
+            "its last global batch cannot be cut off evenly for the "
+            f"{shard.count} processes; pass epochs=E and seed=<int> (the "
+            "resumable stream counts the source) or repeat=True."
+        )
+    batches = card // batch_size
+    return ds.take(batches * batch_size), batches * shard.local_batch(batch_size)
 
 
 def keyed_map(ds, fn, seed, num_parallel_calls=tf.data.AUTOTUNE, keys=None):

@@ -1,0 +1,103 @@
+"""Launching N local training processes and comparing them with one, for the multi-process tests.
+
+Used by test_jax_distributed.py and test_tf_multiworker.py with
+``tests/scripts/multiprocess_step.py``: every process writes an ``.npz`` of the student,
+teacher and center values before and after 3 steps, the logged losses and a DenseCL queue.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+SCRIPT = os.path.join(HERE, "scripts", "multiprocess_step.py")
+# A whole run takes 20-60 s on 2 shared cores; past this a process is stuck (e.g. waiting
+# for a dead peer) and every process of the run is killed.
+TIMEOUT = 300
+# Variables of an enclosing distributed launch that must not leak into the test's processes.
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "TF_CONFIG", "SLURM_NTASKS", "SLURM_PROCID",
+                "KERAS_PQCL_COORDINATOR", "KERAS_PQCL_NUM_PROCESSES", "KERAS_PQCL_PROCESS_ID")
+
+
+def free_port():
+    """A TCP port on localhost that nothing listens on now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(backend, **extra):
+    out = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
+    # One thread pool per process on shared cores; no GPU even where one exists.
+    out.update(KERAS_BACKEND=backend, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu", **extra)
+    out["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+    return out
+
+
+def run(backend, methods, tmp_path, envs):
+    """Runs ``multiprocess_step.py`` for ``methods`` once per environment of ``envs``, all at
+    once (e.g. the one-process reference next to the N processes).
+
+    Every process is killed if any has not finished within ``TIMEOUT``. Returns
+    ``{method: [output of each process, in the order of envs]}``; fails with the output of a
+    process that failed.
+    """
+    procs, outs = [], []
+    for i, extra in enumerate(envs):
+        out = str(tmp_path / f"{backend}_{i}")
+        procs.append(subprocess.Popen(
+            [sys.executable, SCRIPT, backend, ",".join(methods), out], env=env(backend, **extra),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))
+        outs.append(out)
+    results = []
+    try:
+        for p in procs:
+            results.append(p.communicate(timeout=TIMEOUT))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    for i, (p, (stdout, stderr)) in enumerate(zip(procs, results)):
+        assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{stdout[-2000:]}\n{stderr[-6000:]}"
+    return {m: [np.load(f"{o}_{m}.npz") for o in outs] for m in methods}
+
+
+def check_equal(single, ranks):
+    """Every process holds the one-process values (atol 1e-5) and exactly rank 0's values."""
+    world = len(ranks)
+    assert int(single["world"]) == 1 and [int(r["world"]) for r in ranks] == [world] * world
+    assert [int(r["rank"]) for r in ranks] == list(range(world))
+    assert int(single["iterations"]) == 3 and all(int(r["iterations"]) == 3 for r in ranks)
+    # The processes' shares add up to the one-process batch (each fed its own share).
+    np.testing.assert_allclose(sum(r["batch_sum"] for r in ranks), single["batch_sum"], rtol=1e-9)
+    assert not np.array_equal(ranks[0]["batch_sum"], ranks[1]["batch_sum"])
+    names = [str(n) for n in single["names"]]
+    centers = [n for n in names if n.startswith("center")]
+    assert centers and any(n.startswith("teacher/") for n in names)
+    for r in ranks:
+        assert [str(n) for n in r["names"]] == names
+    for i, name in enumerate(names):
+        for r in ranks:
+            np.testing.assert_array_equal(r[f"init/{i}"], single[f"init/{i}"], err_msg=f"{name}: initial")
+            np.testing.assert_array_equal(r[f"final/{i}"], ranks[0][f"final/{i}"], err_msg=f"{name}: ranks differ")
+        np.testing.assert_allclose(ranks[0][f"final/{i}"], single[f"final/{i}"], rtol=0, atol=1e-5, err_msg=name)
+    # The logged loss is the global-batch mean in every process, step by step.
+    for r in ranks:
+        np.testing.assert_allclose(r["loss"], single["loss"], rtol=0, atol=1e-5)
+    # The steps moved student, teacher and every center, so the comparison is not trivial.
+    for prefix in ("student/", "teacher/", *centers):
+        moved = max(
+            np.abs(single[f"final/{i}"] - single[f"init/{i}"]).max()
+            for i, name in enumerate(names) if (name.startswith(prefix) if prefix.endswith("/") else name == prefix)
+        )
+        assert moved > 1e-4, prefix
+    # DenseCL's queue receives the global batch of keys, in process order.
+    for r in ranks:
+        np.testing.assert_array_equal(r["queue_entries"], single["queue_entries"])
+        np.testing.assert_array_equal(r["queue_pointer"], single["queue_pointer"])
