@@ -142,7 +142,8 @@ def test_fit_lowers_the_loss():
     images, masks = synthetic_batch(16)
     masks[:, :2] = IGNORE  # a labelled-pixels-only loss must not mind
     seg = tasks.SemanticSegmenter(tiny_vit(), num_classes=3, decoder="upernet", channels=8)
-    seg.compile(optimizer=keras.optimizers.Adam(3e-3))
+    seg.compile(optimizer=kp.optimizers.finetune_adamw(seg, lr=3e-3, layer_decay=0.75, weight_decay=0.01,
+                                                       warmup_steps=2, total_steps=12, min_lr=1e-3))
     history = seg.fit(images, masks, batch_size=8, epochs=6, verbose=0).history
     assert history["loss"][-1] < 0.85 * history["loss"][0], history["loss"]
     assert {"mIoU", "mAcc", "aAcc"} <= set(history)
@@ -167,3 +168,51 @@ def test_sliding_window_covers_the_image_like_whole_inference():
     np.testing.assert_allclose(seg.predict_logits(images, window=32), seg.predict_logits(images), atol=1e-5)
     ids = seg.segment(images[:, :, :], window=(32, 16), stride=8)
     assert ids.shape == (2, 32, 32) and ids.dtype == np.int32
+
+
+# ------------------------------------------------------------------ layer-wise lr decay
+def test_layer_decay_multipliers_follow_the_formula(backbones):
+    decay = 0.5
+    with shape_only_init():
+        vit_seg = tasks.SemanticSegmenter(backbones["vit"], num_classes=3, decoder="linear")
+        res_seg = tasks.SemanticSegmenter(backbones["resnet"], num_classes=3, decoder="linear")
+    vit, res = backbones["vit"], backbones["resnet"]
+    # ViT with L = 2 blocks: embeddings are layer 0, block j layer j + 1, the rest layer L + 1.
+    expected = {
+        vit.patch_embed.weights[0].path: decay ** 3,
+        vit.pos_embed.path: decay ** 3,
+        vit.blocks[0].weights[0].path: decay ** 2,
+        vit.blocks[1].weights[-1].path: decay ** 1,
+    }
+    got = kp.optimizers.layer_decay_multipliers(vit_seg, decay)
+    for path, value in expected.items():
+        assert got[path] == pytest.approx(value), path
+    assert vit.norm.weights[0].path not in got  # final norm and decoder keep the full rate
+    # ResNet: stem 0, stage C(s+2) layer s + 1, the rest layer 5.
+    got = kp.optimizers.layer_decay_multipliers(res_seg, decay)
+    assert got[res.conv1.weights[0].path] == pytest.approx(decay ** 5)
+    assert got[res.stages[0][0].weights[0].path] == pytest.approx(decay ** 4)
+    assert got[res.stages[3][0].weights[0].path] == pytest.approx(decay ** 1)
+
+    # One AdamW step on unit gradients moves each weight by lr x multiplier (Adam's first step
+    # is lr * g / |g|); no weight decay here.
+    lr = 0.1
+    opt = kp.optimizers.finetune_adamw(vit_seg, lr=lr, layer_decay=decay, weight_decay=0.0, total_steps=10)
+    variables = [vit.patch_embed.weights[0], vit.blocks[0].weights[0], vit_seg.decoder.classifier.kernel]
+    before = [to_numpy(v).copy() for v in variables]
+    opt.apply_gradients([(keras.ops.ones(v.shape), v) for v in variables])
+    for v, b, mult in zip(variables, before, (decay ** 3, decay ** 2, 1.0)):
+        np.testing.assert_allclose(b - to_numpy(v), lr * mult, rtol=1e-4)
+
+
+def test_finetune_schedules():
+    poly = kp.optimizers.WarmupPoly(1.0, 0.1, total_steps=12, warmup_steps=2, power=0.9)
+    steps = np.array([0, 1, 2, 7, 12, 20])
+    t = np.clip((steps - 2) / 10, 0, 1)
+    expected = np.where(steps < 2, steps / 2, 0.1 + 0.9 * (1 - t) ** 0.9)
+    np.testing.assert_allclose([float(to_numpy(poly(s))) for s in steps], expected, rtol=1e-5)
+    seg_args = dict(lr=1e-3, total_steps=10)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        kp.optimizers.finetune_adamw(None, schedule="step", **seg_args)
+    with pytest.raises(ValueError, match="layer-wise decay needs a keras_pqcl ViT or ResNet"):
+        kp.optimizers.finetune_adamw(keras.Sequential([keras.layers.Dense(2)]), **seg_args)
