@@ -8,7 +8,7 @@ import pytest
 
 import keras_pqcl as kp
 from keras_pqcl import tasks
-from helpers import IGNORE_NUMPY2_COPY_WARNING, no_random_init, to_numpy
+from helpers import IGNORE_NUMPY2_COPY_WARNING, no_random_init, randomize, to_numpy
 
 pytestmark = IGNORE_NUMPY2_COPY_WARNING
 
@@ -152,17 +152,24 @@ def test_fit_lowers_the_loss():
 def test_keras_round_trip(tmp_path):
     seg = tasks.SemanticSegmenter(tiny_vit(use_mask_token=True), num_classes=3, decoder="upernet", channels=8,
                                   pyramid="blocks", block_indices=(0, 0, 1, 1))
+    seg.compile(optimizer=kp.optimizers.finetune_adamw(seg, lr=1e-3, layer_decay=0.5, total_steps=10))
+    seg.optimizer.build(seg.trainable_variables)  # as after training: its state is saved and restored
     images, _ = synthetic_batch(2, size=24)
     path = str(tmp_path / "segmenter.keras")
     seg.save(path)
     loaded = keras.saving.load_model(path)
     assert isinstance(loaded, tasks.SemanticSegmenter) and loaded.block_indices == (0, 0, 1, 1)
+    # compile() is replayed on load: the layer-decay optimizer, loss and metrics come back.
+    assert loaded.optimizer.lr_multipliers == seg.optimizer.lr_multipliers and loaded.optimizer.lr_multipliers
+    assert loaded.loss.ignore_index == IGNORE
     np.testing.assert_allclose(to_numpy(loaded(images)), to_numpy(seg(images)), atol=1e-5)
     assert not loaded.backbone.mask_token.trainable  # no gradient reaches it
 
 
 def test_sliding_window_covers_the_image_like_whole_inference():
-    seg = tasks.SemanticSegmenter(tiny_resnet(), num_classes=3, decoder="linear")
+    with shape_only_init():
+        seg = tasks.SemanticSegmenter(tiny_resnet(), num_classes=3, decoder="linear")
+    randomize(seg, np.random.default_rng(0))  # drawn in NumPy: no per-shape RNG compiles on JAX
     images, _ = synthetic_batch(2, size=32)
     # One window the size of the image is whole-image inference.
     np.testing.assert_allclose(seg.predict_logits(images, window=32), seg.predict_logits(images), atol=1e-5)

@@ -119,6 +119,16 @@ class SemanticSegmenter(keras.Model):
         metrics = segmentation_metrics(self.num_classes, self.ignore_index) if metrics is None else metrics
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
 
+    def get_compile_config(self):
+        return super().get_compile_config()
+
+    def compile_from_config(self, config):
+        # Keras skips compile() on load when a model overrides it; this one only fills in
+        # defaults, so the saved arguments (loss and metrics included) can be replayed.
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
     # ------------------------------------------------------------- inference
     def predict_logits(self, images, window=None, stride=None, batch_size=8):
         """Logits ``(N, H, W, C)`` as NumPy, whole-image or by sliding window.
@@ -135,10 +145,7 @@ class SemanticSegmenter(keras.Model):
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be (N, H, W, 3); got shape {images.shape}.")
         if window is None:
-            return np.concatenate([
-                np.asarray(ops.convert_to_numpy(self(images[i:i + batch_size], training=False)))
-                for i in range(0, len(images), batch_size)
-            ])
+            return np.concatenate([self._forward(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
         n, height, width, _ = images.shape
         wh, ww = (int(window), int(window)) if np.isscalar(window) else (int(window[0]), int(window[1]))
         if stride is None:
@@ -156,12 +163,20 @@ class SemanticSegmenter(keras.Model):
         for start in range(0, len(crops), batch_size):
             chunk = crops[start:start + batch_size]
             batch = np.stack([images[i, y1:y2, x1:x2] for i, (y1, y2, x1, x2) in chunk])
-            out = np.asarray(ops.convert_to_numpy(self(batch, training=False)), np.float32)
+            out = self._forward(batch)
             for k, (i, (y1, y2, x1, x2)) in enumerate(chunk):
                 logits[i, y1:y2, x1:x2] += out[k]
         for y1, y2, x1, x2 in boxes:
             counts[:, y1:y2, x1:x2] += 1.0
         return logits / counts
+
+    def _forward(self, batch):
+        if keras.backend.backend() == "jax":
+            # The compiled predict function: one XLA compile per input shape instead of one per
+            # op. (TensorFlow's relaxes the spatial sizes to None after a second shape, and the
+            # decoders need them static; eager calls are fast there and on PyTorch.)
+            return np.asarray(self.predict_on_batch(batch), np.float32)
+        return np.asarray(ops.convert_to_numpy(self(batch, training=False)), np.float32)
 
     def segment(self, images, window=None, stride=None, batch_size=8):
         """Class ids ``(N, H, W)`` int32: argmax of :meth:`predict_logits` (same arguments)."""
