@@ -116,6 +116,7 @@ def _parser():
     ft.add_argument("--image-size", type=int, dest="image_size", help="resize folder images to this side")
     ft.add_argument("--crop-size", type=int, dest="crop_size", help="training crop side (default: the image side)")
     ft.add_argument("--decoder", choices=["upernet", "fpn", "linear"], default="upernet")
+    ft.add_argument("--channels", type=int, default=256, help="FPN/UperNet decoder width (default 256)")
     ft.add_argument("--epochs", type=int, default=10)
     ft.add_argument("--batch-size", type=int, dest="batch_size", default=8)
     ft.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of the decoder (default 1e-4)")
@@ -537,7 +538,8 @@ def _finetune(args):
     summary = finetune_segmentation(
         backbone, train, val, num_classes, args.output, decoder=args.decoder, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, layer_decay=args.layer_decay, weight_decay=args.weight_decay,
-        crop_size=args.crop_size, freeze_backbone=args.freeze_backbone, verbose=0 if args.quiet else 2,
+        crop_size=args.crop_size, freeze_backbone=args.freeze_backbone, channels=args.channels,
+        verbose=0 if args.quiet else 2,
     )
     for key, value in summary["val"].items():
         print(f"  val {key:8s} {value:.4g}")

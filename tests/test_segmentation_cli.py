@@ -13,12 +13,12 @@ from keras_pqcl import cli
 def test_finetune_segment_writes_log_summary_and_predictions(weights, tmp_path):
     out = str(tmp_path / "seg")
     argv = ["finetune", "segment", "--weights", weights, "--data", "synthetic_scenes:16:16", "--epochs", "2",
-            "--decoder", "linear", "--lr", "1e-3", "--output", out, "--quiet"]
+            "--decoder", "fpn", "--channels", "8", "--lr", "1e-3", "--output", out, "--quiet"]
     assert cli.main(argv) == 0
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
     assert summary["num_classes"] == 11 and summary["num_train"] == 16 and summary["num_val"] == 4
-    assert set(summary["val"]) == {"loss", "mIoU", "mAcc", "aAcc"}
+    assert set(summary["val"]) == {"loss", "mIoU", "mAcc", "aAcc"} and summary["channels"] == 8
     with open(os.path.join(out, "log.csv")) as f:
         assert len(list(csv.DictReader(f))) == 2
     with Image.open(os.path.join(out, "predictions.png")) as png:

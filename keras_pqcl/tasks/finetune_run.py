@@ -32,7 +32,7 @@ def save_predictions_png(path, images, masks, preds):
 
 def finetune_segmentation(backbone, train, val, num_classes, output, decoder="upernet", epochs=10, batch_size=8,
                           lr=1e-4, layer_decay=0.65, weight_decay=0.05, warmup_epochs=1, crop_size=None,
-                          freeze_backbone=False, seed=0, verbose=2, num_predictions=4):
+                          freeze_backbone=False, channels=256, seed=0, verbose=2, num_predictions=4):
     """Fine-tune ``backbone`` on ``train`` and score it on ``val``.
 
     Args:
@@ -63,11 +63,13 @@ def finetune_segmentation(backbone, train, val, num_classes, output, decoder="up
     steps = len(train_ds)
     if steps == 0:
         raise ValueError(f"{len(train['images'])} training images make no batch of {batch_size}; lower --batch-size.")
-    seg = SemanticSegmenter(backbone, num_classes, decoder=decoder, freeze_backbone=freeze_backbone)
+    seg = SemanticSegmenter(backbone, num_classes, decoder=decoder, freeze_backbone=freeze_backbone,
+                            channels=channels)
     total = int(epochs) * steps
     seg.compile(optimizer=finetune_adamw(seg, lr=lr, layer_decay=layer_decay, weight_decay=weight_decay,
                                          warmup_steps=min(int(warmup_epochs) * steps, total - 1), total_steps=total))
-    seg.fit(train_ds, validation_data=val_ds, epochs=int(epochs), verbose=verbose,
+    # The dataset reshuffles itself every epoch.
+    seg.fit(train_ds, validation_data=val_ds, epochs=int(epochs), verbose=verbose, shuffle=False,
             callbacks=[keras.callbacks.CSVLogger(os.path.join(output, "log.csv"))])
     scores = seg.evaluate(val_ds, verbose=0, return_dict=True)
     seg.save(os.path.join(output, "segmenter.keras"))
@@ -79,7 +81,8 @@ def finetune_segmentation(backbone, train, val, num_classes, output, decoder="up
     summary = {
         "backend": keras.backend.backend(), "decoder": decoder, "num_classes": int(num_classes),
         "epochs": int(epochs), "steps_per_epoch": steps, "batch_size": int(batch_size), "lr": float(lr),
-        "layer_decay": float(layer_decay), "weight_decay": float(weight_decay), "crop_size": crop,
+        "channels": int(channels), "layer_decay": float(layer_decay), "weight_decay": float(weight_decay),
+        "crop_size": crop,
         "freeze_backbone": bool(freeze_backbone), "num_train": len(train["images"]), "num_val": len(val["images"]),
         "val": {k: float(v) for k, v in scores.items()}, "seconds": round(time.time() - start, 1),
     }
