@@ -9,7 +9,7 @@ import importlib
 
 # The model tier needs only Keras and NumPy, so that a JAX or PyTorch user can load and run a
 # saved backbone without TensorFlow installed.
-from keras_pqcl import backbones, callbacks, heads, io, layers, losses, models, optimizers, schedules
+from keras_pqcl import backbones, callbacks, heads, io, layers, losses, models, optimizers, schedules, tasks
 from keras_pqcl.io.load import load_backbone
 from keras_pqcl.recipe import Recipe, load_recipe
 from keras_pqcl.training import pretrain

@@ -9,6 +9,7 @@
     keras-pqcl eval linear --weights runs/tiny/teacher_backbone.keras --data /path/train --test-data /path/val
     keras-pqcl eval dense --weights runs/tiny/teacher_backbone.keras
     keras-pqcl eval attention --weights runs/tiny/teacher_backbone.keras --image photo.jpg --threshold 0.6
+    keras-pqcl finetune segment --weights runs/tiny/teacher_backbone.keras --output runs/seg
 
 The Keras backend is taken from ``KERAS_BACKEND`` or ``--backend``.
 """
@@ -97,6 +98,34 @@ def _parser():
                     help="attention: also save masks of the patches holding this fraction of the mass (e.g. 0.6)")
     ev.add_argument("--backend", choices=["tensorflow", "jax", "torch"], help="Keras backend (default: KERAS_BACKEND)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    ft = sub.add_parser("finetune", help="fine-tune a saved backbone for a downstream task (segment)",
+                        description="Fine-tune a saved backbone for semantic segmentation (kp.tasks). Without --data, "
+                        "synthetic_scenes splits are used (train seed 1, validation seed 2).")
+    ft.add_argument("task", choices=["segment"])
+    ft.add_argument("--weights", required=True, help="saved backbone (.keras) or a whole-model checkpoint")
+    ft.add_argument("--use", choices=["teacher", "student"], default="teacher",
+                    help="backbone to take from a whole-model checkpoint (default teacher)")
+    ft.add_argument("--data", default="synthetic_scenes:256",
+                    help="training images: synthetic_scenes[:N[:S]] (default synthetic_scenes:256) or a folder")
+    ft.add_argument("--masks", help="folder of masks for --data, paired by file name (class ids, 255 = ignore)")
+    ft.add_argument("--val-data", dest="val_data", help="validation images (required for folders)")
+    ft.add_argument("--val-masks", dest="val_masks", help="masks for --val-data")
+    ft.add_argument("--num-classes", type=int, dest="num_classes",
+                    help="classes (default: synthetic_scenes' 11, or the largest id in the masks + 1)")
+    ft.add_argument("--image-size", type=int, dest="image_size", help="resize folder images to this side")
+    ft.add_argument("--crop-size", type=int, dest="crop_size", help="training crop side (default: the image side)")
+    ft.add_argument("--decoder", choices=["upernet", "fpn", "linear"], default="upernet")
+    ft.add_argument("--channels", type=int, default=256, help="FPN/UperNet decoder width (default 256)")
+    ft.add_argument("--epochs", type=int, default=10)
+    ft.add_argument("--batch-size", type=int, dest="batch_size", default=8)
+    ft.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of the decoder (default 1e-4)")
+    ft.add_argument("--layer-decay", type=float, dest="layer_decay", default=0.65)
+    ft.add_argument("--weight-decay", type=float, dest="weight_decay", default=0.05)
+    ft.add_argument("--freeze-backbone", action="store_true", dest="freeze_backbone", help="train the decoder only")
+    ft.add_argument("--output", required=True, help="output folder: log.csv, summary.json, predictions.png")
+    ft.add_argument("--backend", choices=["tensorflow", "jax", "torch"], help="Keras backend (default: KERAS_BACKEND)")
+    ft.add_argument("--quiet", action="store_true", help="no progress output")
     return parser
 
 
@@ -161,6 +190,8 @@ def _main(argv):
         return 0
     if args.command == "eval":
         return _eval(args)
+    if args.command == "finetune":
+        return _finetune(args)
 
     from keras_pqcl.data import tune_input_pipeline
 
@@ -462,6 +493,57 @@ def _eval(args):
         shown = f"{value:.4g}" if isinstance(value, float) else value
         print(f"  {key:{width}s}  {shown}")
     print(f"Wrote {path}")
+    return 0
+
+
+# -------------------------------------------------------------------------------- finetune
+def _finetune_split(spec, masks, seed, size, what):
+    """A segmentation split as ``{"images", "masks", "names"?}`` and its description."""
+    images, mask_arr, name = _segmentation(spec, masks, seed, size, what)
+    if _is_synthetic(spec):
+        return {"images": images, "masks": mask_arr}, name
+    from keras_pqcl.eval.dense import _listing  # the loader's own pairing order, for file names in errors
+
+    paths = _listing(masks, "masks")
+    return {"images": images, "masks": mask_arr, "names": [paths[k] for k in sorted(paths)]}, name
+
+
+def _finetune(args):
+    backbone = _load_backbone(args.weights, args.use)
+    if args.val_data is None and not _is_synthetic(args.data):
+        raise ValueError("--val-data (with --val-masks) is required when --data is a folder.")
+    train, train_name = _finetune_split(args.data, args.masks, EVAL_TRAIN_SEED, args.image_size, "")
+    val_spec = args.val_data
+    if val_spec is None:
+        from keras_pqcl.data.sources import _parse_synthetic
+
+        num, side = _parse_synthetic(args.data)
+        val_spec = f"synthetic_scenes:{max(num // 4, 1)}:{side}"
+    val, val_name = _finetune_split(val_spec, args.val_masks, EVAL_TEST_SEED, args.image_size, "val-")
+    num_classes = args.num_classes
+    if num_classes is None:
+        if _is_synthetic(args.data):
+            from keras_pqcl.data.synthetic import SYNTHETIC_CLASS_NAMES
+
+            num_classes = len(SYNTHETIC_CLASS_NAMES) + 1
+        else:
+            import numpy as np
+
+            ids = np.concatenate([np.unique(train["masks"]), np.unique(val["masks"])])
+            num_classes = int(ids[ids != 255].max()) + 1
+    from keras_pqcl.tasks.finetune_run import finetune_segmentation
+
+    print(f"keras-pqcl: finetune segment of {args.weights} with {args.decoder} on {train_name}, validation "
+          f"{val_name}, {num_classes} classes -> {args.output}")
+    summary = finetune_segmentation(
+        backbone, train, val, num_classes, args.output, decoder=args.decoder, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, layer_decay=args.layer_decay, weight_decay=args.weight_decay,
+        crop_size=args.crop_size, freeze_backbone=args.freeze_backbone, channels=args.channels,
+        verbose=0 if args.quiet else 2,
+    )
+    for key, value in summary["val"].items():
+        print(f"  val {key:8s} {value:.4g}")
+    print(f"Wrote {os.path.join(args.output, 'summary.json')}")
     return 0
 
 
