@@ -9,6 +9,7 @@
     keras-pqcl eval linear --weights runs/tiny/teacher_backbone.keras --data /path/train --test-data /path/val
     keras-pqcl eval dense --weights runs/tiny/teacher_backbone.keras
     keras-pqcl eval attention --weights runs/tiny/teacher_backbone.keras --image photo.jpg --threshold 0.6
+    keras-pqcl export --weights runs/tiny/teacher_backbone.keras --format onnx --dynamic-size --output tiny.onnx
 
 The Keras backend is taken from ``KERAS_BACKEND`` or ``--backend``.
 """
@@ -97,6 +98,25 @@ def _parser():
                     help="attention: also save masks of the patches holding this fraction of the mass (e.g. 0.6)")
     ev.add_argument("--backend", choices=["tensorflow", "jax", "torch"], help="Keras backend (default: KERAS_BACKEND)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    ex = sub.add_parser(
+        "export",
+        help="export a saved backbone for serving: TF SavedModel, ONNX or LiteRT",
+        description="Write the backbone's serving function: input images (B, H, W, 3) float32 as the backbone "
+        "takes them, outputs 'cls' (B, D) and 'patches' (the patch tokens). Which formats work depends on the "
+        "backend (see the README's Export table).",
+    )
+    ex.add_argument("--weights", required=True, help="saved backbone (.keras), e.g. runs/tiny/teacher_backbone.keras")
+    ex.add_argument("--format", required=True, metavar="{saved_model,onnx,litert}",
+                    help="saved_model (a folder), onnx (a .onnx file) or litert (a .tflite file)")
+    ex.add_argument("--output", required=True, help="the SavedModel folder, .onnx file or .tflite file to write")
+    ex.add_argument("--image-size", type=int, dest="image_size",
+                    help="fixed input side (default: the backbone's image_size)")
+    ex.add_argument("--dynamic-size", action="store_true", dest="dynamic_size",
+                    help="free height and width (multiples of the patch size at run time)")
+    ex.add_argument("--use", choices=["teacher", "student"],
+                    help="backbone to take from a whole pre-training checkpoint")
+    ex.add_argument("--backend", choices=["tensorflow", "jax", "torch"], help="Keras backend (default: KERAS_BACKEND)")
     return parser
 
 
@@ -161,6 +181,8 @@ def _main(argv):
         return 0
     if args.command == "eval":
         return _eval(args)
+    if args.command == "export":
+        return _export(args)
 
     from keras_pqcl.data import tune_input_pipeline
 
@@ -462,6 +484,24 @@ def _eval(args):
         shown = f"{value:.4g}" if isinstance(value, float) else value
         print(f"  {key:{width}s}  {shown}")
     print(f"Wrote {path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ export
+def _export(args):
+    import time
+
+    import keras
+
+    from keras_pqcl.io.export import export_backbone
+
+    start = time.time()
+    size = "free height and width" if args.dynamic_size else f"{args.image_size or 'its own'} px"
+    print(f"keras-pqcl: export {args.weights} as {args.format} ({size}) on backend {keras.backend.backend()} "
+          f"-> {args.output}")
+    export_backbone(args.weights, args.output, format=args.format, image_size=args.image_size,
+                    dynamic_size=args.dynamic_size, use=args.use)
+    print(f"Wrote {args.output} ({time.time() - start:.1f} s); outputs 'cls' and 'patches'")
     return 0
 
 
