@@ -112,7 +112,14 @@ def export_backbone(path_or_backbone, output, format="saved_model", image_size=N
     else:
         if backend == "tensorflow" and format == "onnx":
             _register_erfc()
-        serving.export(output, format=_KERAS_FORMATS[format], input_signature=signature, verbose=verbose)
+        options = {}
+        if backend == "jax" and dynamic_size:
+            # Height and width as (grid side) x (patch), so that jax2tf knows they divide evenly
+            # (its shape checks of the strided patch convolution are inconclusive otherwise).
+            shapes = f"(batch, {patch} * grid_h, {patch} * grid_w, 3)"
+            options["jax2tf_kwargs"] = {"polymorphic_shapes": [shapes]}
+        serving.export(output, format=_KERAS_FORMATS[format], input_signature=signature, verbose=verbose,
+                       **options)
     return output
 
 

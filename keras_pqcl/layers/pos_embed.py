@@ -109,19 +109,21 @@ def interpolate_grid(pos, in_hw, out_hw):
     return ops.reshape(grid, (1, out_h * out_w, dim))
 
 
-def _bicubic_matrix_traced(in_size, out_size):
+def _bicubic_matrix_traced(in_size, positions):
     """:func:`bicubic_matrix` with DINO's ``scale_factor = (out + 0.1) / in`` for an output
     size known only when the graph runs (an exported model with free height and width).
 
     Args:
         in_size: int, the table's side.
-        out_size: scalar integer tensor (or traced dimension), the input's grid side.
+        positions: float32 tensor ``(out,)``, ``arange(out)``.
 
     Returns:
-        float32 tensor ``(out_size, in_size)``.
+        float32 tensor ``(out, in_size)``.
     """
-    ratio = in_size / (ops.cast(out_size, "float32") + 0.1)
-    src = (ops.cast(ops.arange(out_size), "float32") + 0.5) * ratio - 0.5
+    # The size as a tensor, counted rather than cast: a traced dimension (a torch.export
+    # SymInt, a jax2tf symbolic size) cannot be cast on every backend, a count can.
+    out_size = ops.sum(ops.ones_like(positions))
+    src = (positions + 0.5) * (in_size / (out_size + 0.1)) - 0.5
     base = ops.floor(src)
     frac = src - base
     base = ops.cast(base, "int32")
@@ -137,14 +139,7 @@ def _bicubic_matrix_traced(in_size, out_size):
             weight = ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
         idx = ops.clip(base + k, 0, in_size - 1)
         mat = mat + ops.one_hot(idx, in_size, dtype="float32") * weight[:, None]
-    return mat
-
-
-def _eye(rows, cols, dtype):
-    """``(rows, cols)`` with ones where row == col: the identity when rows == cols, and of the
-    resampling matrix's shape otherwise, so both branches of a select share one shape."""
-    same = ops.equal(ops.arange(rows)[:, None], ops.arange(cols)[None, :])
-    return ops.cast(same, dtype)
+    return mat, out_size
 
 
 def _interpolate_traced(pos, in_hw, out_hw):
@@ -153,11 +148,17 @@ def _interpolate_traced(pos, in_hw, out_hw):
     (in_h, in_w), (out_h, out_w) = in_hw, out_hw
     dim = ops.shape(pos)[-1]
     grid = ops.reshape(pos, (in_h, in_w, dim))
-    mat_h = ops.cast(_bicubic_matrix_traced(in_h, out_h), pos.dtype)
-    mat_w = ops.cast(_bicubic_matrix_traced(in_w, out_w), pos.dtype)
-    same = ops.logical_and(ops.equal(out_h, in_h), ops.equal(out_w, in_w))
-    mat_h = ops.where(same, _eye(out_h, in_h, pos.dtype), mat_h)
-    mat_w = ops.where(same, _eye(out_w, in_w, pos.dtype), mat_w)
+    rows = ops.arange(out_h, dtype="float32")  # dtype given: a SymInt has none to infer
+    cols = ops.arange(out_w, dtype="float32")
+    mat_h, size_h = _bicubic_matrix_traced(in_h, rows)
+    mat_w, size_w = _bicubic_matrix_traced(in_w, cols)
+    same = ops.logical_and(ops.equal(size_h, in_h), ops.equal(size_w, in_w))
+    # Where out == in the identity: ones where row == column, in the (out, in) shape of the
+    # resampling matrix, so that both branches of the select share one shape.
+    eye_h = ops.cast(ops.equal(rows[:, None], ops.arange(in_h, dtype="float32")[None]), "float32")
+    eye_w = ops.cast(ops.equal(cols[:, None], ops.arange(in_w, dtype="float32")[None]), "float32")
+    mat_h = ops.cast(ops.where(same, eye_h, mat_h), pos.dtype)
+    mat_w = ops.cast(ops.where(same, eye_w, mat_w), pos.dtype)
     grid = ops.einsum("oh,hwd->owd", mat_h, grid)
     grid = ops.einsum("pw,owd->opd", mat_w, grid)
     return ops.reshape(grid, (1, out_h * out_w, dim))
