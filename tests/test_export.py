@@ -23,6 +23,8 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated:UserWarning"),
     # Keras' tf2onnx patch probes np.object.
     pytest.mark.filterwarnings("ignore:In the future `np.object`:FutureWarning"),
+    # torch.onnx's exporter calls its own deprecated pytree API.
+    pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\).*:FutureWarning"),
 ]
 BACKEND = keras.backend.backend()
 SUPPORTED = [f for f in FORMATS if SUPPORT[(BACKEND, f)] is None]
