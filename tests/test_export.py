@@ -103,8 +103,16 @@ def check(format, path, model, height, width, batch=2):
     np.testing.assert_allclose(got["patches"], H.to_numpy(keras_out["patches"]), **TOL)
 
 
+def needs_runtime(format):
+    """ONNX needs the test extra (pip install -e ".[test]"): onnxruntime, and the exporter."""
+    if format == "onnx":
+        pytest.importorskip("onnxruntime")
+        pytest.importorskip({"tensorflow": "tf2onnx", "torch": "onnxscript"}.get(BACKEND, "onnx"))
+
+
 @pytest.mark.parametrize("format", SUPPORTED)
 def test_export_round_trip_dynamic_size(format, backbone_file, tmp_path):
+    needs_runtime(format)
     path, model = backbone_file
     out = str(tmp_path / f"model{SUFFIX[format]}")
     assert export_backbone(path, out, format=format, dynamic_size=True) == out
@@ -114,6 +122,7 @@ def test_export_round_trip_dynamic_size(format, backbone_file, tmp_path):
 
 @pytest.mark.parametrize("format", SUPPORTED)
 def test_export_fixed_size_via_cli(format, backbone_file, tmp_path):
+    needs_runtime(format)
     path, model = backbone_file
     out = str(tmp_path / f"model{SUFFIX[format]}")
     assert cli.main(["export", "--weights", path, "--format", format, "--image-size", "24", "--output", out]) == 0
