@@ -35,7 +35,11 @@ EXTRAS = {
     # multi-GB CUDA build.
     "torch": ["torch==2.13.0"],
     "cv": ["keras-cv==0.9.0"],
-    "test": ["pytest>=8", "scipy", "ruff>=0.6"],
+    # ONNX export checks: tf2onnx (TensorFlow backend), onnx + onnxscript (torch.onnx's dynamo
+    # exporter), onnxruntime to run the files. JAX's ONNX path (jax2onnx) is not supported: it
+    # pulls flax, orbax and tensorstore.
+    "test": ["pytest>=8", "scipy", "ruff>=0.6", "onnx>=1.23,<1.24", "onnxruntime>=1.32,<1.33",
+             "onnxscript>=0.7,<0.8", "tf2onnx>=1.17,<1.18"],
 }
 EXTRAS["all"] = sorted(set(TF_CPU + EXTRAS["jax"] + EXTRAS["torch"] + EXTRAS["cv"]))
 

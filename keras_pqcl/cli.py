@@ -10,6 +10,7 @@
     keras-pqcl eval dense --weights runs/tiny/teacher_backbone.keras
     keras-pqcl eval attention --weights runs/tiny/teacher_backbone.keras --image photo.jpg --threshold 0.6
     keras-pqcl finetune segment --weights runs/tiny/teacher_backbone.keras --output runs/seg
+    keras-pqcl export --weights runs/tiny/teacher_backbone.keras --format onnx --dynamic-size --output tiny.onnx
 
 The Keras backend is taken from ``KERAS_BACKEND`` or ``--backend``.
 """
@@ -126,6 +127,24 @@ def _parser():
     ft.add_argument("--output", required=True, help="output folder: log.csv, summary.json, predictions.png")
     ft.add_argument("--backend", choices=["tensorflow", "jax", "torch"], help="Keras backend (default: KERAS_BACKEND)")
     ft.add_argument("--quiet", action="store_true", help="no progress output")
+    ex = sub.add_parser(
+        "export",
+        help="export a saved backbone for serving: TF SavedModel, ONNX or LiteRT",
+        description="Write the backbone's serving function: input images (B, H, W, 3) float32 as the backbone "
+        "takes them, outputs 'cls' (B, D) and 'patches' (the patch tokens). Which formats work depends on the "
+        "backend (see the README's Export table).",
+    )
+    ex.add_argument("--weights", required=True, help="saved backbone (.keras), e.g. runs/tiny/teacher_backbone.keras")
+    ex.add_argument("--format", required=True, metavar="{saved_model,onnx,litert}",
+                    help="saved_model (a folder), onnx (a .onnx file) or litert (a .tflite file)")
+    ex.add_argument("--output", required=True, help="the SavedModel folder, .onnx file or .tflite file to write")
+    ex.add_argument("--image-size", type=int, dest="image_size",
+                    help="fixed input side (default: the backbone's image_size)")
+    ex.add_argument("--dynamic-size", action="store_true", dest="dynamic_size",
+                    help="free height and width (multiples of the patch size at run time)")
+    ex.add_argument("--use", choices=["teacher", "student"],
+                    help="backbone to take from a whole pre-training checkpoint")
+    ex.add_argument("--backend", choices=["tensorflow", "jax", "torch"], help="Keras backend (default: KERAS_BACKEND)")
     return parser
 
 
@@ -192,6 +211,8 @@ def _main(argv):
         return _eval(args)
     if args.command == "finetune":
         return _finetune(args)
+    if args.command == "export":
+        return _export(args)
 
     from keras_pqcl.data import tune_input_pipeline
 
@@ -502,9 +523,9 @@ def _finetune_split(spec, masks, seed, size, what):
     images, mask_arr, name = _segmentation(spec, masks, seed, size, what)
     if _is_synthetic(spec):
         return {"images": images, "masks": mask_arr}, name
-    from keras_pqcl.eval.dense import _listing  # the loader's own pairing order, for file names in errors
+    from keras_pqcl.eval.dense import paired_listing  # the loader's pairing order: file names in errors
 
-    paths = _listing(masks, "masks")
+    paths = paired_listing(masks, "masks")
     return {"images": images, "masks": mask_arr, "names": [paths[k] for k in sorted(paths)]}, name
 
 
@@ -515,9 +536,9 @@ def _finetune(args):
     train, train_name = _finetune_split(args.data, args.masks, EVAL_TRAIN_SEED, args.image_size, "")
     val_spec = args.val_data
     if val_spec is None:
-        from keras_pqcl.data.sources import _parse_synthetic
+        from keras_pqcl.data.sources import parse_synthetic
 
-        num, side = _parse_synthetic(args.data)
+        num, side = parse_synthetic(args.data)
         val_spec = f"synthetic_scenes:{max(num // 4, 1)}:{side}"
     val, val_name = _finetune_split(val_spec, args.val_masks, EVAL_TEST_SEED, args.image_size, "val-")
     num_classes = args.num_classes
@@ -544,6 +565,24 @@ def _finetune(args):
     for key, value in summary["val"].items():
         print(f"  val {key:8s} {value:.4g}")
     print(f"Wrote {os.path.join(args.output, 'summary.json')}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ export
+def _export(args):
+    import time
+
+    import keras
+
+    from keras_pqcl.io.export import export_backbone
+
+    start = time.time()
+    size = "free height and width" if args.dynamic_size else f"{args.image_size or 'its own'} px"
+    print(f"keras-pqcl: export {args.weights} as {args.format} ({size}) on backend {keras.backend.backend()} "
+          f"-> {args.output}")
+    export_backbone(args.weights, args.output, format=args.format, image_size=args.image_size,
+                    dynamic_size=args.dynamic_size, use=args.use)
+    print(f"Wrote {args.output} ({time.time() - start:.1f} s); outputs 'cls' and 'patches'")
     return 0
 
 

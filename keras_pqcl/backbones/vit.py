@@ -28,6 +28,8 @@ class VisionTransformer(Backbone, keras.Model):
 
     Works on any input whose height and width are multiples of ``patch_size``; the position
     table, made for ``image_size``, is resampled bicubically (as DINO does) for other sizes.
+    Height and width may be ``None`` when traced (an exported model with free sizes): the
+    resampling is then built in the graph.
 
     Args:
         patch_size: side of the square patches.
@@ -162,12 +164,13 @@ class VisionTransformer(Backbone, keras.Model):
                 "Convert grayscale to RGB (repeat the channel) or transpose channels-first input."
             )
         height, width = shape[1], shape[2]
-        if height is None or width is None:
-            raise ValueError(
-                "VisionTransformer needs static image height and width (fixed-size crops); "
-                f"got shape {tuple(shape)}. Resize images to a fixed size in the data pipeline."
-            )
         p = self.patch_size
+        if not (isinstance(height, int) and isinstance(width, int)):
+            # Free height and width (None, or a symbolic size while a model is exported with
+            # --dynamic-size): the grid is read when the graph runs, and the sizes must then
+            # be multiples of the patch size.
+            dynamic = ops.shape(images)
+            return dynamic[1] // p, dynamic[2] // p
         for name, size in (("height", height), ("width", width)):
             if size % p:
                 lo, hi = size // p * p, (size // p + 1) * p

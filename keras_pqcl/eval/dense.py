@@ -78,7 +78,7 @@ def miou(pred, target, num_classes, ignore_index=255):
 
 
 # ------------------------------------------------------------------------------------ folders
-def _listing(root, what):
+def paired_listing(root, what):
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{what} folder not found: {root!r}")
     found = {}
@@ -142,8 +142,8 @@ def load_segmentation_folder(images_dir, masks_dir, size=None):
     """
     from PIL import Image
 
-    images = _listing(images_dir, "images")
-    masks = _listing(masks_dir, "masks")
+    images = paired_listing(images_dir, "images")
+    masks = paired_listing(masks_dir, "masks")
     missing = sorted(set(images) - set(masks))
     extra = sorted(set(masks) - set(images))
     if missing or extra:

@@ -85,12 +85,15 @@ def interpolate_grid(pos, in_hw, out_hw):
     Args:
         pos: tensor ``(1, in_h * in_w, dim)`` (patch rows only, no CLS).
         in_hw: ``(in_h, in_w)`` the grid ``pos`` was made for.
-        out_hw: ``(out_h, out_w)`` the grid of the current input.
+        out_hw: ``(out_h, out_w)`` the grid of the current input: ints, or scalar tensors
+            when the height and width are only known at run time (an exported model).
 
     Returns:
         tensor ``(1, out_h * out_w, dim)``; ``pos`` itself when the grids agree.
     """
     (in_h, in_w), (out_h, out_w) = in_hw, out_hw
+    if not all(isinstance(size, int) for size in (out_h, out_w)):
+        return _interpolate_traced(pos, in_hw, out_hw)
     if (in_h, in_w) == (out_h, out_w):
         return pos
     # DINO passes scale_factor=(out + 0.1) / in; the 0.1 guards floor() and moves the
@@ -101,6 +104,61 @@ def interpolate_grid(pos, in_hw, out_hw):
     grid = ops.reshape(pos, (in_h, in_w, dim))
     mat_h = ops.convert_to_tensor(mat_h, dtype=pos.dtype)
     mat_w = ops.convert_to_tensor(mat_w, dtype=pos.dtype)
+    grid = ops.einsum("oh,hwd->owd", mat_h, grid)
+    grid = ops.einsum("pw,owd->opd", mat_w, grid)
+    return ops.reshape(grid, (1, out_h * out_w, dim))
+
+
+def _bicubic_matrix_traced(in_size, positions):
+    """:func:`bicubic_matrix` with DINO's ``scale_factor = (out + 0.1) / in`` for an output
+    size known only when the graph runs (an exported model with free height and width).
+
+    Args:
+        in_size: int, the table's side.
+        positions: float32 tensor ``(out,)``, ``arange(out)``.
+
+    Returns:
+        float32 tensor ``(out, in_size)``.
+    """
+    # The size as a tensor, counted rather than cast: a traced dimension (a torch.export
+    # SymInt, a jax2tf symbolic size) cannot be cast on every backend, a count can.
+    out_size = ops.sum(ops.ones_like(positions))
+    src = (positions + 0.5) * (in_size / (out_size + 0.1)) - 0.5
+    base = ops.floor(src)
+    frac = src - base
+    base = ops.cast(base, "int32")
+    a = -0.75
+    mat = 0.0
+    # Tap k sits at distance |k - frac|: within 1 for k = 0, 1 and in [1, 2] for k = -1, 2,
+    # so each tap has one branch of the Keys kernel (which is 0 at distance 2).
+    for k in range(-1, 3):
+        t = ops.abs(k - frac)
+        if k in (0, 1):
+            weight = ((a + 2) * t - (a + 3)) * t * t + 1
+        else:
+            weight = ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+        idx = ops.clip(base + k, 0, in_size - 1)
+        mat = mat + ops.one_hot(idx, in_size, dtype="float32") * weight[:, None]
+    return mat, out_size
+
+
+def _interpolate_traced(pos, in_hw, out_hw):
+    """:func:`interpolate_grid` for a grid whose side is a tensor: the resampling matrices
+    are built in the graph, and the table is kept as it is when the grids agree, as DINO does."""
+    (in_h, in_w), (out_h, out_w) = in_hw, out_hw
+    dim = ops.shape(pos)[-1]
+    grid = ops.reshape(pos, (in_h, in_w, dim))
+    rows = ops.arange(out_h, dtype="float32")  # dtype given: a SymInt has none to infer
+    cols = ops.arange(out_w, dtype="float32")
+    mat_h, size_h = _bicubic_matrix_traced(in_h, rows)
+    mat_w, size_w = _bicubic_matrix_traced(in_w, cols)
+    same = ops.logical_and(ops.equal(size_h, in_h), ops.equal(size_w, in_w))
+    # Where out == in the identity: ones where row == column, in the (out, in) shape of the
+    # resampling matrix, so that both branches of the select share one shape.
+    eye_h = ops.cast(ops.equal(rows[:, None], ops.arange(in_h, dtype="float32")[None]), "float32")
+    eye_w = ops.cast(ops.equal(cols[:, None], ops.arange(in_w, dtype="float32")[None]), "float32")
+    mat_h = ops.cast(ops.where(same, eye_h, mat_h), pos.dtype)
+    mat_w = ops.cast(ops.where(same, eye_w, mat_w), pos.dtype)
     grid = ops.einsum("oh,hwd->owd", mat_h, grid)
     grid = ops.einsum("pw,owd->opd", mat_w, grid)
     return ops.reshape(grid, (1, out_h * out_w, dim))
