@@ -35,7 +35,8 @@ EXTRAS = {
     # multi-GB CUDA build.
     "torch": ["torch==2.13.0"],
     "cv": ["keras-cv==0.9.0"],
-    "test": ["pytest>=8", "scipy", "ruff>=0.6"],
+    # safetensors: the Hugging Face DINOv2 importer's file test.
+    "test": ["pytest>=8", "scipy", "ruff>=0.6", "safetensors"],
 }
 EXTRAS["all"] = sorted(set(TF_CPU + EXTRAS["jax"] + EXTRAS["torch"] + EXTRAS["cv"]))
 

@@ -206,10 +206,10 @@ def load_torch_checkpoint(
             anyway.
         interpolate_offset, interpolate_antialias: how the position table is resampled for
             other input sizes (see :class:`VisionTransformer`). ``None`` takes the reference
-            of the layout: ``(0.1, False)`` for DINO/iBOT/PQCL and DINOv2 without registers;
-            ``(0, True)`` for DINOv2 with registers (as its hub models) and for the Hugging
-            Face layout (as ``transformers``' ``Dinov2Model``); a DINOv2 ``arch`` preset's
-            own values when one is named.
+            of the layout: ``(0, True)`` for the Hugging Face layout (as ``transformers``'
+            ``Dinov2Model``); otherwise a named DINOv2 ``arch`` preset's own values, else
+            ``(0.1, False)`` for DINO/iBOT/PQCL and DINOv2 without registers and ``(0, True)``
+            for DINOv2 with registers (as its hub models).
         **kwargs: other :class:`VisionTransformer` arguments (``name``, ``dtype``,
             ``drop_path_rate``, ``use_mask_token`` to add a zero mask token when the
             checkpoint has none).
@@ -599,14 +599,17 @@ def _mask_key(state):
 
 
 def _resampling(preset, geometry, hugging_face, offset, antialias):
-    """``(interpolate_offset, interpolate_antialias)``: the caller's, else the named DINOv2
-    preset's, else the reference of the layout (see ``_V1_RESAMPLING``)."""
-    if preset is not None and preset in DINOV2_PRESETS:
+    """``(interpolate_offset, interpolate_antialias)``: the caller's, else the reference of the
+    layout: ``transformers``' for Hugging Face weights, else the named DINOv2 preset's, else
+    DINOv2's hub models' (by registers) or DINO's (see ``_V1_RESAMPLING``)."""
+    if hugging_face:
+        default = _REGISTER_RESAMPLING
+    elif preset is not None and preset in DINOV2_PRESETS:
         default = (
             DINOV2_PRESETS[preset].get("interpolate_offset", 0.1),
             DINOV2_PRESETS[preset].get("interpolate_antialias", False),
         )
-    elif hugging_face or geometry["registers"]:
+    elif geometry["registers"]:
         default = _REGISTER_RESAMPLING
     else:
         default = _V1_RESAMPLING
