@@ -459,6 +459,10 @@ def test_config_round_trip_keeps_the_dinov2_options():
     imgs = images(size=42)
     np.testing.assert_array_equal(to_numpy(clone(imgs)["patches"]), to_numpy(backbone(imgs)["patches"]))
     assert [w.path.split("/", 1)[1] for w in clone.weights] == [w.path.split("/", 1)[1] for w in backbone.weights]
+    # A plain ViT's config keeps the keys of the versions before these options (its files load there).
+    with H.no_random_init():
+        plain = kp.backbones.VisionTransformer(PATCH, DIM, 1, HEADS, image_size=28).get_config()
+    assert not {"layer_scale_init", "num_register_tokens", "ffn", "interpolate_offset"} & set(plain)
 
 
 # ------------------------------------------------------------------------ training

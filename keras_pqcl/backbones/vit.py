@@ -19,6 +19,10 @@ from keras_pqcl.layers.patch_embed import PatchEmbed
 from keras_pqcl.layers.pos_embed import interpolate_grid, sincos_grid
 
 POS_EMBED_KINDS = ("learned", "sincos")
+#: The DINOv2 options' values that leave a DINO/iBOT/PQCL ViT unchanged.
+DINOV2_OPTION_DEFAULTS = dict(
+    layer_scale_init=None, num_register_tokens=0, ffn="mlp", interpolate_offset=0.1, interpolate_antialias=False
+)
 
 
 @keras.saving.register_keras_serializable(package="keras_pqcl")
@@ -357,12 +361,17 @@ class VisionTransformer(Backbone, keras.Model):
             image_size=self.image_size,
             use_mask_token=self.use_mask_token,
             layer_norm_epsilon=self.layer_norm_epsilon,
+        )
+        # The DINOv2 options are written only when set, so that a plain ViT's file keeps the
+        # config (and loads with) the versions before them.
+        dinov2 = dict(
             layer_scale_init=self.layer_scale_init,
             num_register_tokens=self.num_register_tokens,
             ffn=self.ffn,
             interpolate_offset=self.interpolate_offset,
             interpolate_antialias=self.interpolate_antialias,
         )
+        config.update({k: v for k, v in dinov2.items() if v != DINOV2_OPTION_DEFAULTS[k]})
         return config
 
     @classmethod

@@ -116,7 +116,10 @@ class Block(keras.layers.Layer):
             qkv_bias=self.qkv_bias,
             drop_path=self.drop_path,
             layer_norm_epsilon=self.layer_norm_epsilon,
-            layer_scale_init=self.layer_scale_init,
-            ffn=self.ffn,
         )
+        # Written only when set: a plain block's config stays that of the versions before them.
+        if self.layer_scale_init:
+            config["layer_scale_init"] = self.layer_scale_init
+        if self.ffn != "mlp":
+            config["ffn"] = self.ffn
         return config
