@@ -21,8 +21,9 @@ class Recipe:
         description: one line shown by ``keras-pqcl recipes``.
         method: ``"dino"``, ``"ibot"``, ``"pqcl"`` (iBOT+PQCL), ``"dino_pqcl"``, ``"adclr"``
             (ViTs), ``"densecl"`` or ``"mcl"`` (ResNets); see :data:`keras_pqcl.training.METHODS`.
-        backbone: ViT preset (``vit_tiny|vit_small|vit_base|vit_large``) or ResNet preset
-            (``resnet50|resnet101|resnet_tiny``).
+        backbone: ViT preset (``vit_tiny|vit_small|vit_base|vit_large``, DINOv2's
+            ``vit_small14|vit_base14|vit_large14|vit_giant14`` and their ``_reg`` variants, which
+            want ``patch_size=14``) or ResNet preset (``resnet50|resnet101|resnet_tiny``).
         patch_size: 16; for a ResNet, its output stride (32), to which crop sizes are checked.
         drop_path_rate: student stochastic depth (0.1); the teacher uses 0.
         pos_embed: ``"learned"`` or ``"sincos"``; ``None`` = the method's (sin-cos for PQCL,

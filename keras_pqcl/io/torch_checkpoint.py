@@ -1,11 +1,15 @@
-"""Import ViT backbones from PyTorch DINO, iBOT and PQCL checkpoints.
+"""Import ViT backbones from PyTorch DINO, iBOT, PQCL and DINOv2 checkpoints.
 
 The key names and tensor layouts are those of the official repositories:
-facebookresearch/dino (Caron et al., ICCV 2021), bytedance/ibot (Zhou et al., ICLR 2022) and
-Sherrylone/PQCL (Zhang et al., ICML 2023), which all share the timm/DeiT ViT naming. This
-module only reads their checkpoints; it contains no code from them.
+facebookresearch/dino (Caron et al., ICCV 2021), bytedance/ibot (Zhou et al., ICLR 2022),
+Sherrylone/PQCL (Zhang et al., ICML 2023) and facebookresearch/dinov2 (Oquab et al., TMLR
+2024), which all share the timm/DeiT ViT naming (DINOv2 adds ``ls1``/``ls2`` LayerScale,
+``register_tokens``, ``mask_token`` and the SwiGLU ``mlp.w12``/``mlp.w3``), and the Hugging
+Face ``Dinov2Model`` layout (separate query/key/value), which is renamed to the former first.
+This module only reads their checkpoints; it contains no code from them.
 
-torch is imported only when a file path is given, so the library imports without it.
+torch is imported only when a ``.pth`` path is given and ``safetensors`` only for a
+``.safetensors`` path, so the library imports without either.
 """
 
 import argparse
@@ -18,10 +22,12 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from keras_pqcl.backbones.vit import POS_EMBED_KINDS, VIT_PRESETS, VisionTransformer
+from keras_pqcl.backbones.vit import DINOV2_PRESETS, POS_EMBED_KINDS, VIT_PRESETS, VisionTransformer
 from keras_pqcl.layers.pos_embed import sincos_grid
+from keras_pqcl.layers.swiglu import swiglu_hidden_dim
 
 TORCH_PIN = "torch==2.13.0"
+SAFETENSORS_SUFFIX = ".safetensors"
 
 _logger = logging.getLogger(__name__)
 
@@ -33,12 +39,39 @@ CONTAINER_KEYS = ("teacher", "state_dict", "model", "student")
 # silently pick the student: released teacher-only weights come wrapped like that.
 _GENERIC_CONTAINERS = ("state_dict", "model")
 # DistributedDataParallel adds "module.", MultiCropWrapper adds "backbone."; either order.
-_WRAPPER_PREFIXES = ("module.", "backbone.")
-# Projection heads (DINOHead/iBOTHead keys, standalone or under "head."/"head2."): not part
-# of the backbone, so they are dropped rather than reported as unexpected.
-_HEAD_KEY = re.compile(r"^(head\d*|last_layer\d*|mlp)(\.|$)")
+# Hugging Face task models keep the backbone under "dinov2.".
+_WRAPPER_PREFIXES = ("module.", "backbone.", "dinov2.")
+# Projection heads (DINOHead/iBOTHead keys, standalone or under "head."/"head2."; DINOv2's
+# "dino_head."/"ibot_head."; a Hugging Face "classifier."): not part of the backbone, so
+# they are dropped rather than reported as unexpected.
+_HEAD_KEY = re.compile(r"^(head\d*|last_layer\d*|mlp|dino_head|ibot_head|classifier)(\.|$)")
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
+# DINOv2 training checkpoints (block_chunks > 0) nest blocks as blocks.{chunk}.{index}.
+_CHUNKED_BLOCK_KEY = re.compile(r"^blocks\.\d+\.(\d+)\.")
 _ARCH_PREFIXES = ("vit_", "deit_", "pos_")
+# DINOv2's hub names (dinov2_vits14, dinov2_vitg14_reg, ...) -> the presets here.
+_DINOV2_HUB_NAMES = {"vits14": "small14", "vitb14": "base14", "vitl14": "large14", "vitg14": "giant14"}
+# Position-table resampling (offset, antialias) of the released models when the caller does not
+# say: DINO/iBOT/PQCL and DINOv2 without registers use scale factor (out + 0.1) / in;
+# DINOv2 with registers and Hugging Face's Dinov2Model resample by size with antialiasing.
+_V1_RESAMPLING = (0.1, False)
+_REGISTER_RESAMPLING = (0.0, True)
+# Hugging Face Dinov2Model names -> official names; q/k/v are fused separately.
+_HF_RENAMES = (
+    (re.compile(r"^embeddings\.cls_token$"), "cls_token"),
+    (re.compile(r"^embeddings\.mask_token$"), "mask_token"),
+    (re.compile(r"^embeddings\.register_tokens$"), "register_tokens"),
+    (re.compile(r"^embeddings\.position_embeddings$"), "pos_embed"),
+    (re.compile(r"^embeddings\.patch_embeddings\.projection\.(weight|bias)$"), r"patch_embed.proj.\1"),
+    (re.compile(r"^encoder\.layer\.(\d+)\.norm([12])\.(weight|bias)$"), r"blocks.\1.norm\2.\3"),
+    (re.compile(r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)$"), r"blocks.\1.attn.proj.\2"),
+    (re.compile(r"^encoder\.layer\.(\d+)\.layer_scale([12])\.lambda1$"), r"blocks.\1.ls\2.gamma"),
+    (re.compile(r"^encoder\.layer\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)$"), r"blocks.\1.mlp.\2.\3"),
+    (re.compile(r"^encoder\.layer\.(\d+)\.mlp\.weights_in\.(weight|bias)$"), r"blocks.\1.mlp.w12.\2"),
+    (re.compile(r"^encoder\.layer\.(\d+)\.mlp\.weights_out\.(weight|bias)$"), r"blocks.\1.mlp.w3.\2"),
+    (re.compile(r"^layernorm\.(weight|bias)$"), r"norm.\1"),
+)
+_HF_QKV = re.compile(r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$")
 _BLOCK_PARAMS = (
     "norm1.weight",
     "norm1.bias",
@@ -71,6 +104,9 @@ _DERIVED_ARGS = (
     "qkv_bias",
     "pos_embed",
     "image_size",
+    "layer_scale_init",
+    "num_register_tokens",
+    "ffn",
 )
 
 
@@ -83,9 +119,11 @@ def load_torch_checkpoint(
     pos_embed=None,
     strict=True,
     weights_only=True,
+    interpolate_offset=None,
+    interpolate_antialias=None,
     **kwargs,
 ):
-    """Build a Keras :class:`VisionTransformer` holding a PyTorch DINO/iBOT/PQCL ViT.
+    """Build a Keras :class:`VisionTransformer` holding a PyTorch DINO/iBOT/PQCL/DINOv2 ViT.
 
     Supported layouts (after loading, the top level is a dict):
 
@@ -99,7 +137,20 @@ def load_torch_checkpoint(
       are dropped;
     * PQCL's unused top-level ``norm2.weight``/``norm2.bias`` and ``query_block.*`` (a
       LayerNorm and a transformer block its ``PosVisionTransformer`` builds but never
-      calls) are dropped, with one ``logging`` INFO line giving their count.
+      calls) are dropped, with one ``logging`` INFO line giving their count;
+    * DINOv2 (official ``.pth``, e.g. ``dinov2_vits14_reg4_pretrain.pth``, or a training
+      checkpoint's teacher): ``blocks.{i}.ls1.gamma``/``ls2.gamma`` (LayerScale),
+      ``register_tokens`` ``(1, R, D)``, ``mask_token`` ``(1, D)``, the SwiGLU
+      ``blocks.{i}.mlp.w12`` ``(2H', D)`` / ``mlp.w3`` ``(D, H')`` of ViT-g, chunked
+      ``blocks.{chunk}.{i}.*`` names, ``dino_head.*``/``ibot_head.*`` dropped;
+    * Hugging Face ``Dinov2Model`` / ``Dinov2WithRegistersModel`` (``.safetensors`` file
+      or dict): ``embeddings.*``, ``encoder.layer.{i}.attention.attention.query/key/value``
+      (fused into qkv in that order), ``attention.output.dense``, ``layer_scale1.lambda1``,
+      ``mlp.weights_in/weights_out`` (SwiGLU), ``layernorm.*``; a ``dinov2.`` prefix and a
+      ``classifier.*`` head are dropped.
+
+    The architecture options are read from the weights: LayerScale from ``ls1``/``ls2``,
+    the register count from ``register_tokens``, the FFN from ``mlp.w12``.
 
     Backbone keys and PyTorch shapes (``D`` width, ``p`` patch, ``N`` patches, ``H`` MLP
     hidden width)::
@@ -114,16 +165,23 @@ def load_torch_checkpoint(
         blocks.{i}.mlp.fc1.weight/bias    (H, D) / (H,)
         blocks.{i}.mlp.fc2.weight/bias    (D, H) / (D,)
         norm.weight/bias              (D,)
-        masked_embed                  (1, D)  optional: iBOT/PQCL mask token
+        masked_embed / mask_token     (1, D)  optional: iBOT/PQCL / DINOv2 mask token
+        register_tokens               (1, R, D)  optional: DINOv2 registers
+        blocks.{i}.ls1.gamma, ls2.gamma   (D,)   optional: DINOv2 LayerScale
+        blocks.{i}.mlp.w12.weight/bias    (2H', D) / (2H',)  instead of fc1/fc2: SwiGLU,
+        blocks.{i}.mlp.w3.weight/bias     (D, H') / (D,)     H' = swiglu_hidden_dim(H)
 
     Linear weights are transposed (torch stores ``(out, in)``, Keras ``(in, out)``); the
     fused qkv output order ``(3, heads, head_dim)`` is the same in both, so no reshuffle.
 
     Args:
-        path_or_state_dict: path to a ``.pth``/``.pt`` file (needs torch) or an already
-            loaded dict of NumPy arrays or torch tensors, in any layout above.
+        path_or_state_dict: path to a ``.pth``/``.pt`` file (needs torch), a ``.safetensors``
+            file (needs ``safetensors``) or an already loaded dict of NumPy arrays or torch
+            tensors, in any layout above.
         arch: ``"vit_tiny"``, ``"vit_small"``, ``"vit_base"`` or ``"vit_large"`` (the
-            prefixes ``deit_`` (DINO) and ``pos_`` (PQCL), or none, are accepted too), or a
+            prefixes ``deit_`` (DINO) and ``pos_`` (PQCL), or none, are accepted too), a
+            DINOv2 preset (``"vit_small14"``, ..., ``"vit_giant14_reg"``, or DINOv2's hub
+            names ``"dinov2_vits14"``, ``"dinov2_vitg14_reg"``), or a
             dict of backbone sizes with at least ``num_heads`` (``embed_dim`` and ``depth``
             default to the checkpoint's and are checked if given). The head count cannot be
             read from the weights, hence this argument; depth and width are read and must
@@ -146,24 +204,38 @@ def load_torch_checkpoint(
         weights_only: passed to ``torch.load``. Keep ``True`` unless the file is trusted:
             ``argparse.Namespace`` (the ``args`` entry of training checkpoints) is allowed
             anyway.
+        interpolate_offset, interpolate_antialias: how the position table is resampled for
+            other input sizes (see :class:`VisionTransformer`). ``None`` takes the reference
+            of the layout: ``(0, True)`` for the Hugging Face layout (as ``transformers``'
+            ``Dinov2Model``); otherwise a named DINOv2 ``arch`` preset's own values, else
+            ``(0.1, False)`` for DINO/iBOT/PQCL and DINOv2 without registers and ``(0, True)``
+            for DINOv2 with registers (as its hub models).
         **kwargs: other :class:`VisionTransformer` arguments (``name``, ``dtype``,
             ``drop_path_rate``, ``use_mask_token`` to add a zero mask token when the
             checkpoint has none).
 
+    Raises:
+        ValueError: one line naming the missing and unexpected keys (``strict=True``),
+            a shape that does not fit, or an ``arch`` that disagrees with the weights.
+        ImportError: a ``.pth`` without torch or a ``.safetensors`` without
+            ``safetensors``, with the ``pip install`` command.
+
     Returns:
         A built :class:`VisionTransformer` whose ``"cls"`` ``(B, D)`` and ``"patches"``
         ``(B, N, D)`` outputs on NHWC images equal the PyTorch model's on the NCHW ones.
-        It has a mask token iff the checkpoint has ``masked_embed`` (or one was asked for).
+        It has a mask token iff the checkpoint has ``masked_embed``/``mask_token`` (or one was
+        asked for).
 
     Example:
     >>> backbone = load_torch_checkpoint("dino_deitsmall16.pth")  # doctest: +SKIP
     """
     checkpoint = _read(path_or_state_dict, weights_only)
     raw = _select(checkpoint, key)
-    state = _backbone_entries(raw)
+    state, hugging_face = _backbone_entries(raw)
     geometry = _geometry(state)
     dim, depth = geometry["dim"], geometry["depth"]
-    config, name = _resolve_arch(arch, dim, depth)
+    config, name, preset = _resolve_arch(arch, dim, depth)
+    _check_preset_options(preset, geometry, arch)
 
     p = geometry["patch_size"]
     if p is None:
@@ -191,7 +263,8 @@ def load_torch_checkpoint(
             )
 
     kind = _pos_embed_kind(pos_embed, state.get("pos_embed"), grid, dim)
-    _check_keys(state, depth, geometry["qkv_bias"], strict)
+    _check_keys(state, geometry, strict)
+    offset, antialias = _resampling(preset, geometry, hugging_face, interpolate_offset, interpolate_antialias)
 
     clash = sorted(set(kwargs) & set(_DERIVED_ARGS))
     if clash:
@@ -199,14 +272,8 @@ def load_torch_checkpoint(
             f"{clash} come from the checkpoint and the arch/patch_size/image_size/pos_embed "
             "arguments; remove them from the keyword arguments."
         )
-    mlp_ratio = 4.0
-    if geometry["hidden"]:
-        mlp_ratio = geometry["hidden"] / dim
-        if int(dim * mlp_ratio) != geometry["hidden"]:  # the backbone rounds dim * ratio down
-            raise ValueError(
-                f"MLP width {geometry['hidden']} is not representable as {dim} * mlp_ratio."
-            )
-    use_mask_token = bool(kwargs.pop("use_mask_token", False)) or "masked_embed" in state
+    mlp_ratio = _mlp_ratio(geometry, dim)
+    use_mask_token = bool(kwargs.pop("use_mask_token", False)) or _mask_key(state) is not None
     kwargs.setdefault("name", name)
     backbone = VisionTransformer(
         patch_size=p,
@@ -215,6 +282,12 @@ def load_torch_checkpoint(
         pos_embed=kind,
         image_size=image_size,
         use_mask_token=use_mask_token,
+        # The value only initialises; the checkpoint's gains replace it.
+        layer_scale_init=1e-5 if geometry["layer_scale"] else None,
+        num_register_tokens=geometry["registers"],
+        ffn=geometry["ffn"],
+        interpolate_offset=offset,
+        interpolate_antialias=antialias,
         **config,
         **kwargs,
     )
@@ -234,6 +307,8 @@ def _read(source, weights_only):
     path = os.fspath(source)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No checkpoint file at {path!r}.")
+    if path.lower().endswith(SAFETENSORS_SUFFIX):
+        return _read_safetensors(path)
     try:
         import torch
     except ImportError as err:
@@ -267,6 +342,24 @@ def _read(source, weights_only):
     return checkpoint
 
 
+def _read_safetensors(path):
+    try:
+        from safetensors.numpy import load_file
+    except ImportError as err:
+        raise ImportError(
+            f"Reading the safetensors file {path!r} needs the safetensors package, which is not "
+            "installed. Install it with `pip install safetensors`, or load the file elsewhere "
+            "and pass a dict of NumPy arrays instead of a path."
+        ) from err
+    try:
+        return load_file(path)
+    except Exception as err:  # safetensors raises its own SafetensorError, OSError, ...
+        raise ValueError(
+            f"safetensors could not read {path!r}: {err}. Is it a complete .safetensors file "
+            "(bfloat16 weights need the torch loader: save them as float32)?"
+        ) from err
+
+
 def _strip_prefixes(name):
     stripped = True
     while stripped:
@@ -284,6 +377,8 @@ def _is_backbone(entries):
             continue
         name = _strip_prefixes(name)
         if name in ("cls_token", "pos_embed") or name.startswith(("blocks.", "patch_embed.")):
+            return True
+        if name.startswith(("embeddings.", "encoder.layer.")):  # Hugging Face
             return True
     return False
 
@@ -336,14 +431,51 @@ def _to_numpy(value):
     return np.asarray(value)
 
 
+def _from_hugging_face(state):
+    """Hugging Face ``Dinov2Model`` names -> official ones, q/k/v fused into qkv (in that
+    order, the layout of DINOv2's fused projection). Unknown names pass through unchanged,
+    to be reported as unexpected."""
+    renamed, parts = {}, {}
+    for name, value in state.items():
+        match = _HF_QKV.match(name)
+        if match:
+            index, which, kind = match.groups()
+            parts.setdefault((index, kind), {})[which] = (name, value)
+            continue
+        for pattern, target in _HF_RENAMES:
+            if pattern.match(name):
+                name = pattern.sub(target, name)
+                break
+        renamed[name] = value
+    for (index, kind), found in parts.items():
+        if len(found) < 3:
+            # Left under their own names: the key check lists them as unexpected and the
+            # fused blocks.{i}.attn.qkv.* as missing.
+            renamed.update(dict(found.values()))
+            continue
+        values = [found[which][1] for which in ("query", "key", "value")]
+        shapes = {tuple(v.shape) for v in values}
+        if len(shapes) != 1:
+            raise ValueError(
+                f"encoder.layer.{index}.attention.attention query/key/value {kind}s have different shapes "
+                f"{[tuple(v.shape) for v in values]}; the checkpoint is not a Dinov2Model."
+            )
+        renamed[f"blocks.{index}.attn.qkv.{kind}"] = np.concatenate(values, axis=0)
+    return renamed
+
+
 def _backbone_entries(raw):
-    """Prefix-free backbone entries as NumPy arrays; head keys and PQCL's unused
-    ``norm2``/``query_block`` weights dropped (the latter logged)."""
+    """Prefix-free backbone entries as NumPy arrays in the official names, and whether the
+    layout was Hugging Face's; head keys and PQCL's unused ``norm2``/``query_block`` weights
+    dropped (the latter logged)."""
     state, unused = {}, []
     for original, value in raw.items():
         if not isinstance(original, str):
             continue
         name = _strip_prefixes(original)
+        chunked = _CHUNKED_BLOCK_KEY.match(name)
+        if chunked:
+            name = f"blocks.{chunked.group(1)}." + name[chunked.end() :]
         if _HEAD_KEY.match(name):
             continue
         if name in _PQCL_UNUSED_KEYS:
@@ -363,7 +495,10 @@ def _backbone_entries(raw):
             len(unused),
             "*, ".join(prefixes),
         )
-    return state
+    hugging_face = any(name.startswith(("embeddings.", "encoder.layer.", "layernorm.")) for name in state)
+    if hugging_face:
+        state = _from_hugging_face(state)
+    return state, hugging_face
 
 
 # ------------------------------------------------------------------------ architecture
@@ -406,13 +541,23 @@ def _geometry(state):
                 "not a square grid plus one CLS row; only square position tables are supported."
             )
 
+    # SwiGLU (DINOv2's ViT-g) replaces fc1/fc2 by w12/w3; w12 holds gate and value.
+    ffn = "swiglu" if any(f"blocks.{i}.mlp.w12.weight" in state for i in indices) else "mlp"
     hidden = None
-    fc1 = next((f"blocks.{i}.mlp.fc1.weight" for i in sorted(indices)), None)
-    if fc1 in state:
-        hidden = int(state[fc1].shape[0])
+    first = f"blocks.{min(indices)}." if indices else None
+    if first and ffn == "mlp" and first + "mlp.fc1.weight" in state:
+        hidden = int(state[first + "mlp.fc1.weight"].shape[0])
+    elif first and ffn == "swiglu" and first + "mlp.w12.weight" in state:
+        hidden = int(state[first + "mlp.w12.weight"].shape[0]) // 2
     qkv_bias = True
     if indices:
         qkv_bias = any(f"blocks.{i}.attn.qkv.bias" in state for i in indices)
+    registers = 0
+    if "register_tokens" in state:
+        shape = tuple(state["register_tokens"].shape)
+        if len(shape) != 3 or shape[0] != 1 or shape[2] != dim:
+            raise ValueError(f"register_tokens has shape {shape}; a ViT of width {dim} needs (1, R, {dim}).")
+        registers = shape[1]
     return dict(
         dim=dim,
         depth=depth,
@@ -421,7 +566,73 @@ def _geometry(state):
         grid=grid,
         hidden=hidden,
         qkv_bias=qkv_bias,
+        ffn=ffn,
+        layer_scale=any(f"blocks.{i}.ls1.gamma" in state or f"blocks.{i}.ls2.gamma" in state for i in indices),
+        registers=registers,
     )
+
+
+def _mlp_ratio(geometry, dim):
+    """The ``mlp_ratio`` whose FFN has the checkpoint's hidden width."""
+    hidden = geometry["hidden"]
+    if not hidden:
+        return 4.0
+    if geometry["ffn"] == "swiglu":
+        # DINOv2's rule maps the MLP width 4 * dim to the SwiGLU width; try it first, then
+        # the ratio whose two thirds give the width exactly.
+        for ratio in (4.0, hidden * 1.5 / dim):
+            if swiglu_hidden_dim(int(dim * ratio)) == hidden:
+                return ratio
+        raise ValueError(
+            f"SwiGLU width {hidden} (mlp.w12 has 2 x {hidden} outputs) is not DINOv2's rounding of "
+            f"two thirds of an MLP width (a multiple of 8); the checkpoint is not a DINOv2 ViT."
+        )
+    ratio = hidden / dim
+    if int(dim * ratio) != hidden:  # the backbone rounds dim * ratio down
+        raise ValueError(f"MLP width {hidden} is not representable as {dim} * mlp_ratio.")
+    return ratio
+
+
+def _mask_key(state):
+    """The mask token's name: iBOT/PQCL ``masked_embed`` or DINOv2 ``mask_token``."""
+    return next((name for name in ("masked_embed", "mask_token") if name in state), None)
+
+
+def _resampling(preset, geometry, hugging_face, offset, antialias):
+    """``(interpolate_offset, interpolate_antialias)``: the caller's, else the reference of the
+    layout: ``transformers``' for Hugging Face weights, else the named DINOv2 preset's, else
+    DINOv2's hub models' (by registers) or DINO's (see ``_V1_RESAMPLING``)."""
+    if hugging_face:
+        default = _REGISTER_RESAMPLING
+    elif preset is not None and preset in DINOV2_PRESETS:
+        default = (
+            DINOV2_PRESETS[preset].get("interpolate_offset", 0.1),
+            DINOV2_PRESETS[preset].get("interpolate_antialias", False),
+        )
+    elif geometry["registers"]:
+        default = _REGISTER_RESAMPLING
+    else:
+        default = _V1_RESAMPLING
+    return (
+        default[0] if offset is None else offset,
+        default[1] if antialias is None else bool(antialias),
+    )
+
+
+def _check_preset_options(preset, geometry, arch):
+    """A named DINOv2 preset must agree with the weights on registers and FFN."""
+    if preset is None or preset not in DINOV2_PRESETS:
+        return
+    options = DINOV2_PRESETS[preset]
+    wanted = (options.get("num_register_tokens", 0), options.get("ffn", "mlp"))
+    found = (geometry["registers"], geometry["ffn"])
+    if wanted != found:
+        fix = preset[: -len("_reg")] if preset.endswith("_reg") else preset + "_reg"
+        raise ValueError(
+            f"arch={arch!r} has {wanted[0]} register tokens and a {wanted[1]} FFN; the checkpoint has "
+            f"{found[0]} register tokens and a {found[1]} FFN. Pass arch={fix!r} if that matches, or "
+            f"arch=dict(embed_dim={geometry['dim']}, depth={geometry['depth']}, num_heads=...)."
+        )
 
 
 def _preset_for(dim, depth):
@@ -444,21 +655,19 @@ def _resolve_arch(arch, dim, depth):
         config.setdefault("embed_dim", dim)
         config.setdefault("depth", depth)
         name = "vit"
+        preset = None
         label = f"arch={dict(arch)!r}"
     else:
-        name = str(arch)
-        for prefix in _ARCH_PREFIXES:
-            if name.startswith(prefix):
-                name = name[len(prefix) :]
-                break
-        name = f"vit_{name}"
+        name = _preset_name(str(arch))
         if name not in VIT_PRESETS:
             raise ValueError(
                 f"Unknown arch {arch!r}; choose one of {sorted(VIT_PRESETS)} (deit_/pos_ "
-                "prefixes accepted) or pass a dict such as dict(embed_dim=384, depth=12, "
-                "num_heads=6)."
+                "prefixes and DINOv2's dinov2_vits14[_reg] names accepted) or pass a dict such as "
+                "dict(embed_dim=384, depth=12, num_heads=6)."
             )
-        config = dict(VIT_PRESETS[name])
+        preset = name
+        # Only the sizes: the DINOv2 options are read from the weights.
+        config = {k: VIT_PRESETS[name][k] for k in ("embed_dim", "depth", "num_heads")}
         label = f"arch={arch!r}"
     differences = []
     if config["depth"] != depth:
@@ -482,7 +691,19 @@ def _resolve_arch(arch, dim, depth):
         )
     if dim % config["num_heads"]:
         raise ValueError(f"Width {dim} is not divisible by num_heads={config['num_heads']}.")
-    return config, name
+    return config, name, preset
+
+
+def _preset_name(name):
+    if name.startswith("dinov2_"):
+        base, _, suffix = name[len("dinov2_") :].partition("_")
+        if base in _DINOV2_HUB_NAMES and suffix in ("", "reg", "reg4"):
+            return f"vit_{_DINOV2_HUB_NAMES[base]}" + ("_reg" if suffix else "")
+    for prefix in _ARCH_PREFIXES:
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+            break
+    return f"vit_{name}"
 
 
 def _pos_embed_kind(requested, table, grid, dim):
@@ -506,20 +727,28 @@ def _pos_embed_kind(requested, table, grid, dim):
     return requested
 
 
-def _expected_keys(depth, qkv_bias):
+def _expected_keys(geometry):
     keys = ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"]
-    for i in range(depth):
-        for param in _BLOCK_PARAMS:
-            if param == "attn.qkv.bias" and not qkv_bias:
+    if geometry["registers"]:
+        keys.append("register_tokens")
+    params = list(_BLOCK_PARAMS)
+    if geometry["ffn"] == "swiglu":
+        params = [p for p in params if not p.startswith("mlp.")]
+        params += ["mlp.w12.weight", "mlp.w12.bias", "mlp.w3.weight", "mlp.w3.bias"]
+    if geometry["layer_scale"]:
+        params += ["ls1.gamma", "ls2.gamma"]
+    for i in range(geometry["depth"]):
+        for param in params:
+            if param == "attn.qkv.bias" and not geometry["qkv_bias"]:
                 continue
             keys.append(f"blocks.{i}.{param}")
     return keys + ["norm.weight", "norm.bias"]
 
 
-def _check_keys(state, depth, qkv_bias, strict):
-    expected = _expected_keys(depth, qkv_bias)
+def _check_keys(state, geometry, strict):
+    expected = _expected_keys(geometry)
     missing = [k for k in expected if k not in state]
-    known = set(expected) | {"masked_embed"}
+    known = set(expected) | {"masked_embed", "mask_token"}
     unexpected = [k for k in state if k not in known]
     if not (missing or unexpected):
         return
@@ -531,8 +760,9 @@ def _check_keys(state, depth, qkv_bias, strict):
     report = "; ".join(parts)
     if strict:
         raise ValueError(
-            f"The checkpoint does not match a DINO/iBOT/PQCL ViT: {report} (names after "
-            "removing module./backbone. prefixes and head keys). Check key= and the file, "
+            f"The checkpoint does not match a DINO/iBOT/PQCL/DINOv2 ViT: {report} (names after "
+            "removing module./backbone. prefixes and head keys, in the official layout; Hugging Face "
+            "names are renamed to it first). Check key= and the file, "
             "or pass strict=False to keep initial values for missing weights and ignore "
             "unexpected ones."
         )
@@ -565,8 +795,11 @@ def _assign(backbone, state, dim, patch, hidden):
         ("norm.weight", backbone.norm.gamma, (dim,), None),
         ("norm.bias", backbone.norm.beta, (dim,), None),
     ]
-    if backbone.mask_token is not None:
-        entries.append(("masked_embed", backbone.mask_token, None, None))
+    mask_key = _mask_key(state)
+    if backbone.mask_token is not None and mask_key is not None:
+        entries.append((mask_key, backbone.mask_token, None, None))
+    if backbone.register_tokens is not None:
+        entries.append(("register_tokens", backbone.register_tokens, None, None))
     for i, block in enumerate(backbone.blocks):
         attn, mlp = block.attn, block.mlp
         layers = {
@@ -574,13 +807,20 @@ def _assign(backbone, state, dim, patch, hidden):
             "attn.qkv": (attn.qkv.kernel, attn.qkv.bias, (3 * dim, dim), _linear),
             "attn.proj": (attn.proj.kernel, attn.proj.bias, (dim, dim), _linear),
             "norm2": (block.norm2.gamma, block.norm2.beta, (dim,), None),
-            "mlp.fc1": (mlp.fc1.kernel, mlp.fc1.bias, (hidden, dim), _linear),
-            "mlp.fc2": (mlp.fc2.kernel, mlp.fc2.bias, (dim, hidden), _linear),
         }
+        if block.ffn == "swiglu":
+            layers["mlp.w12"] = (mlp.w12.kernel, mlp.w12.bias, (2 * hidden, dim), _linear)
+            layers["mlp.w3"] = (mlp.w3.kernel, mlp.w3.bias, (dim, hidden), _linear)
+        else:
+            layers["mlp.fc1"] = (mlp.fc1.kernel, mlp.fc1.bias, (hidden, dim), _linear)
+            layers["mlp.fc2"] = (mlp.fc2.kernel, mlp.fc2.bias, (dim, hidden), _linear)
         for layer, (weight, bias, shape, transform) in layers.items():
             entries.append((f"blocks.{i}.{layer}.weight", weight, shape, transform))
             if bias is not None:
                 entries.append((f"blocks.{i}.{layer}.bias", bias, shape[:1], None))
+        if block.ls1 is not None:
+            entries.append((f"blocks.{i}.ls1.gamma", block.ls1.gamma, (dim,), None))
+            entries.append((f"blocks.{i}.ls2.gamma", block.ls2.gamma, (dim,), None))
 
     for name, variable, torch_shape, transform in entries:
         if name not in state:
@@ -590,7 +830,7 @@ def _assign(backbone, state, dim, patch, hidden):
             raise ValueError(
                 f"{name} has shape {tuple(value.shape)}; a ViT of width {dim} (patch {patch}, "
                 f"MLP {hidden}) needs {torch_shape}. The checkpoint is not a standard "
-                "DINO/iBOT/PQCL ViT or mixes architectures."
+                "DINO/iBOT/PQCL/DINOv2 ViT or mixes architectures."
             )
         if transform is not None:
             value = transform(value)

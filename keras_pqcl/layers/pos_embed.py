@@ -3,7 +3,8 @@
 The sin-cos convention is the MAE one used by PQCL (x = column first, then y = row); the
 bicubic resampling reproduces DINO's ``interpolate_pos_encoding`` (PyTorch ``bicubic`` with
 Keys a = -0.75, ``align_corners=False`` and the ``+0.1`` scale-factor trick), so that
-weights imported from the reference code give the same tokens on 96 px crops.
+weights imported from the reference code give the same tokens on 96 px crops, and DINOv2's
+two conventions (that one, and resampling by size with PyTorch's antialiased kernel).
 
 The sin-cos formula itself is :mod:`keras_pqcl.layers.sincos`, which the tf.data query tables
 share; the functions here only choose the library and the precision.
@@ -60,16 +61,38 @@ def _cubic(t, a=-0.75):
     return 0.0
 
 
-def bicubic_matrix(in_size, out_size, scale_factor=None):
-    """Matrix ``(out_size, in_size)`` of PyTorch's 1-D bicubic resampling.
+def _antialias_taps(d, in_size, ratio):
+    """PyTorch's antialiased bicubic taps for output index ``d``: ``{source index: weight}``.
+
+    The kernel is Keys' cubic with a = -0.5 (PIL's), stretched by ``ratio`` when shrinking;
+    taps beyond the border are dropped (not clamped) and the rest renormalised to sum to 1.
+    """
+    support = 2.0 * ratio if ratio >= 1.0 else 2.0
+    stretch = 1.0 / ratio if ratio >= 1.0 else 1.0
+    center = (d + 0.5) * ratio
+    # int() truncates toward zero, as PyTorch's cast does.
+    lo = max(int(center - support + 0.5), 0)
+    hi = min(int(center + support + 0.5), in_size)
+    taps = {j: _cubic((j - center + 0.5) * stretch, a=-0.5) for j in range(lo, hi)}
+    total = sum(taps.values())
+    return {j: w / total for j, w in taps.items()} if total else taps
+
+
+def bicubic_matrix(in_size, out_size, scale_factor=None, antialias=False):
+    """Matrix ``(out_size, in_size)`` of PyTorch's 1-D bicubic resampling (``align_corners=False``).
 
     ``scale_factor`` is the factor handed to ``F.interpolate``; PyTorch then maps output
-    index ``d`` to source ``(d + 0.5) / scale_factor - 0.5`` and clamps the 4 taps to the
-    border. Without it, ``in_size / out_size`` is used, as for ``size=``.
+    index ``d`` to source ``(d + 0.5) / scale_factor - 0.5``. Without it, ``in_size / out_size``
+    is used, as for ``size=``. Without ``antialias`` the 4 taps use Keys a = -0.75 and are
+    clamped to the border; with it (``antialias=True``) see :func:`_antialias_taps`.
     """
     ratio = (1.0 / scale_factor) if scale_factor else in_size / out_size
     mat = np.zeros((out_size, in_size), np.float64)
     for d in range(out_size):
+        if antialias:
+            for idx, weight in _antialias_taps(d, in_size, ratio).items():
+                mat[d, idx] += weight
+            continue
         src = (d + 0.5) * ratio - 0.5
         base = math.floor(src)
         frac = src - base
@@ -79,27 +102,37 @@ def bicubic_matrix(in_size, out_size, scale_factor=None):
     return mat.astype(np.float32)
 
 
-def interpolate_grid(pos, in_hw, out_hw):
-    """Resample patch position embeddings from one grid to another, like DINO.
+def interpolate_grid(pos, in_hw, out_hw, offset=0.1, antialias=False):
+    """Resample patch position embeddings from one grid to another, like DINO / DINOv2.
+
+    DINO (and DINOv2's models without registers) pass ``scale_factor=(out + 0.1) / in`` to a
+    bicubic ``F.interpolate``: the 0.1 guards floor() and moves the sampling positions
+    slightly, so it is part of the reference numbers. DINOv2's models with registers use
+    ``offset=0`` (``size=out``, i.e. the exact ratio) and ``antialias=True``.
 
     Args:
         pos: tensor ``(1, in_h * in_w, dim)`` (patch rows only, no CLS).
         in_hw: ``(in_h, in_w)`` the grid ``pos`` was made for.
         out_hw: ``(out_h, out_w)`` the grid of the current input: ints, or scalar tensors
             when the height and width are only known at run time (an exported model).
+        offset: added to the output size in the scale factor; 0 means resample by size.
+        antialias: PyTorch's antialiased bicubic kernel (a = -0.5, renormalised at borders).
 
     Returns:
         tensor ``(1, out_h * out_w, dim)``; ``pos`` itself when the grids agree.
     """
     (in_h, in_w), (out_h, out_w) = in_hw, out_hw
     if not all(isinstance(size, int) for size in (out_h, out_w)):
+        if offset != 0.1 or antialias:
+            raise ValueError(
+                "a grid known only at run time is resampled with DINO's convention (offset 0.1, no antialiasing), "
+                f"not this backbone's (offset {offset}, antialias {antialias}); export it with a fixed --image-size."
+            )
         return _interpolate_traced(pos, in_hw, out_hw)
     if (in_h, in_w) == (out_h, out_w):
         return pos
-    # DINO passes scale_factor=(out + 0.1) / in; the 0.1 guards floor() and moves the
-    # sampling positions slightly, so it is part of the reference numbers.
-    mat_h = bicubic_matrix(in_h, out_h, (out_h + 0.1) / in_h)
-    mat_w = bicubic_matrix(in_w, out_w, (out_w + 0.1) / in_w)
+    mat_h = bicubic_matrix(in_h, out_h, (out_h + offset) / in_h if offset else None, antialias)
+    mat_w = bicubic_matrix(in_w, out_w, (out_w + offset) / in_w if offset else None, antialias)
     dim = ops.shape(pos)[-1]
     grid = ops.reshape(pos, (in_h, in_w, dim))
     mat_h = ops.convert_to_tensor(mat_h, dtype=pos.dtype)
