@@ -23,6 +23,8 @@ from keras import ops
 
 import keras_pqcl as kp
 from keras_pqcl.data import MaskConfig, MultiCropConfig, QueryConfig
+from keras_pqcl.models.self_distillation import encode
+from keras_pqcl.models.terms import StepOutputs
 
 try:
     from tests import helpers
@@ -107,6 +109,16 @@ def global_model():
     return model
 
 
+def query_inputs(model, data):
+    """The student's query tokens ``(G B, T, D)`` of the batch ``data``, as the step builds them."""
+    return model.term("query").query_tokens(model, StepOutputs(data, 0, 2, BATCH))[0]
+
+
+def query_tokens(model, local_crops, n_views=1, backbone=None):
+    """The query crops' tokens embedded by ``backbone`` (default the student's), ``n_views`` times."""
+    return model.term("query").tokens(backbone or model.student_backbone, local_crops, n_views)
+
+
 def _source(options, default_run, global_model):
     """The model whose weights suit ``options`` (the same kind of position table)."""
     return global_model if options["query_position"] == "global" else default_run[0]
@@ -151,8 +163,9 @@ def _assert_learns(history, terms):
 
 def test_default_fit_lowers_loss(default_run):
     model, history, _ = default_run
-    assert (model.base, model.target, model.query_position) == ("dino", "cross_view", "crop")
-    assert model.local_cls_terms and model.lambda3 == 1.0
+    config = model.get_config()
+    assert (config["base"], config["target"], config["query_position"]) == ("dino", "cross_view", "crop")
+    assert config["local_cls_terms"] and config["lambda3"] == 1.0
     _assert_learns(history, ("cls", "query"))
     assert not {"mim", "masked_fraction", "teacher_patch_temp"} & set(history)
     for name in ("teacher_temp", "teacher_query_temp"):
@@ -184,14 +197,14 @@ def test_crop_query_tokens_match_numpy(default_run, batch):
     rng = np.random.default_rng(0)
     for crops in (batch["local_crops"], rng.normal(size=(2, N_LOCAL, 24, 24, 3)).astype("float32")):
         for vit in (model.student_backbone, model.teacher_backbone):
-            got = _np(model.query_tokens(crops, n_views=2, backbone=vit))
+            got = _np(query_tokens(model, crops, n_views=2, backbone=vit))
             expected = np_query_tokens(vit, crops, "crop")
             assert got.shape == (2 * len(crops),) + expected.shape[1:]
             # View-major: row v * B + b holds image b's queries for view v.
             np.testing.assert_allclose(got, np.concatenate([expected, expected]), rtol=1e-5, atol=1e-5)
     # The student's and the teacher's weights differ after training: each embeds with its own.
-    s = _np(model.query_tokens(batch["local_crops"]))
-    t = _np(model.query_tokens(batch["local_crops"], backbone=model.teacher_backbone))
+    s = _np(query_tokens(model, batch["local_crops"]))
+    t = _np(query_tokens(model, batch["local_crops"], backbone=model.teacher_backbone))
     assert np.abs(s - t).max() > 1e-5
 
 
@@ -200,14 +213,10 @@ def test_global_query_tokens_match_numpy(global_model, batch):
     mask token, no crop-grid table)."""
     model = global_model
     data = {k: ops.convert_to_tensor(v) for k, v in batch.items()}
-    got = _np(model._query_inputs(data, data["global_crops"], data["local_crops"]))
+    got = _np(query_inputs(model, data))
     expected = np_query_tokens(model.student_backbone, batch["local_crops"], "global", batch["query_coords"])
     assert got.shape == (2 * BATCH, N_LOCAL, DIM)
     np.testing.assert_allclose(got, np.swapaxes(expected, 0, 1).reshape(got.shape), rtol=1e-5, atol=2e-5)
-    tables = dict(data, query_tables=kp.data.sincos_tables(batch["query_coords"], DIM).numpy())
-    tables.pop("query_coords")
-    from_tables = _np(model._query_inputs(tables, data["global_crops"], data["local_crops"]))
-    np.testing.assert_allclose(from_tables, got, atol=2e-5)
 
 
 def test_queries_leave_image_tokens_unchanged(default_run, global_model, batch):
@@ -216,10 +225,9 @@ def test_queries_leave_image_tokens_unchanged(default_run, global_model, batch):
     masks = np.swapaxes(batch["global_masks"], 0, 1).reshape(2 * BATCH, -1)
     model = default_run[0]
     cases = [  # (backbone, masks, query tokens): both of the fitted model, and a masked student
-        (model.student_backbone, None, model._query_inputs(data, data["global_crops"], data["local_crops"])),
-        (model.teacher_backbone, None, model.query_tokens(data["local_crops"], 2, backbone=model.teacher_backbone)),
-        (global_model.student_backbone, masks,
-         global_model._query_inputs(data, data["global_crops"], data["local_crops"])),
+        (model.student_backbone, None, query_inputs(model, data)),
+        (model.teacher_backbone, None, query_tokens(model, data["local_crops"], 2, backbone=model.teacher_backbone)),
+        (global_model.student_backbone, masks, query_inputs(global_model, data)),
     ]
     for vit, vit_masks, queries in cases:
         plain = vit(images, masks=vit_masks)
@@ -250,12 +258,16 @@ def test_loss_terms_match_numpy(options, default_run, global_model, batch):
     model = make(options)  # center momentum 0.9, temperatures 0.04 at epoch 0
     model.set_weights(source.get_weights())
     model.compile(optimizer=kp.optimizers.AdamW(learning_rate=1e-3))  # the logs read the optimizer
-    rng = np.random.default_rng(3)
-    for center in (model.ibot_loss.center, model.ibot_loss.center2, model.query_loss.center):
-        center.assign(rng.normal(size=center.shape).astype("float32"))
-    c, c2, c3 = (f64(v) for v in (model.ibot_loss.center, model.ibot_loss.center2, model.query_loss.center))
     tau_s, tau, m, k = 0.1, 0.04, 0.9, HEAD["out_dim"]
     ibot, cross_view = options["base"] == "ibot", options["target"] == "cross_view"
+    rng = np.random.default_rng(3)
+    centers = {}
+    for name, shape in (("cls", (1, k)), ("mim", (1, 1, k)), ("query", (1, 1, k))):
+        value = rng.normal(size=shape).astype("float32")  # drawn for the DINO base too: same centers
+        if name != "mim" or ibot:
+            model.term(name).center.assign(value)
+            centers[name] = f64(model.term(name).center)
+    c, c2, c3 = centers["cls"], centers.get("mim"), centers["query"]
 
     # Image-major rows: b * 2 + g is view g of image b; b * n + i is query crop i of image b.
     images = batch["global_crops"].reshape(2 * BATCH, GLOBAL, GLOBAL, 3)
@@ -271,9 +283,10 @@ def test_loss_terms_match_numpy(options, default_run, global_model, batch):
     def per_image(out):  # (2B, ...) -> (B, 2, ...)
         return {name: f64(v).reshape((BATCH, 2) + tuple(v.shape[1:])) for name, v in out.items()}
 
-    student = per_image(model.student_logits(images, masks=masks, queries=tokens(model.student_backbone)))
+    student = per_image(encode(model.student_backbone, model.student_head, images, masks=masks,
+                               queries=tokens(model.student_backbone)))
     teacher_queries = tokens(model.teacher_backbone) if cross_view else None
-    teacher = per_image(model.teacher_logits(images, queries=teacher_queries))
+    teacher = per_image(encode(model.teacher_backbone, model.teacher_head, images, queries=teacher_queries))
 
     local_cls = f64(model.student_head.token_logits(model.student_backbone(locals_)["cls"]))
     s_cls = [student["cls"][:, g] for g in range(2)] + list(np.moveaxis(local_cls.reshape(BATCH, N_LOCAL, k), 1, 0))
@@ -310,20 +323,22 @@ def test_loss_terms_match_numpy(options, default_run, global_model, batch):
     assert ("mim" in logs) == ibot
     # One update per step, from every raw teacher query output (or local patch).
     mean = raw_targets.reshape(-1, k).mean(0)
-    np.testing.assert_allclose(_np(model.query_loss.center)[0, 0], m * c3[0, 0] + (1 - m) * mean, rtol=1e-4, atol=1e-5)
+    center = _np(model.term("query").center)
+    np.testing.assert_allclose(center[0, 0], m * c3[0, 0] + (1 - m) * mean, rtol=1e-4, atol=1e-5)
 
 
 # ------------------------------------------------------------------ save/load
 def _outputs(model, data):
     images = kp.models.crop_major(ops.convert_to_tensor(data["global_crops"]))
     local = ops.convert_to_tensor(data["local_crops"])
-    student = model.student_logits(images, queries=model.query_tokens(local, 2))
-    teacher = model.teacher_logits(images, queries=model.query_tokens(local, 2, backbone=model.teacher_backbone))
+    student = encode(model.student_backbone, model.student_head, images, queries=query_tokens(model, local, 2))
+    teacher = encode(model.teacher_backbone, model.teacher_head, images,
+                     queries=query_tokens(model, local, 2, backbone=model.teacher_backbone))
     out = dict(
         call=model(images),
         student_cls=student["cls"], student_queries=student["queries"],
         teacher_cls=teacher["cls"], teacher_queries=teacher["queries"],
-        center=model.ibot_loss.center, query_center=model.query_loss.center,
+        center=model.term("cls").center, query_center=model.term("query").center,
     )
     return {k: _np(v) for k, v in out.items()}
 
@@ -346,7 +361,8 @@ def test_save_load(default_run, batch):
 def test_config_round_trip(global_model):
     model = global_model
     clone = kp.models.ADCLR.from_config(model.get_config())
-    assert (clone.base, clone.target, clone.query_position, clone.out_dim) == ("ibot", "crop", "global", 64)
+    config = clone.get_config()
+    assert (config["base"], config["target"], config["query_position"], clone.out_dim) == ("ibot", "crop", "global", 64)
     assert "mim" in clone.trackers and clone.student_backbone.mask_token.trainable
     assert clone.get_config() == model.get_config()
 
@@ -367,9 +383,11 @@ def test_option_and_backbone_errors():
         with pytest.raises(ValueError, match="pos_embed='sincos'.*query_position='crop'"):
             kp.models.ADCLR(backbone("learned"), query_position="global", **HEAD)
         with pytest.raises(ValueError, match="use_mask_token=True"):
-            kp.models.ADCLR(backbone(use_mask_token=False), **HEAD)
+            kp.models.ADCLR(backbone(use_mask_token=False), base="ibot", **HEAD)
+        # The DINO base reads no mask token: a backbone without one is fine.
+        assert not kp.models.ADCLR(backbone(use_mask_token=False), **HEAD).student_backbone.has_mask_token
         # Learned tables are fine with the crop's own positions.
-        assert kp.models.ADCLR(backbone("learned"), **HEAD).query_position == "crop"
+        assert kp.models.ADCLR(backbone("learned"), **HEAD).get_config()["query_position"] == "crop"
 
 
 def test_batch_errors(default_run, global_model, batch):
@@ -386,13 +404,11 @@ def test_batch_errors(default_run, global_model, batch):
     with pytest.raises(ValueError, match="at least 2.*target='crop'"):
         model.ssl_forward(dict(batch, global_crops=batch["global_crops"][:, :1]), 0)
     # query_position="global" needs coordinates made for this patch size.
-    with pytest.raises(ValueError, match="query_coords.*QueryConfig.*query_position='crop'"):
+    with pytest.raises(ValueError, match="query_coords.*QueryConfig.*position='crop'"):
         global_model.ssl_forward(without("query_coords"), 0)
     bad = dict(batch, query_coords=np.zeros((BATCH, 2, N_LOCAL, 4, 2), "float32"))
     with pytest.raises(ValueError, match="QueryConfig\\(patch_size=8\\)"):
         global_model.ssl_forward(bad, 0)
-    with pytest.raises(ValueError, match="needs the queries' positions"):
-        global_model.query_tokens(batch["local_crops"])
     # The default model needs no coordinates at all.
-    queries = model._query_inputs(without("query_coords"), batch["global_crops"], batch["local_crops"])
+    queries = query_inputs(model, without("query_coords"))
     assert tuple(queries.shape) == (2 * BATCH, N_LOCAL, DIM)

@@ -82,7 +82,7 @@ def test_mixed_bfloat16_trains_with_float32_loss(recipe_file, tmp_path):
     assert np.isfinite(summary["last_loss"])
     model = keras.saving.load_model(summary["checkpoint"])
     assert model.student_backbone.compute_dtype == "bfloat16"
-    assert model.dino_loss.center.dtype == "float32"
+    assert model.term("cls").center.dtype == "float32"
     assert all(v.dtype == "float32" for v in model.trainable_variables)
 
 

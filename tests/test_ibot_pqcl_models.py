@@ -23,6 +23,8 @@ from keras import ops
 import keras_pqcl as kp
 from keras_pqcl.data import MaskConfig, MultiCropConfig, QueryConfig
 from keras_pqcl.layers.pos_embed import sincos_embedding, sincos_from_coords, sincos_grid
+from keras_pqcl.models.self_distillation import encode
+from keras_pqcl.models.terms import StepOutputs
 
 BATCH, GLOBAL, LOCAL, PATCH, N_LOCAL = 4, 32, 16, 8, 2
 HEAD = dict(out_dim=64, hidden_dim=32, bottleneck_dim=16)
@@ -156,8 +158,8 @@ def test_pqcl_dino_base_fit_lowers_loss(pqcl_dino_run):
     model, history = pqcl_dino_run
     _assert_learns(history, ("cls", "query"))
     assert not {"mim", "masked_fraction", "teacher_patch_temp"} & set(history)
-    # No MIM: the patch center is never used.
-    np.testing.assert_array_equal(_np(model.ibot_loss.center2), 0.0)
+    # No MIM: there is no patch term (nor its center) at all.
+    assert "mim" not in [t.log_name for t in model.terms]
 
 
 def test_teacher_is_not_trained(pqcl_run):
@@ -170,6 +172,19 @@ def test_teacher_is_not_trained(pqcl_run):
 
 
 # ------------------------------------------------------- queries, image tokens
+def student_logits(model, images, masks=None, query_coords=None):
+    """The student's logits of ``images``, with PQCL's query tokens at ``query_coords``."""
+    queries = None
+    if query_coords is not None:
+        codes = sincos_embedding(query_coords, model.student_backbone.embed_dim)
+        queries = model.student_backbone.positional_queries(codes)
+    return encode(model.student_backbone, model.student_head, images, masks=masks, queries=queries)
+
+
+def teacher_logits(model, images):
+    return encode(model.teacher_backbone, model.teacher_head, images)
+
+
 def _views(data):
     """Both global views of the batch, crop-major (the shapes of the train step, whose
     eager ops JAX has then compiled once): images ``(2B, S, S, 3)``, masks ``(2B, h, w)``
@@ -182,25 +197,22 @@ def _views(data):
 def test_queries_leave_image_logits_unchanged(pqcl_run, batch):
     model = pqcl_run[0]
     images, masks, coords = _views(batch)
-    plain = model.student_logits(images, masks=masks)
-    with_queries = model.student_logits(images, masks=masks, query_coords=coords)
+    plain = student_logits(model, images, masks=masks)
+    with_queries = student_logits(model, images, masks=masks, query_coords=coords)
     assert tuple(with_queries["queries"].shape) == (2 * BATCH, N_LOCAL * (LOCAL // PATCH) ** 2, HEAD["out_dim"])
     for key in ("cls", "patches"):
         np.testing.assert_allclose(_np(with_queries[key]), _np(plain[key]), rtol=1e-5, atol=1e-5, err_msg=key)
     # The queries do read the image: other images give other query logits.
-    other = model.student_logits(images[::-1], masks=masks, query_coords=coords)
+    other = student_logits(model, images[::-1], masks=masks, query_coords=coords)
     assert np.abs(_np(other["queries"]) - _np(with_queries["queries"])).max() > 1e-4
 
 
-def test_query_tables_and_coords_give_the_same_queries(pqcl_run, batch):
+def test_query_tokens_are_mask_token_plus_sincos_crop_major(pqcl_run, batch):
     model = pqcl_run[0]
     data = {k: ops.convert_to_tensor(v) for k, v in batch.items()}
-    from_coords = model._query_inputs(data, data["global_crops"], data["local_crops"])
-    tables = dict(data, query_tables=kp.data.sincos_tables(batch["query_coords"], 32).numpy())
-    tables.pop("query_coords")
-    from_tables = model._query_inputs(tables, data["global_crops"], data["local_crops"])
+    from_coords, teacher = model.term("query").query_tokens(model, StepOutputs(data, 0, 2, BATCH))
+    assert teacher is None  # the teacher sees no queries: its targets are the local crops' patches
     assert tuple(from_coords.shape) == (2 * BATCH, N_LOCAL * 4, 32)
-    np.testing.assert_allclose(_np(from_tables), _np(from_coords), atol=2e-5)
     # Crop-major: row g * B + b holds view g of image b, local crops one after another.
     expected = sincos_from_coords(*np.moveaxis(batch["query_coords"][1, 1].reshape(-1, 2), -1, 0), 32)
     np.testing.assert_allclose(
@@ -235,7 +247,8 @@ def test_loss_terms_match_image_major_recomputation(base, local_cls_terms, pqcl_
     model.set_weights(trained.get_weights())
     model.compile(optimizer=kp.optimizers.AdamW(learning_rate=1e-3))  # the logs read the optimizer
     f64 = lambda x: _np(x).astype(np.float64)  # noqa: E731
-    c, c2, c3 = (f64(v) for v in (model.ibot_loss.center, model.ibot_loss.center2, model.query_loss.center))
+    c, c3 = f64(model.term("cls").center), f64(model.term("query").center)
+    c2 = f64(model.term("mim").center) if base == "ibot" else None
     tau_s, tau = 0.1, 0.04  # epoch 0 of every warm-up
     k = HEAD["out_dim"]
 
@@ -244,14 +257,14 @@ def test_loss_terms_match_image_major_recomputation(base, local_cls_terms, pqcl_
     masks = batch["global_masks"].reshape(BATCH, 2, -1)
     coords = batch["query_coords"].reshape(2 * BATCH, -1, 2)
     locals_ = batch["local_crops"].reshape(N_LOCAL * BATCH, LOCAL, LOCAL, 3)
-    student = model.student_logits(
-        images, masks=masks.reshape(2 * BATCH, -1) if base == "ibot" else None, query_coords=coords
+    student = student_logits(
+        model, images, masks=masks.reshape(2 * BATCH, -1) if base == "ibot" else None, query_coords=coords
     )
 
     def per_image(out):  # (2B, ...) -> (B, 2, ...)
         return {name: f64(v).reshape((BATCH, 2) + tuple(v.shape[1:])) for name, v in out.items()}
 
-    student, teacher = per_image(student), per_image(model.teacher_logits(images))
+    student, teacher = per_image(student), per_image(teacher_logits(model, images))
     local_patches = model.teacher_backbone(locals_)["patches"]
     targets = f64(model.teacher_head.token_logits(local_patches)).reshape(BATCH, -1, k)  # crop 0's patches first
 
@@ -297,12 +310,12 @@ class CenterRecorder(keras.callbacks.Callback):
 
     def centers(self):
         m = self.model
-        return [_np(m.ibot_loss.center), _np(m.ibot_loss.center2), _np(m.query_loss.center)]
+        return [_np(m.term(name).center) for name in ("cls", "mim", "query")]
 
     def expected_next(self, previous):
         m = self.model
-        teacher = m.teacher_logits(kp.models.crop_major(ops.convert_to_tensor(self.batch["global_crops"])))
-        local = m.teacher_local_logits(ops.convert_to_tensor(self.batch["local_crops"]))
+        teacher = teacher_logits(m, kp.models.crop_major(ops.convert_to_tensor(self.batch["global_crops"])))
+        local = m.teacher_local_patches(ops.convert_to_tensor(self.batch["local_crops"]))
         means = [
             _np(teacher["cls"]).astype(np.float64).mean(0, keepdims=True),
             _np(teacher["patches"]).astype(np.float64).mean((0, 1))[None, None],
@@ -365,12 +378,12 @@ def test_temperature_schedules():
         e = np.maximum(epochs - start_epoch, 0)
         return np.where(e < 3, warm[np.minimum(e, 2)], final)
 
-    for fn, want in (
-        (model.teacher_temp_at, schedule(0.07)),
-        (model.teacher_query_temp_at, schedule(0.05, start_epoch=2)),
-        (model.teacher_patch_temp_at, schedule(0.06, start_epoch=2)),
+    for name, want in (
+        ("teacher_temp", schedule(0.07)),
+        ("teacher_query_temp", schedule(0.05, start_epoch=2)),
+        ("teacher_patch_temp", schedule(0.06, start_epoch=2)),
     ):
-        got = [float(_np(fn(2 * e + 1))) for e in epochs]  # last step of each epoch
+        got = [float(_np(model.schedule_values(2 * e + 1)[name])) for e in epochs]  # last step of each epoch
         np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
@@ -392,27 +405,27 @@ def test_query_temperature_is_delayed_by_pred_start_epoch(pred_start_epoch):
     ])
     assert per_epoch.shape == (epochs,)
     for step in range(epochs * steps):
-        got = float(_np(model.teacher_query_temp_at(step)))
+        got = float(_np(model.schedule_values(step)["teacher_query_temp"]))
         assert got == pytest.approx(per_epoch[step // steps], rel=1e-6), step
     # Past the end of the schedule it stays at the final value.
-    assert float(_np(model.teacher_query_temp_at(5 * epochs * steps))) == pytest.approx(final, rel=1e-6)
+    assert float(_np(model.schedule_values(5 * epochs * steps)["teacher_query_temp"])) == pytest.approx(final, rel=1e-6)
 
 
 # ------------------------------------------------------------------ save/load
 def _outputs(model, data):
     images, masks, coords = _views(data)
-    student = model.student_logits(images, masks=masks)
-    teacher = model.teacher_logits(images)
+    student = student_logits(model, images, masks=masks)
+    teacher = teacher_logits(model, images)
     out = dict(
         call=model(images),
         student_cls=student["cls"], student_patches=student["patches"],
         teacher_cls=teacher["cls"], teacher_patches=teacher["patches"],
-        center=model.ibot_loss.center, center2=model.ibot_loss.center2,
+        center=model.term("cls").center, center2=model.term("mim").center,
     )
     if isinstance(model, kp.models.PQCL):
-        out["student_queries"] = model.student_logits(images, masks=masks, query_coords=coords)["queries"]
-        out["teacher_local"] = model.teacher_local_logits(data["local_crops"])
-        out["query_center"] = model.query_loss.center
+        out["student_queries"] = student_logits(model, images, masks=masks, query_coords=coords)["queries"]
+        out["teacher_local"] = model.teacher_local_patches(data["local_crops"])
+        out["query_center"] = model.term("query").center
     return {k: _np(v) for k, v in out.items()}
 
 
@@ -430,7 +443,7 @@ def test_pqcl_save_load(pqcl_run, batch):
     config = loaded.get_config()
     assert config["base"] == "ibot" and config["pred_start_epoch"] == 1 and "shared_head" not in config
     assert int(_np(loaded.optimizer.iterations)) == EPOCHS * STEPS
-    assert np.abs(_np(loaded.query_loss.center)).max() > 0
+    assert np.abs(_np(loaded.term("query").center)).max() > 0
     _assert_same_outputs(loaded, model, batch)
 
 
@@ -447,7 +460,7 @@ def test_ibot_save_load(ibot_run, batch, tmp_path):
 def test_pqcl_dino_config_round_trip(pqcl_dino_run):
     model = pqcl_dino_run[0]
     clone = kp.models.PQCL.from_config(model.get_config())
-    assert clone.base == "dino" and "mim" not in clone.trackers
+    assert clone.get_config()["base"] == "dino" and "mim" not in clone.trackers
     assert clone.get_config()["backbone"] == model.get_config()["backbone"]
 
 

@@ -25,7 +25,7 @@ MICRO = Recipe(
 
 # The log columns each method must write (per-term losses and monitors, issue 5 part 4).
 TERMS = {
-    "dino": {"loss", "teacher_entropy"},
+    "dino": {"loss", "cls", "teacher_entropy"},
     "ibot": {"loss", "cls", "mim", "teacher_entropy", "masked_fraction"},
     "pqcl": {"loss", "cls", "mim", "query", "query_agreement", "teacher_entropy"},
     "dino_pqcl": {"loss", "cls", "query", "query_agreement", "teacher_entropy"},

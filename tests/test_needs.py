@@ -37,9 +37,9 @@ EXPECTED = {
     ("ibot", ()): Needs(**VIT, mask_token=True, masks=True),
     ("pqcl", ()): Needs(**VIT, mask_token=True, pos_embed="sincos", masks=True, queries=True),
     ("dino_pqcl", ()): Needs(**VIT, mask_token=True, pos_embed="sincos", queries=True),
-    # ADCLR: a mask token always (the iBOT/PQCL machinery it runs on expects one).
-    ("adclr", ()): Needs(**VIT, mask_token=True),
-    ("adclr", (("query_position", "global"),)): Needs(**VIT, mask_token=True, pos_embed="sincos", queries=True),
+    # ADCLR: a mask token only for the iBOT base (its masked patches); the DINO base reads none.
+    ("adclr", ()): Needs(**VIT),
+    ("adclr", (("query_position", "global"),)): Needs(**VIT, pos_embed="sincos", queries=True),
     ("adclr", (("base", "ibot"),)): Needs(**VIT, mask_token=True, masks=True),
     ("densecl", ()): Needs(backbone="resnet", feature_maps=("C5",)),
     ("mcl", ()): Needs(backbone="resnet", feature_maps=("C2", "C3", "C4", "C5"), batches="montage"),
@@ -116,7 +116,7 @@ HEAD = dict(hidden_dim=16, bottleneck_dim=8, head_layers=2)
 
 def test_models_declare_their_collapse_terms():
     with helpers.no_random_init():
-        assert models.DINO(_vit(), out_dim=12, **HEAD).collapse_terms == {"loss": 12}
+        assert models.DINO(_vit(), out_dim=12, **HEAD).collapse_terms == {"cls": 12}
         ibot = models.IBOT(_vit(), out_dim=12, patch_out_dim=6, shared_head=False, **HEAD)
         assert ibot.collapse_terms == {"cls": 12, "mim": 6}
         assert models.PQCL(_vit(), out_dim=12, **HEAD).collapse_terms == {"cls": 12, "query": 12, "mim": 12}

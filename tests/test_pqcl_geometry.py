@@ -4,7 +4,7 @@ position and the teacher patch it must predict show the same source pixels (issu
 The image encodes its own coordinates (channel 0 = row, channel 1 = column). On the query
 side, the test decodes each query token the model builds (minus the mask token) back to a
 position by nearest match on a fine grid of sin-cos codes, and reads the global view there.
-On the target side, the model's ``teacher_local_logits`` runs with a stand-in teacher whose
+On the target side, the model's ``teacher_local_patches`` runs with a stand-in teacher whose
 "logits" for a patch are the patch's mean coordinates, so the target order is the model's.
 """
 
@@ -17,6 +17,7 @@ from keras import ops
 
 import keras_pqcl as kp
 from keras_pqcl.data import MultiCrop, MultiCropConfig, QueryConfig
+from keras_pqcl.models.terms import StepOutputs
 
 try:
     from tests import helpers
@@ -76,9 +77,10 @@ def test_query_positions_and_targets_show_the_same_pixels(flip_correct):
         draws = [crops(image, -1, tf.constant([seed + b, 3])) for b in range(2)]
         example = {k: np.stack([d[k].numpy() for d in draws]) for k in draws[0]}
         global_crops, local_crops = example["global_crops"], example["local_crops"]
-        queries = ops.convert_to_numpy(model._query_inputs(example, global_crops, local_crops))
+        step = StepOutputs(example, 0, global_crops.shape[1], global_crops.shape[0])
+        queries = ops.convert_to_numpy(model.term("query").query_tokens(model, step)[0])
         targets = ops.convert_to_numpy(
-            kp.models.PQCL.teacher_local_logits(_coordinate_teacher(), local_crops))  # (B, T, 2)
+            kp.models.PQCL.teacher_local_patches(_coordinate_teacher(), local_crops))  # (B, T, 2)
         for g in range(2):
             for b in range(2):
                 positions = _decode(queries[g * 2 + b] - mask_token, DIM)  # views-major rows

@@ -36,9 +36,10 @@ def _compile(model):
 
 def _state(model):
     """Every model and optimizer variable: ``[(path, value)]`` in tracking order; the
-    auto-generated model name (``dino``, ``dino_1``, ...) is normalised."""
+    auto-generated names of the model and of its CLS loss (``dino``, ``dino_1``, ...;
+    ``dino_loss``, ``dino_loss_1``, ...) are normalised."""
     variables = list(model.weights) + list(model.optimizer.variables)
-    return [(re.sub(r"^dino(_\d+)?/", "dino/", v.path), _np(v)) for v in variables]
+    return [(re.sub(r"^(dino|dino_loss)(_\d+)?/", r"\1/", v.path), _np(v)) for v in variables]
 
 
 def _assert_same_state(actual, expected, atol=0.0):
@@ -95,9 +96,9 @@ def test_dino_keras_round_trip(trained):
     assert float(_np(loaded.steps_per_epoch)) == STEPS
     assert float(_np(loaded.total_steps)) == EPOCHS * STEPS
     assert float(_np(loaded.momentum_start)) == pytest.approx(0.9)
-    center = _np(loaded.dino_loss.center)
+    center = _np(loaded.term("cls").center)
     assert np.abs(center).max() > 0
-    np.testing.assert_array_equal(center, _np(model.dino_loss.center))
+    np.testing.assert_array_equal(center, _np(model.term("cls").center))
     # Teacher and student really differ after training, so the comparison below is meaningful.
     images = ts.probe_images()
     expected = _outputs(model, images)
@@ -148,7 +149,7 @@ def test_load_under_other_backend(trained, other):
     expected = dict(
         backbone_cls=teacher["cls"], backbone_patches=teacher["patches"],
         dino_teacher_cls=teacher["cls"], dino_teacher_patches=teacher["patches"],
-        dino_student_cls=model(images, training=False), dino_center=model.dino_loss.center,
+        dino_student_cls=model(images, training=False), dino_center=model.term("cls").center,
     )
     for name, value in expected.items():
         np.testing.assert_allclose(out[name], _np(value), rtol=0, atol=1e-5, err_msg=f"{name} on {other}")

@@ -88,3 +88,10 @@ def test_fit_sets_one_run_length_for_every_schedule():
     values = model.schedule_values(keras.ops.convert_to_tensor(3))
     assert {"teacher_momentum", "learning_rate", "weight_decay", "teacher_temp"} <= set(values)
     np.testing.assert_allclose(float(values["teacher_momentum"]), 1.0, rtol=1e-6)
+
+
+def test_global_query_crops_need_their_positions():
+    term = kp.models.terms.QueryCrops(32, query_position="global")
+    crops = np.zeros((2, 1, 8, 8, 3), "float32")
+    with pytest.raises(ValueError, match="query_position='global' needs the queries' positions"):
+        term.tokens(_tiny_vit(pos_embed="sincos"), crops, n_views=1)

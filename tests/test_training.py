@@ -59,7 +59,7 @@ class Recorder(keras.callbacks.Callback):
         return dict(
             student=student,
             teacher=teacher,
-            center=_np(model.dino_loss.center),
+            center=_np(model.term("cls").center),
             iterations=int(_np(model.optimizer.iterations)),
         )
 

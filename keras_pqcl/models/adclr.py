@@ -54,6 +54,6 @@ class ADCLR(NamedMethod):
         out_dim = args.out_dim or (65536 if args.base == "dino" else 8192)
         args = type(args)(**{**vars(args), "out_dim": out_dim})
         return base_terms(args, args.local_cls_terms) + [QueryCrops(
-            out_dim, position=args.query_position, target=args.target, student_temp=args.student_temp,
+            out_dim, query_position=args.query_position, target=args.target, student_temp=args.student_temp,
             teacher_temp=ramp(args, "teacher_query_temp", args.pred_start_epoch),
             center_momentum=args.center_momentum, weight=args.lambda3)]

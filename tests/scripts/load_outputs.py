@@ -34,7 +34,7 @@ def main(out_path, images_path, *specs):
             out["dino_teacher_cls"] = ops.convert_to_numpy(features["cls"])
             out["dino_teacher_patches"] = ops.convert_to_numpy(features["patches"])
             out["dino_student_cls"] = ops.convert_to_numpy(model(images, training=False))
-            out["dino_center"] = ops.convert_to_numpy(model.dino_loss.center)
+            out["dino_center"] = ops.convert_to_numpy(model.term("cls").center)
         else:
             raise SystemExit(f"unknown kind {kind!r}")
     np.savez(out_path, **out)

@@ -106,9 +106,7 @@ def tracked(model):
             for v in layer.weights:
                 if "seed_generator" not in v.path:
                     out.append((f"{prefix}/{v.path.split('/', 1)[1]}", v))
-    if hasattr(model, "query_loss"):
-        out += [("center", model.ibot_loss.center), ("center_patch", model.ibot_loss.center2),
-                ("center_query", model.query_loss.center)]
-    else:
-        out.append(("center", model.dino_loss.center))
+    # One center per term: CLS, and for iBOT+PQCL the masked patches' and the queries'.
+    names = {"cls": "center", "mim": "center_patch", "query": "center_query"}
+    out += [(names[t.log_name], t.center) for t in model.terms if t.log_name in names]
     return out

@@ -121,6 +121,8 @@ class DistillationTerm(Term):
     """
 
     loss_class = None
+    #: the loss layer's name, so its center's path is the same in every model.
+    loss_name = None
 
     def __init__(self, out_dim, student_temp=0.1, teacher_temp=None, center_momentum=0.9, **kwargs):
         super().__init__(**kwargs)
@@ -128,7 +130,8 @@ class DistillationTerm(Term):
         if teacher_temp is None:
             teacher_temp = EpochRamp(0.04, 0.07, 30)
         self.teacher_temp = EpochRamp(**teacher_temp) if isinstance(teacher_temp, dict) else teacher_temp
-        self.distillation = self.loss_class(out_dim, student_temp=student_temp, center_momentum=center_momentum)
+        self.distillation = self.loss_class(out_dim, student_temp=student_temp, center_momentum=center_momentum,
+                                            name=self.loss_name)
 
     @property
     def center(self):

@@ -36,6 +36,7 @@ class CLSDistillation(DistillationTerm):
     log_name = "cls"
     temperature_name = "teacher_temp"
     loss_class = DINOLoss
+    loss_name = "dino_loss"
 
     def __init__(self, out_dim, student_temp=0.1, teacher_temp=None, center_momentum=0.9, local_crops=True, **kwargs):
         super().__init__(out_dim, student_temp, teacher_temp, center_momentum, **kwargs)

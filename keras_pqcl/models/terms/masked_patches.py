@@ -41,6 +41,7 @@ class MaskedPatchDistillation(DistillationTerm):
     student_patches = teacher_patches = True
 
     loss_class = MaskedPatchLoss
+    loss_name = "patch_loss"
 
     def __init__(self, out_dim, student_temp=0.1, teacher_temp=None, center_momentum=0.9, start_epoch=0, **kwargs):
         super().__init__(out_dim, student_temp, teacher_temp, center_momentum, **kwargs)

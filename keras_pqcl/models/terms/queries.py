@@ -26,9 +26,9 @@ CROPS_HINT = (
     "crops=MultiCropConfig(n_local >= 1, local_size = a multiple of the backbone's patch size))."
 )
 GLOBAL_POSITION_HINT = (
-    "position='global' places each query at its patch's position in every global view: build the dataset "
+    "query_position='global' places each query at its patch's position in every global view: build the dataset "
     "with pretrain_dataset(..., queries=keras_pqcl.data.QueryConfig(patch_size=p)), p = the backbone's patch "
-    "size, or use position='crop' (no coordinates needed)."
+    "size, or use query_position='crop' (no coordinates needed)."
 )
 
 
@@ -75,6 +75,7 @@ class _QueryTerm(DistillationTerm):
     temperature_name = "teacher_query_temp"
 
     loss_class = QueryLoss
+    loss_name = "query_loss"
 
     def local_targets(self, outputs, values):
         """``L_query`` against the teacher's local-crop patches (PQCL's targets)."""
@@ -135,21 +136,21 @@ class QueryCrops(_QueryTerm):
     to every global view; each query is contrasted with the same query in the other view.
 
     Query tokens ``(B, T, D)``: ``patch_embed(crop)`` plus a position code:
-    ``position="crop"`` adds the backbone's own table interpolated to the crop's grid (as for
+    ``query_position="crop"`` adds the backbone's own table interpolated to the crop's grid (as for
     a DINO local crop); ``"global"`` the sin-cos code of where each crop patch lies in each
     global view (``query_coords``, as PQCL builds them). Crops concatenated along the tokens.
 
     Args:
         out_dim, student_temp, teacher_temp, center_momentum, weight: as
             :class:`PositionalQueries`.
-        position: ``"crop"`` (default) or ``"global"``.
+        query_position: ``"crop"`` (default) or ``"global"``.
         target: ``"cross_view"`` (default: the teacher's query outputs given the other global
             view, averaged over the ``G (G - 1)`` view pairs; the center moves once towards
             the mean of all ``G B T`` teacher query logits) or ``"crop"`` (the teacher's
             encoding of the query crop on its own, exactly as :class:`PositionalQueries`).
 
     Batches: ``"local_crops"`` (the query crops, a multiple of the patch size) and, for
-    ``position="global"``, ``"query_coords"``.
+    ``query_position="global"``, ``"query_coords"``.
     """
 
     POSITIONS = ("crop", "global")
@@ -159,34 +160,36 @@ class QueryCrops(_QueryTerm):
         "view, which match the image tokens only if those carry the same code; or use query_position='crop'",
     }
 
-    def __init__(self, out_dim, position="crop", target="cross_view", **kwargs):
-        if position not in self.POSITIONS:
-            raise ValueError(f"query_position must be one of {self.POSITIONS}, got {position!r}.")
+    def __init__(self, out_dim, query_position="crop", target="cross_view", **kwargs):
+        if query_position not in self.POSITIONS:
+            raise ValueError(f"query_position must be one of {self.POSITIONS}, got {query_position!r}.")
         if target not in self.TARGETS:
             raise ValueError(f"target must be one of {self.TARGETS}, got {target!r}.")
         super().__init__(out_dim, **kwargs)
-        self.position, self.target = position, target
+        self.query_position, self.target = query_position, target
         self.teacher_local_patches = target == "crop"
 
     def needs(self):
-        glob = self.position == "global"
+        glob = self.query_position == "global"
         return Needs(pos_embed="sincos" if glob else None, queries=glob)
 
     def tokens(self, backbone, local_crops, n_views, positions=None):
         """Query tokens ``(n_views * B, T, D)``, view-major, of the crops ``(B, n, s, s, 3)``
         embedded by ``backbone`` (the teacher embeds them with its own weights); ``positions``
-        ``(n_views * B, T, D)`` for ``position="global"``."""
+        ``(n_views * B, T, D)`` for ``query_position="global"``."""
         n_local, height, width = local_crops.shape[1:4]
         grid = (height // backbone.patch_size, width // backbone.patch_size)
         per_crop, dim = grid[0] * grid[1], backbone.embed_dim
         tokens = backbone.patch_embed(crop_major(local_crops))  # (n B, L², D)
-        if self.position == "crop":
+        if self.query_position == "crop":
             tokens = tokens + ops.cast(backbone.position_embedding(grid)[:, 1:], tokens.dtype)
         tokens = ops.reshape(tokens, (n_local, -1, per_crop, dim))
         tokens = ops.reshape(ops.swapaxes(tokens, 0, 1), (-1, n_local * per_crop, dim))
         if n_views > 1:
             tokens = ops.concatenate([tokens] * n_views, axis=0)
-        if positions is not None:
+        if self.query_position == "global":
+            if positions is None:
+                raise ValueError(f"query_position='global' needs the queries' positions. {GLOBAL_POSITION_HINT}")
             tokens = tokens + ops.cast(positions, tokens.dtype)
         return tokens
 
@@ -206,7 +209,7 @@ class QueryCrops(_QueryTerm):
                 f"target='cross_view' contrasts queries across global views and needs at least 2, got "
                 f"{outputs.n_global}; set MultiCropConfig(n_global=2) or use target='crop'."
             )
-        positions = query_positions(model, data, GLOBAL_POSITION_HINT) if self.position == "global" else None
+        positions = query_positions(model, data, GLOBAL_POSITION_HINT) if self.query_position == "global" else None
         student = self.tokens(model.student_backbone, local_crops, outputs.n_global, positions)
         if self.target == "crop":
             return student, None
@@ -233,5 +236,5 @@ class QueryCrops(_QueryTerm):
 
     def get_config(self):
         config = super().get_config()
-        config.update(position=self.position, target=self.target)
+        config.update(query_position=self.query_position, target=self.target)
         return config
