@@ -24,10 +24,7 @@ from keras import ops
 import keras_pqcl as kp
 from keras_pqcl.data import MaskConfig, MultiCropConfig, QueryConfig
 
-try:
-    from tests import helpers
-except ImportError:  # pytest run from inside tests/
-    import helpers
+from tests import helpers
 
 f64, softmax, log_softmax = helpers.f64, helpers.softmax, helpers.log_softmax
 

@@ -18,10 +18,7 @@ from keras import ops
 import keras_pqcl as kp
 from keras_pqcl.data import MultiCrop, MultiCropConfig, QueryConfig
 
-try:
-    from tests import helpers
-except ImportError:  # pytest run from inside tests/
-    import helpers
+from tests import helpers
 
 PATCH, GLOBAL, LOCAL, N_LOCAL, DIM = 8, 64, 32, 2, 64
 
