@@ -27,7 +27,8 @@ from keras_pqcl import backbones, training
 from keras_pqcl.recipe import available_recipes, load_recipe
 from tests.helpers import IGNORE_NUMPY2_COPY_WARNING, to_numpy
 
-pytestmark = IGNORE_NUMPY2_COPY_WARNING
+# MCL's shrunk recipe leaves out two montage levels, whose predictors then get no gradient.
+pytestmark = [IGNORE_NUMPY2_COPY_WARNING, pytest.mark.filterwarnings("ignore:Gradients do not exist")]
 
 METHOD_NAMES = sorted(training.METHODS)
 
@@ -59,7 +60,9 @@ def shrink(recipe):
     """``recipe`` cut to one step of ``BATCH`` small images with a constant teacher momentum.
 
     ViTs: 1 block of width 32, 2-patch global and 1-patch local crops (at most one local crop).
-    ResNets: width 8, global crops of one output stride (C5 is 1 x 1), 32 px MCL montages.
+    ResNets: width 8, global crops of one output stride (C5 is 1 x 1); MCL: 32 px views and
+    only the 2 x 2 montages (the 4 x 4 and 8 x 8 levels would add to the step JAX and
+    TensorFlow compile; their predictors then get no gradient and stay in place).
     No warm-up and a large learning rate, so that one step moves the student far enough for
     the EMA check to see it.
     """
@@ -80,8 +83,8 @@ def shrink(recipe):
             crops.update(global_size=2 * recipe.patch_size, local_size=recipe.patch_size)
     if "global_size" in crops:
         crops["n_local"] = min(crops.get("n_local", 0), 1)
-    if "image_size" in crops:  # MCL's montage views
-        crops["image_size"] = 32
+    if "image_size" in crops:  # MCL's montage views: one montage level (2 x 2) of the three
+        crops.update(image_size=32, ratios=(2,))
     size = max(crops.get("global_size", 0), crops.get("image_size", 0))
     return recipe.replace(
         name=f"contract_{recipe.method}", backbone_args=backbone_args, method_args=method_args, crops=crops,
@@ -101,7 +104,8 @@ def _by_path(network):
 
 
 def _is_float(variable):
-    return np.issubdtype(np.dtype(keras.backend.standardize_dtype(variable.dtype)), np.floating)
+    # By name: NumPy has no bfloat16 dtype of its own.
+    return "float" in keras.backend.standardize_dtype(variable.dtype)
 
 
 def _finite_loss(history):
@@ -152,9 +156,16 @@ def test_teacher_is_frozen_and_moves_only_by_the_ema(trained):
     assert [v.path for v in teacher.values() if v.trainable] == []
     trained_ids = {id(v) for v in model.trainable_variables}
     assert [v.path for v in teacher.values() if id(v) in trained_ids] == []
-    # Keras names a slot (momentum, velocity...) after its variable's path, "/" -> "_".
-    prefixes = tuple(v.path.replace("/", "_") + "_" for v in teacher.values())
-    assert [v.name for v in model.optimizer.variables if v.name.startswith(prefixes)] == []
+
+    # Keras names an optimizer slot (momentum, velocity...) after its variable's path, "/"
+    # -> "_". The student's slots are found that way, so finding none of the teacher's means
+    # it has none.
+    def slots_of(variables):
+        prefixes = tuple(v.path.replace("/", "_") + "_" for v in variables)
+        return [v.name for v in model.optimizer.variables if v.name.startswith(prefixes)]
+
+    assert slots_of(s for s in student.values() if s.trainable)
+    assert slots_of(teacher.values()) == []
 
     # The parameters (the student's trainable variables) follow the EMA. BatchNorm moving
     # statistics of the ResNet methods are not averaged (each network keeps those of its own
