@@ -26,10 +26,7 @@ from keras_pqcl.data import MaskConfig, MultiCropConfig, QueryConfig
 from keras_pqcl.models.self_distillation import encode
 from keras_pqcl.models.terms import StepOutputs
 
-try:
-    from tests import helpers
-except ImportError:  # pytest run from inside tests/
-    import helpers
+from tests import helpers
 
 f64, softmax, log_softmax = helpers.f64, helpers.softmax, helpers.log_softmax
 

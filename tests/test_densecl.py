@@ -12,12 +12,8 @@ from keras_pqcl.heads.densecl_head import DenseCLDenseHead, DenseCLGlobalHead
 from keras_pqcl.losses.info_nce import Queue, info_nce
 from keras_pqcl.models.densecl import DenseCL, dense_correspondence, gather_positions
 
-try:
-    from tests import helpers as H
-    from tests.test_resnet import np_resnet, numpy_init
-except ImportError:  # pragma: no cover - running from inside tests/
-    import helpers as H
-    from test_resnet import np_resnet, numpy_init
+from tests import helpers as H
+from tests.test_resnet import np_resnet, numpy_init
 
 pytestmark = H.IGNORE_NUMPY2_COPY_WARNING
 to_numpy, f64 = H.to_numpy, H.f64

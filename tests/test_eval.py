@@ -5,8 +5,6 @@ mass); probes are checked on toy data a linear model must solve.
 """
 
 import csv
-import os
-import sys
 
 import keras
 import numpy as np
@@ -18,10 +16,8 @@ from PIL import Image
 import keras_pqcl as kp
 from keras_pqcl import eval as ev
 
-from helpers import no_random_init, randomize, to_numpy
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts"))
-import tiny_setup as ts  # noqa: E402
+from tests.helpers import no_random_init, randomize, to_numpy
+from tests.scripts import tiny_setup as ts
 
 
 # ------------------------------------------------------------------------------- fixtures

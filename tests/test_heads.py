@@ -7,10 +7,7 @@ from keras import ops
 from keras_pqcl.heads.dino_head import DINOHead
 from keras_pqcl.layers import WeightNormDense
 
-try:
-    from tests import helpers as H
-except ImportError:  # pragma: no cover - running from inside tests/
-    import helpers as H
+from tests import helpers as H
 
 to_numpy = H.to_numpy
 pytestmark = H.IGNORE_NUMPY2_COPY_WARNING

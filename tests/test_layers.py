@@ -18,10 +18,7 @@ from keras_pqcl.layers import (
     sincos_grid,
 )
 
-try:
-    from tests import helpers as H
-except ImportError:  # pragma: no cover - running from inside tests/
-    import helpers as H
+from tests import helpers as H
 
 to_numpy = H.to_numpy
 pytestmark = H.IGNORE_NUMPY2_COPY_WARNING

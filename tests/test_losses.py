@@ -6,10 +6,7 @@ from keras import ops
 
 from keras_pqcl.losses import DINOLoss
 
-try:
-    from tests import helpers as H
-except ImportError:  # pragma: no cover - running from inside tests/
-    import helpers as H
+from tests import helpers as H
 
 to_numpy = H.to_numpy
 pytestmark = H.IGNORE_NUMPY2_COPY_WARNING

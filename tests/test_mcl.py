@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import IGNORE_NUMPY2_COPY_WARNING, f64, to_numpy
 from keras_pqcl.backbones.resnet import ResNet
 from keras_pqcl.data.montage import Montage, MontageConfig
 from keras_pqcl.models.mcl import MCL, contrastive_level_loss, region_tiles
+from tests.helpers import IGNORE_NUMPY2_COPY_WARNING, f64, to_numpy
 
 pytestmark = IGNORE_NUMPY2_COPY_WARNING
 

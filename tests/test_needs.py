@@ -16,10 +16,7 @@ from keras_pqcl.models.needs import Needs, constructor_default
 from keras_pqcl.recipe import Recipe
 from keras_pqcl.training import METHODS, build_backbone, dataset_args
 
-try:
-    from tests import helpers
-except ImportError:  # run from tests/
-    import helpers
+from tests import helpers
 
 MICRO = Recipe(
     name="micro", method="dino", backbone="vit_tiny", patch_size=8, drop_path_rate=0.0,

@@ -10,10 +10,7 @@ from keras import ops
 from keras_pqcl.optimizers.adamw import AdamW, dino_adamw
 from keras_pqcl.schedules import WarmupCosine
 
-try:
-    from tests import helpers as H
-except ImportError:  # pragma: no cover - running from inside tests/
-    import helpers as H
+from tests import helpers as H
 
 to_numpy = H.to_numpy
 pytestmark = H.IGNORE_NUMPY2_COPY_WARNING

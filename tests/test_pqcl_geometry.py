@@ -19,10 +19,7 @@ import keras_pqcl as kp
 from keras_pqcl.data import MultiCrop, MultiCropConfig, QueryConfig
 from keras_pqcl.models.terms import StepOutputs
 
-try:
-    from tests import helpers
-except ImportError:  # pytest run from inside tests/
-    import helpers
+from tests import helpers
 
 PATCH, GLOBAL, LOCAL, N_LOCAL, DIM = 8, 64, 32, 2, 64
 

@@ -12,10 +12,7 @@ import keras_pqcl as kp
 from keras_pqcl.backbones.fpn import nearest_resize
 from keras_pqcl.backbones.resnet import SplitBatchNorm
 
-try:
-    from tests import helpers as H
-except ImportError:  # pragma: no cover - running from inside tests/
-    import helpers as H
+from tests import helpers as H
 
 pytestmark = H.IGNORE_NUMPY2_COPY_WARNING
 to_numpy, f64 = H.to_numpy, H.f64

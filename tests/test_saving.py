@@ -14,11 +14,10 @@ import pytest
 from keras import ops
 
 import keras_pqcl as kp
+from tests.scripts import tiny_setup as ts
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(HERE, "scripts"))
-import tiny_setup as ts  # noqa: E402
 
 BACKEND = keras.backend.backend()
 EPOCHS, STEPS = 2, 2

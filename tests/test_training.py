@@ -6,8 +6,6 @@ reference (loss, centre, schedules), not from library code.
 """
 
 import math
-import os
-import sys
 
 import keras
 import numpy as np
@@ -16,9 +14,7 @@ import tensorflow as tf
 from keras import ops
 
 import keras_pqcl as kp
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts"))
-import tiny_setup as ts  # noqa: E402
+from tests.scripts import tiny_setup as ts
 
 BACKEND = keras.backend.backend()
 

@@ -15,10 +15,7 @@ from keras_pqcl.data import (
     sincos_tables,
 )
 
-try:
-    from tests import helpers
-except ImportError:  # pytest run from inside tests/
-    import helpers
+from tests import helpers
 
 
 def _spec_coords(gbox, gflip, lbox, lflip, G, L, flip_correct):

@@ -1,7 +1,7 @@
 """Tiny DINO setup shared by the integration tests and their subprocess scripts.
 
-Importable both from the test modules (``tests/scripts`` is put on ``sys.path``) and from
-scripts run as ``python tests/scripts/<name>.py`` (their own folder is on the path).
+Importable both from the test modules (as ``tests.scripts.tiny_setup``) and from scripts
+run as ``python tests/scripts/<name>.py`` (as ``tiny_setup``: their own folder is on the path).
 """
 
 import numpy as np

@@ -1,0 +1,1 @@
+"""Tests of the input pipeline (``keras_pqcl.data``)."""
