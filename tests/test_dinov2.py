@@ -15,10 +15,7 @@ import pytest
 import keras_pqcl as kp
 from keras_pqcl.io import torch_checkpoint
 
-try:
-    from tests import helpers as H
-except ImportError:  # pragma: no cover - running from inside tests/
-    import helpers as H
+from tests import helpers as H
 
 pytestmark = H.IGNORE_NUMPY2_COPY_WARNING
 to_numpy = H.to_numpy

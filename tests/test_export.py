@@ -12,10 +12,7 @@ from keras_pqcl import cli
 from keras_pqcl.backbones import VisionTransformer
 from keras_pqcl.io.export import FORMATS, SUPPORT, _backbone, export_backbone
 
-try:
-    from tests import helpers as H
-except ImportError:  # pragma: no cover - running from inside tests/
-    import helpers as H
+from tests import helpers as H
 
 pytestmark = [
     H.IGNORE_NUMPY2_COPY_WARNING,

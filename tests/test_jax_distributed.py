@@ -12,10 +12,7 @@ logged loss and a DenseCL queue must agree. Only in the KERAS_BACKEND=jax leg.
 import keras
 import pytest
 
-try:
-    from tests import multiprocess as mp
-except ImportError:  # tests/ itself on sys.path
-    import multiprocess as mp
+from tests import multiprocess as mp
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "jax", reason="jax.distributed: only in the jax leg")
 

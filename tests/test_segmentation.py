@@ -8,7 +8,7 @@ import pytest
 
 import keras_pqcl as kp
 from keras_pqcl import tasks
-from helpers import IGNORE_NUMPY2_COPY_WARNING, no_random_init, randomize, to_numpy
+from tests.helpers import IGNORE_NUMPY2_COPY_WARNING, no_random_init, randomize, to_numpy
 
 pytestmark = IGNORE_NUMPY2_COPY_WARNING
 

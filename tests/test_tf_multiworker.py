@@ -15,10 +15,7 @@ import json
 import keras
 import pytest
 
-try:
-    from tests import multiprocess as mp
-except ImportError:  # tests/ itself on sys.path
-    import multiprocess as mp
+from tests import multiprocess as mp
 
 pytestmark = pytest.mark.skipif(
     keras.backend.backend() != "tensorflow", reason="tf.distribute multi-worker: only in the tensorflow leg"
