@@ -6,8 +6,9 @@ backbone and the data pipeline from that answer, and the model's constructor che
 backbone it is given against the same answer
 (:func:`keras_pqcl.backbones.check_backbone`), so the two cannot disagree.
 
-The answers read the constructors' own defaults (:func:`constructor_default`): change a
-default in a model and what the runner builds follows.
+The answers read the constructors' own defaults (the self-distillation methods through the
+loss terms their arguments build; DenseCL and MCL through :func:`constructor_default`):
+change a default in a model and what the runner builds follows.
 """
 
 import dataclasses
