@@ -38,8 +38,16 @@ EXTRAS = {
     # ONNX export checks: tf2onnx (TensorFlow backend), onnx + onnxscript (torch.onnx's dynamo
     # exporter), onnxruntime to run the files. JAX's ONNX path (jax2onnx) is not supported: it
     # pulls flax, orbax and tensorstore. safetensors: the Hugging Face DINOv2 importer's file test.
-    "test": ["pytest>=8", "scipy", "ruff>=0.6", "onnx>=1.23,<1.24", "onnxruntime>=1.32,<1.33",
-             "onnxscript>=0.7,<0.8", "tf2onnx>=1.17,<1.18", "safetensors"],
+    "test": [
+        "pytest>=8",
+        "scipy",
+        "ruff>=0.6",
+        "onnx>=1.23,<1.24",
+        "onnxruntime>=1.32,<1.33",
+        "onnxscript>=0.7,<0.8",
+        "tf2onnx>=1.17,<1.18",
+        "safetensors",
+    ],
 }
 EXTRAS["all"] = sorted(set(TF_CPU + EXTRAS["jax"] + EXTRAS["torch"] + EXTRAS["cv"]))
 

@@ -36,9 +36,24 @@ def _free_port():
 def official_args(settings, steps):
     """The official script's command-line arguments for ``settings`` (keys: arch, patch, batch,
     global_size, local_size, locals, out_dim)."""
-    return ["--arch", settings["arch"], "--patch", str(settings["patch"]), "--batch", str(settings["batch"]),
-            "--global-size", str(settings["global_size"]), "--local-size", str(settings["local_size"]),
-            "--locals", str(settings["locals"]), "--out-dim", str(settings["out_dim"]), "--steps", str(steps)]
+    return [
+        "--arch",
+        settings["arch"],
+        "--patch",
+        str(settings["patch"]),
+        "--batch",
+        str(settings["batch"]),
+        "--global-size",
+        str(settings["global_size"]),
+        "--local-size",
+        str(settings["local_size"]),
+        "--locals",
+        str(settings["locals"]),
+        "--out-dim",
+        str(settings["out_dim"]),
+        "--steps",
+        str(steps),
+    ]
 
 
 def run_official(script, settings, steps, when):
@@ -51,8 +66,10 @@ def run_official(script, settings, steps, when):
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode or not lines:
         missing = [line for line in out.stderr.splitlines() if "No module named" in line]
-        print(f"official step ({when}) failed{': ' + missing[-1] if missing else ''}:\n{out.stderr[-3000:]}",
-              file=sys.stderr)
+        print(
+            f"official step ({when}) failed{': ' + missing[-1] if missing else ''}:\n{out.stderr[-3000:]}",
+            file=sys.stderr,
+        )
         return None
     result = json.loads(lines[-1])
     print(f"  official ({when}): {result['images_per_s']:.3f} images/s", file=sys.stderr, flush=True)
@@ -95,9 +112,10 @@ class Bracket:
             mean = self.images_per_s(run["settings"])
             drift = f", drift {100 * (a['images_per_s'] / b['images_per_s'] - 1):+.0f}%" if mean else ""
             threads = f", {b['threads']} torch threads" if b else ""
-            lines.append(f"- official DINO (`{SCRIPT} {' '.join(official_args(run['settings'], self.steps))}`): "
-                         f"before {fmt(b)}, after {fmt(a)} images/s"
-                         + (f", mean {mean:.3f}{drift}" if mean else "") + threads)
+            lines.append(
+                f"- official DINO (`{SCRIPT} {' '.join(official_args(run['settings'], self.steps))}`): "
+                f"before {fmt(b)}, after {fmt(a)} images/s" + (f", mean {mean:.3f}{drift}" if mean else "") + threads
+            )
         return lines
 
 

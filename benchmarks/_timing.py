@@ -65,8 +65,10 @@ def run_rows(script, labels, args, extra=()):
         for i in rows:
             result = run_worker(
                 [script, "--worker", "--row", str(i), "--steps", str(args.steps), "--batch", str(args.batch)]
-                + (["--quick"] if args.quick else []) + list(extra),
-                f"{labels[i]} on {backend}", KERAS_BACKEND=backend,
+                + (["--quick"] if args.quick else [])
+                + list(extra),
+                f"{labels[i]} on {backend}",
+                KERAS_BACKEND=backend,
             )
             if result:
                 result["index"] = i

@@ -69,8 +69,10 @@ def probe_splits(recipe, n_train, n_test):
     from keras_pqcl.data.sources import parse_synthetic
 
     if not recipe.data.startswith("synthetic_scenes"):
-        raise SystemExit(f"the probes use held-out synthetic_scenes images; recipe {recipe.name!r} trains on "
-                         f"{recipe.data!r}. Use a synthetic_scenes recipe.")
+        raise SystemExit(
+            f"the probes use held-out synthetic_scenes images; recipe {recipe.name!r} trains on "
+            f"{recipe.data!r}. Use a synthetic_scenes recipe."
+        )
     _, size = parse_synthetic(recipe.data)  # the pre-training images' side
     splits = {}
     for split, n, seed in (("train", n_train, PROBE_TRAIN_SEED), ("test", n_test, PROBE_TEST_SEED)):
@@ -85,18 +87,31 @@ def evaluate(backbone, splits, image_size, args, linear=True):
 
     train, test = splits["train"], splits["test"]
     scores = {}
-    knn = kpe.knn_evaluate(backbone, (train["images"], train["labels"]), (test["images"], test["labels"]),
-                           image_size=image_size)
+    knn = kpe.knn_evaluate(
+        backbone, (train["images"], train["labels"]), (test["images"], test["labels"]), image_size=image_size
+    )
     scores["knn_top1"] = knn["top1"]
     if linear:
         # The reference sweeps the classifier's learning rate and keeps the best; its default
         # (1e-3 x batch/256) barely moves in the few hundred steps of 1,000 probe images.
         scores["linear_top1"] = kpe.linear_probe(
-            backbone, (train["images"], train["labels"]), (test["images"], test["labels"]),
-            epochs=args.linear_epochs, image_size=image_size,
-            lr=[float(lr) for lr in args.linear_lrs.split(",")])["top1"]
-    dense = kpe.dense_probe(backbone, train["images"], train["masks"], test["images"], test["masks"],
-                            num_classes=11, epochs=args.dense_epochs, image_size=image_size)
+            backbone,
+            (train["images"], train["labels"]),
+            (test["images"], test["labels"]),
+            epochs=args.linear_epochs,
+            image_size=image_size,
+            lr=[float(lr) for lr in args.linear_lrs.split(",")],
+        )["top1"]
+    dense = kpe.dense_probe(
+        backbone,
+        train["images"],
+        train["masks"],
+        test["images"],
+        test["masks"],
+        num_classes=11,
+        epochs=args.dense_epochs,
+        image_size=image_size,
+    )
     scores.update(dense_miou=dense["miou"], dense_pixel_acc=dense["pixel_acc"])
     return scores
 
@@ -144,6 +159,7 @@ def finished_pretraining(run_dir, recipe):
 
 def table(rows, args):
     """Markdown table of mean ± std per method, and the gap to its base on dense mIoU (paired by seed)."""
+
     def cell(label, metric):
         runs = rows[label]
         if not runs or runs[0][metric] is None:
@@ -171,8 +187,10 @@ def table(rows, args):
         if diffs:
             spread = f" ± {np.std(diffs):.1f}" if len(diffs) > 1 else ""
             gap = f"{np.mean(diffs):+.1f}{spread} vs {base}"
-        lines.append(f"| {label} | {len(rows[label])} | {cell(label, 'knn_top1')} | {cell(label, 'linear_top1')} | "
-                     f"{cell(label, 'dense_miou')} | {gap} | {cell(label, 'images_per_s')} |")
+        lines.append(
+            f"| {label} | {len(rows[label])} | {cell(label, 'knn_top1')} | {cell(label, 'linear_top1')} | "
+            f"{cell(label, 'dense_miou')} | {gap} | {cell(label, 'images_per_s')} |"
+        )
     return "\n".join(lines)
 
 
@@ -186,8 +204,10 @@ def chart(rows, path):
     metrics = (("knn_top1", "k-NN top-1 %"), ("linear_top1", "linear top-1 %"), ("dense_miou", "dense mIoU %"))
     labels = list(rows)
     # Grey: the floors; blue: the ViT methods; orange: the ResNet ones (their own floor).
-    colors = ["#999999" if label.startswith("random init") else "#d9822b" if label in CONVNET else "#3b75af"
-              for label in labels]
+    colors = [
+        "#999999" if label.startswith("random init") else "#d9822b" if label in CONVNET else "#3b75af"
+        for label in labels
+    ]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.8))
     for ax, (metric, title) in zip(axes, metrics):
         values = [[r[metric] for r in rows[label]] for label in labels]
@@ -203,8 +223,15 @@ def chart(rows, path):
         ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=8)
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
-    fig.text(0.5, 0.005, "mean ± std over seeds; the y axes start near the lowest bar, not at 0",
-             ha="center", va="bottom", fontsize=7, color="#555555")
+    fig.text(
+        0.5,
+        0.005,
+        "mean ± std over seeds; the y axes start near the lowest bar, not at 0",
+        ha="center",
+        va="bottom",
+        fontsize=7,
+        color="#555555",
+    )
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -221,19 +248,35 @@ def main():
     parser.add_argument("--probe-train", type=int, default=1000, dest="probe_train")
     parser.add_argument("--probe-test", type=int, default=500, dest="probe_test")
     parser.add_argument("--linear-epochs", type=int, default=50, dest="linear_epochs")
-    parser.add_argument("--linear-lrs", default="1e-3,1e-2,1e-1,1", dest="linear_lrs",
-                        help="comma-separated learning rates of the linear probe; the best is reported")
+    parser.add_argument(
+        "--linear-lrs",
+        default="1e-3,1e-2,1e-1,1",
+        dest="linear_lrs",
+        help="comma-separated learning rates of the linear probe; the best is reported",
+    )
     parser.add_argument("--dense-epochs", type=int, default=20, dest="dense_epochs")
-    parser.add_argument("--probe-size", type=int, default=None, dest="probe_size",
-                        help="image side the probes read (default: the recipe's global crop side); a larger "
-                        "side gives the dense probe a finer token grid")
+    parser.add_argument(
+        "--probe-size",
+        type=int,
+        default=None,
+        dest="probe_size",
+        help="image side the probes read (default: the recipe's global crop side); a larger "
+        "side gives the dense probe a finer token grid",
+    )
     parser.add_argument("--output", default=os.path.join("runs", "compare_methods"))
     parser.add_argument("--quick", action="store_true", help="2 epochs of 4 steps, small probes")
-    parser.add_argument("--report-only", action="store_true", dest="report_only",
-                        help="run nothing: write the table and chart from the saved scores of these methods and seeds")
-    parser.add_argument("--no-reuse", action="store_false", dest="reuse",
-                        help="re-run every job (and pre-training), even those an earlier run finished with the "
-                        "same settings")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        dest="report_only",
+        help="run nothing: write the table and chart from the saved scores of these methods and seeds",
+    )
+    parser.add_argument(
+        "--no-reuse",
+        action="store_false",
+        dest="reuse",
+        help="re-run every job (and pre-training), even those an earlier run finished with the same settings",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--recipe", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -248,8 +291,11 @@ def main():
     os.makedirs(args.output, exist_ok=True)
     chosen = set(args.methods.split(",")) if args.methods else None
     labels = [label for label, _ in METHODS if chosen is None or label in chosen]
-    jobs = [(label, recipe_name(args.family, suffix), True) for label, suffix in FLOORS
-            if suffix == "" and set(labels) - CONVNET or suffix and set(labels) & CONVNET]
+    jobs = [
+        (label, recipe_name(args.family, suffix), True)
+        for label, suffix in FLOORS
+        if suffix == "" and set(labels) - CONVNET or suffix and set(labels) & CONVNET
+    ]
     jobs += [(label, recipe_name(args.family, suffix), False) for label, suffix in METHODS if label in labels]
     rows = {label: [] for label, _, _ in jobs}
     # Seeds outside, methods inside: a run stopped early still holds whole seeds.
@@ -262,9 +308,12 @@ def main():
                 write_report({lab: runs for lab, runs in rows.items() if runs}, args, final=False)
     rows = {label: runs for label, runs in rows.items() if runs}
     if not rows:
-        raise SystemExit(f"no scores saved in {os.path.join(args.output, 'results')} for these methods, seeds and "
-                         "settings; run without --report-only." if args.report_only else
-                         "every job failed (their errors are above); nothing to compare.")
+        raise SystemExit(
+            f"no scores saved in {os.path.join(args.output, 'results')} for these methods, seeds and "
+            "settings; run without --report-only."
+            if args.report_only
+            else "every job failed (their errors are above); nothing to compare."
+        )
     text = write_report(rows, args, final=True)
     print("\n" + text)
     print(f"\nchart: {os.path.join(args.output, 'compare.png')}")
@@ -272,10 +321,19 @@ def main():
 
 def job_settings(args, recipe, seed, random_init):
     """Everything a job's scores depend on; a cached result is reused only when all of it matches."""
-    settings = dict(recipe=recipe, seed=int(seed), random_init=random_init, epochs=args.epochs,
-                    steps_per_epoch=args.steps_per_epoch, probe_train=args.probe_train, probe_test=args.probe_test,
-                    linear_epochs=args.linear_epochs, linear_lrs=args.linear_lrs, dense_epochs=args.dense_epochs,
-                    backend=os.environ.get("KERAS_BACKEND", "tensorflow"))
+    settings = dict(
+        recipe=recipe,
+        seed=int(seed),
+        random_init=random_init,
+        epochs=args.epochs,
+        steps_per_epoch=args.steps_per_epoch,
+        probe_train=args.probe_train,
+        probe_test=args.probe_test,
+        linear_epochs=args.linear_epochs,
+        linear_lrs=args.linear_lrs,
+        dense_epochs=args.dense_epochs,
+        backend=os.environ.get("KERAS_BACKEND", "tensorflow"),
+    )
     if args.probe_size:  # absent by default, so that results saved before the option still match
         settings["probe_size"] = args.probe_size
     return settings
@@ -297,11 +355,28 @@ def run_job(args, label, recipe, seed, random_init, run=True):
             return cached["scores"], False
     if not run:
         return None, False
-    cmd = [os.path.abspath(__file__), "--worker", "--recipe", recipe, "--seed", str(seed),
-           "--epochs", str(args.epochs), "--probe-train", str(args.probe_train),
-           "--probe-test", str(args.probe_test), "--linear-epochs", str(args.linear_epochs),
-           "--linear-lrs", args.linear_lrs,
-           "--dense-epochs", str(args.dense_epochs), "--output", os.path.abspath(args.output)]
+    cmd = [
+        os.path.abspath(__file__),
+        "--worker",
+        "--recipe",
+        recipe,
+        "--seed",
+        str(seed),
+        "--epochs",
+        str(args.epochs),
+        "--probe-train",
+        str(args.probe_train),
+        "--probe-test",
+        str(args.probe_test),
+        "--linear-epochs",
+        str(args.linear_epochs),
+        "--linear-lrs",
+        args.linear_lrs,
+        "--dense-epochs",
+        str(args.dense_epochs),
+        "--output",
+        os.path.abspath(args.output),
+    ]
     if args.steps_per_epoch:
         cmd += ["--steps-per-epoch", str(args.steps_per_epoch)]
     if args.probe_size:
@@ -313,8 +388,11 @@ def run_job(args, label, recipe, seed, random_init, run=True):
     result = run_worker(cmd, f"{label} (seed {seed})")
     if result:
         result = dict(result, seed=int(seed))
-        print(f"  {label:12s} seed {seed}: " + ", ".join(
-            f"{k} {v:.1f}" for k, v in result.items() if v is not None and k != "seed"), file=sys.stderr)
+        print(
+            f"  {label:12s} seed {seed}: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in result.items() if v is not None and k != "seed"),
+            file=sys.stderr,
+        )
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_text(path, json.dumps(dict(settings=settings, scores=result), indent=2))
     return result, True

@@ -38,8 +38,11 @@ def worker(args):
     if args.quick:
         size = 64
         recipe = recipe.replace(backbone="resnet_tiny", backbone_args={"width": 8})
-        small = dict(queue_size=256) if label == "DenseCL" else dict(
-            fpn_channels=32, neck_channels=32, projection_dim=32, predictor_hidden_dim=64)
+        small = (
+            dict(queue_size=256)
+            if label == "DenseCL"
+            else dict(fpn_channels=32, neck_channels=32, projection_dim=32, predictor_hidden_dim=64)
+        )
         recipe = recipe.derive(method_args=dict(hidden_dim=64, **small))
     if label == "DenseCL":
         recipe = recipe.derive(crops=dict(global_size=size), backbone_args=dict(bn_splits=1))
@@ -51,15 +54,19 @@ def worker(args):
     model = METHODS[recipe.method].model(recipe, build_backbone(recipe, size))
     model.compile(optimizer=build_optimizer(recipe, 1000), jit_compile="auto")
     compile_s, step_s = time_fit_steps(model, {k: np.asarray(v) for k, v in batch.items()}, args.steps)
-    print(json.dumps({
-        "backend": keras.backend.backend(),
-        "row": label,
-        "model": "tiny ResNet" if args.quick else recipe.backbone,
-        "size": size,
-        "images_per_s": args.batch / step_s,
-        "step_s": step_s,
-        "compile_s": compile_s,
-    }))
+    print(
+        json.dumps(
+            {
+                "backend": keras.backend.backend(),
+                "row": label,
+                "model": "tiny ResNet" if args.quick else recipe.backbone,
+                "size": size,
+                "images_per_s": args.batch / step_s,
+                "step_s": step_s,
+                "compile_s": compile_s,
+            }
+        )
+    )
 
 
 def main():
@@ -72,8 +79,10 @@ def main():
     print("| backend | method | backbone | px | images/s | step s | first step s |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['backend']} | {r['row']} | {r['model']} | {r['size']} | {r['images_per_s']:.2f} | "
-              f"{r['step_s']:.2f} | {r['compile_s']:.1f} |")
+        print(
+            f"| {r['backend']} | {r['row']} | {r['model']} | {r['size']} | {r['images_per_s']:.2f} | "
+            f"{r['step_s']:.2f} | {r['compile_s']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -60,14 +60,20 @@ def worker(args):
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     batch = {
-        "global_crops": rng.normal(
-            size=(args.batch, args.n_global, args.global_size, args.global_size, 3)).astype("float32"),
-        "local_crops": rng.normal(
-            size=(args.batch, args.n_local, args.local_size, args.local_size, 3)).astype("float32"),
+        "global_crops": rng.normal(size=(args.batch, args.n_global, args.global_size, args.global_size, 3)).astype(
+            "float32"
+        ),
+        "local_crops": rng.normal(size=(args.batch, args.n_local, args.local_size, args.local_size, 3)).astype(
+            "float32"
+        ),
     }
     backbone = kp.backbones.VisionTransformer(
-        patch_size=args.patch, embed_dim=args.dim, depth=args.depth, num_heads=args.heads,
-        image_size=args.global_size, drop_path_rate=0.1,
+        patch_size=args.patch,
+        embed_dim=args.dim,
+        depth=args.depth,
+        num_heads=args.heads,
+        image_size=args.global_size,
+        drop_path_rate=0.1,
     )
     model = kp.models.DINO(backbone, out_dim=args.out_dim)
     model.compile(optimizer=kp.optimizers.dino_adamw(args.batch, 100, 1000), jit_compile=args.jit)
@@ -76,15 +82,19 @@ def worker(args):
 
     ema_s = time_ema(model, backend, args)
     flops = step_flops(args)
-    print(json.dumps({
-        "backend": backend,
-        "jit": str(args.jit),
-        "images_per_s": args.batch / step_s,
-        "step_s": step_s,
-        "compile_s": compile_s,
-        "ema_share": ema_s / step_s,
-        "gflops": flops / step_s / 1e9,
-    }))
+    print(
+        json.dumps(
+            {
+                "backend": backend,
+                "jit": str(args.jit),
+                "images_per_s": args.batch / step_s,
+                "step_s": step_s,
+                "compile_s": compile_s,
+                "ema_share": ema_s / step_s,
+                "gflops": flops / step_s / 1e9,
+            }
+        )
+    )
 
 
 def time_ema(model, backend, args, repeats=5):
@@ -109,8 +119,9 @@ def time_ema(model, backend, args, repeats=5):
     elif backend == "tensorflow":
         import tensorflow as tf
 
-        compiled = tf.function(lambda: model.update_teacher(tf.constant(10, "int64")),
-                               jit_compile=bool(args.jit is True))
+        compiled = tf.function(
+            lambda: model.update_teacher(tf.constant(10, "int64")), jit_compile=bool(args.jit is True)
+        )
         fn = lambda: compiled()
     else:
         import torch
@@ -118,6 +129,7 @@ def time_ema(model, backend, args, repeats=5):
         def fn():
             with torch.no_grad():
                 model.update_teacher(torch.tensor(10))
+
     fn()
     times = []
     for _ in range(repeats):
@@ -145,8 +157,15 @@ def configure(args):
 
 
 def official_settings(args):
-    return dict(arch=args.arch, patch=args.patch, batch=args.batch, global_size=args.global_size,
-                local_size=args.local_size, locals=args.n_local, out_dim=args.out_dim)
+    return dict(
+        arch=args.arch,
+        patch=args.patch,
+        batch=args.batch,
+        global_size=args.global_size,
+        local_size=args.local_size,
+        locals=args.n_local,
+        out_dim=args.out_dim,
+    )
 
 
 def main():
@@ -155,14 +174,22 @@ def main():
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the first")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--n-local", type=int, default=6, dest="n_local")
-    parser.add_argument("--arch", default="vit_small", choices=sorted(ARCHS) + ["toy"],
-                        help="ViT preset (the official script's names; toy: dim 32, depth 2, heads 2); "
-                             "--quick overrides it")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny model and crops (smoke test); vit_tiny at 32 px with --reference")
-    parser.add_argument("--reference", default=None, metavar="PATH",
-                        help="a checkout of the official DINO code holding time_official_step.py: "
-                             "its step is timed before and after ours, and each row gets 'x official'")
+    parser.add_argument(
+        "--arch",
+        default="vit_small",
+        choices=sorted(ARCHS) + ["toy"],
+        help="ViT preset (the official script's names; toy: dim 32, depth 2, heads 2); --quick overrides it",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny model and crops (smoke test); vit_tiny at 32 px with --reference"
+    )
+    parser.add_argument(
+        "--reference",
+        default=None,
+        metavar="PATH",
+        help="a checkout of the official DINO code holding time_official_step.py: "
+        "its step is timed before and after ours, and each row gets 'x official'",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--jit", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -183,10 +210,24 @@ def main():
             configs.append((backend, "True"))  # XLA, off by default on CPU
     for backend, jit in configs:
         row = run_worker(
-            [__file__, "--worker", "--steps", str(args.steps), "--batch", str(args.batch),
-             "--n-local", str(args.n_local), "--jit", jit, "--arch", args.arch]
+            [
+                __file__,
+                "--worker",
+                "--steps",
+                str(args.steps),
+                "--batch",
+                str(args.batch),
+                "--n-local",
+                str(args.n_local),
+                "--jit",
+                jit,
+                "--arch",
+                args.arch,
+            ]
             + (["--quick"] if args.quick else []),
-            f"{backend} (jit={jit})", KERAS_BACKEND=backend)
+            f"{backend} (jit={jit})",
+            KERAS_BACKEND=backend,
+        )
         if row:
             rows.append(row)
             print(f"  {backend} (jit={jit}): {row['images_per_s']:.3f} images/s", file=sys.stderr, flush=True)
@@ -199,22 +240,36 @@ def main():
     model = f"{args.arch} (dim {args.dim}, depth {args.depth}, heads {args.heads}), patch {args.patch}"
     flops = step_flops(args) / args.batch / 1e9
     print(f"\n### DINO training step, {machine()}\n")
-    print(f"- settings: {model}, batch {args.batch}, {args.n_global}x{args.global_size} + "
-          f"{args.n_local}x{args.local_size} crops, out_dim {args.out_dim}, median of {args.steps} steps "
-          f"after the first; {flops:.2f} GFLOP per image (estimate)")
+    print(
+        f"- settings: {model}, batch {args.batch}, {args.n_global}x{args.global_size} + "
+        f"{args.n_local}x{args.local_size} crops, out_dim {args.out_dim}, median of {args.steps} steps "
+        f"after the first; {flops:.2f} GFLOP per image (estimate)"
+    )
     if bracket:
         print("\n".join(bracket.describe()))
-        print("- ratios are within this invocation: 'x official' = our images/s / the official images/s "
-              "(mean of its runs before and after ours)")
+        print(
+            "- ratios are within this invocation: 'x official' = our images/s / the official images/s "
+            "(mean of its runs before and after ours)"
+        )
     else:
-        print("- no --reference given: no official run, no 'x official' column; "
-              "compare ratios within one invocation only")
+        print(
+            "- no --reference given: no official run, no 'x official' column; compare ratios within one invocation only"
+        )
     print()
     columns = ["backend", "jit", "images/s", "step s", "compile s", "EMA share", "GFLOP/s"]
     cells = []
     for r in rows:
-        cells.append([r["backend"], str(r["jit"]), f"{r['images_per_s']:.3f}", f"{r['step_s']:.3f}",
-                      f"{r['compile_s']:.1f}", f"{100 * r['ema_share']:.1f}%", f"{r['gflops']:.1f}"])
+        cells.append(
+            [
+                r["backend"],
+                str(r["jit"]),
+                f"{r['images_per_s']:.3f}",
+                f"{r['step_s']:.3f}",
+                f"{r['compile_s']:.1f}",
+                f"{100 * r['ema_share']:.1f}%",
+                f"{r['gflops']:.1f}",
+            ]
+        )
         if bracket:
             cells[-1].append(f"{r['images_per_s'] / official:.2f}" if official else "n/a")
     print_table(columns + (["x official"] if bracket else []), cells)

@@ -51,8 +51,12 @@ def recipe_of(method, smoke):
         head = dict(out_dim=256, hidden_dim=64, bottleneck_dim=32)
         if "patch_out_dim" in recipe.method_args:
             head["patch_out_dim"] = 256
-        recipe = recipe.derive(patch_size=8, method_args=head, crops=dict(global_size=32, local_size=16, n_local=2),
-                               backbone_args=dict(embed_dim=32, depth=2, num_heads=2))
+        recipe = recipe.derive(
+            patch_size=8,
+            method_args=head,
+            crops=dict(global_size=32, local_size=16, n_local=2),
+            backbone_args=dict(embed_dim=32, depth=2, num_heads=2),
+        )
     return recipe
 
 
@@ -169,12 +173,18 @@ def worker(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backends", default="tensorflow,jax,torch")
-    parser.add_argument("--cpu-smoke", action="store_true", dest="cpu_smoke",
-                        help="tiny model, batch 4, on the CPU (CI)")
+    parser.add_argument(
+        "--cpu-smoke", action="store_true", dest="cpu_smoke", help="tiny model, batch 4, on the CPU (CI)"
+    )
     parser.add_argument("--batch", type=int, default=None, help="default: 64 (4 with --cpu-smoke)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps after the first (default 5; 1 smoke)")
-    parser.add_argument("--budget-s", type=float, default=450.0, dest="budget_s",
-                        help="wall-clock budget of the whole check; rows past it are skipped")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=450.0,
+        dest="budget_s",
+        help="wall-clock budget of the whole check; rows past it are skipped",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--configs", default="", help=argparse.SUPPRESS)
@@ -206,8 +216,13 @@ def drive(args):
     for b, backend in enumerate(backends):
         if not args.cpu_smoke:
             # Fails fast, before any model is built, where the backend sees no GPU.
-            probe = run_worker([__file__, "--worker", "--probe", *common], f"{backend}: device probe",
-                               timeout=max(left(), 1), KERAS_BACKEND=backend, **env)
+            probe = run_worker(
+                [__file__, "--worker", "--probe", *common],
+                f"{backend}: device probe",
+                timeout=max(left(), 1),
+                KERAS_BACKEND=backend,
+                **env,
+            )
             seen[backend] = probe
             if probe is None:
                 failed.append(f"{backend}: the device probe failed")
@@ -225,8 +240,13 @@ def drive(args):
             if share < 5:
                 failed.append(f"{backend} {','.join(group)}: skipped (time budget)")
                 continue
-            result = run_worker([__file__, "--worker", "--configs", ",".join(group), *common],
-                                f"{backend} {','.join(group)}", timeout=share, KERAS_BACKEND=backend, **env)
+            result = run_worker(
+                [__file__, "--worker", "--configs", ",".join(group), *common],
+                f"{backend} {','.join(group)}",
+                timeout=share,
+                KERAS_BACKEND=backend,
+                **env,
+            )
             if result is None:
                 failed.append(f"{backend} {','.join(group)}: failed or stopped (see above)")
                 continue
@@ -234,27 +254,54 @@ def drive(args):
             for row in result["rows"]:
                 row["backend"] = backend
                 rows.append(row)
-                print(f"  {backend} {row['method']} {row['precision']}: {row['images_per_s']:.2f} images/s",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"  {backend} {row['method']} {row['precision']}: {row['images_per_s']:.2f} images/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     print(f"\n### GPU check, {machine()}\n")
     model = "tiny ViT/8 (dim 32, depth 2), --cpu-smoke" if args.cpu_smoke else "ViT-S/16"
-    print(f"- {model}, batch {args.batch}, median of {args.steps} steps after the first; "
-          f"{time.monotonic() - start:.0f} s in all")
+    print(
+        f"- {model}, batch {args.batch}, median of {args.steps} steps after the first; "
+        f"{time.monotonic() - start:.0f} s in all"
+    )
     for backend in backends:
         probe = seen.get(backend)
         print(f"- {backend}: " + (", ".join(probe["devices"]) if probe else "probe failed"))
     for line in failed:
         print(f"- NOT RUN: {line}")
     print()
-    columns = ["backend", "method", "crops", "K", "precision", "jit", "images/s", "step s", "first step s",
-               "peak GPU GiB"]
-    print_table(columns, [
-        [r["backend"], r["method"], r["crops"], str(r["out_dim"]), r["precision"], r["jit"],
-         f"{r['images_per_s']:.2f}", f"{r['step_s']:.3f}", f"{r['first_step_s']:.1f}",
-         "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"]
-        for r in rows
-    ])
+    columns = [
+        "backend",
+        "method",
+        "crops",
+        "K",
+        "precision",
+        "jit",
+        "images/s",
+        "step s",
+        "first step s",
+        "peak GPU GiB",
+    ]
+    print_table(
+        columns,
+        [
+            [
+                r["backend"],
+                r["method"],
+                r["crops"],
+                str(r["out_dim"]),
+                r["precision"],
+                r["jit"],
+                f"{r['images_per_s']:.2f}",
+                f"{r['step_s']:.3f}",
+                f"{r['first_step_s']:.1f}",
+                "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}",
+            ]
+            for r in rows
+        ],
+    )
     return 1 if failed else 0
 
 

@@ -75,8 +75,11 @@ def row_recipe(index, quick, match_official):
         head = dict(out_dim=256) if match_official else dict(out_dim=256, hidden_dim=64, bottleneck_dim=32)
         if "patch_out_dim" in recipe.method_args:
             head["patch_out_dim"] = 256
-        small = dict(backbone="vit_tiny") if match_official else dict(
-            backbone_args=dict(embed_dim=32, depth=2, num_heads=2))
+        small = (
+            dict(backbone="vit_tiny")
+            if match_official
+            else dict(backbone_args=dict(embed_dim=32, depth=2, num_heads=2))
+        )
         recipe = recipe.derive(patch_size=8, method_args=head, crops=dict(global_size=32, local_size=16), **small)
     return recipe
 
@@ -84,8 +87,15 @@ def row_recipe(index, quick, match_official):
 def official_settings(recipe, batch):
     """The official script's settings for a DINO row's ``recipe``."""
     crops = recipe.crops
-    return dict(arch=recipe.backbone, patch=recipe.patch_size, batch=batch, global_size=crops["global_size"],
-                local_size=crops["local_size"], locals=crops["n_local"], out_dim=recipe.method_args["out_dim"])
+    return dict(
+        arch=recipe.backbone,
+        patch=recipe.patch_size,
+        batch=batch,
+        global_size=crops["global_size"],
+        local_size=crops["local_size"],
+        locals=crops["n_local"],
+        out_dim=recipe.method_args["out_dim"],
+    )
 
 
 def worker(args):
@@ -103,22 +113,30 @@ def worker(args):
     model.compile(optimizer=optimizers.dino_adamw(args.batch, 100, 1000), jit_compile="auto")
     batch = make_batch(recipe, args.batch, np.random.default_rng(0))
     compile_s, step_s = time_fit_steps(model, batch, args.steps)
-    print(json.dumps({
-        "backend": keras.backend.backend(),
-        "row": label,
-        "crops": f"2x{recipe.crops['global_size']} + {n_local}x{recipe.crops['local_size']}",
-        "out_dim": recipe.method_args["out_dim"],
-        "images_per_s": args.batch / step_s,
-        "step_s": step_s,
-        "compile_s": compile_s,
-    }))
+    print(
+        json.dumps(
+            {
+                "backend": keras.backend.backend(),
+                "row": label,
+                "crops": f"2x{recipe.crops['global_size']} + {n_local}x{recipe.crops['local_size']}",
+                "out_dim": recipe.method_args["out_dim"],
+                "images_per_s": args.batch / step_s,
+                "step_s": step_s,
+                "compile_s": compile_s,
+            }
+        )
+    )
 
 
 def main():
     parser = step_parser(__doc__, batch=8)
-    parser.add_argument("--reference", default=None, metavar="PATH",
-                        help="a checkout of the official DINO code holding time_official_step.py: its DINO "
-                             "step is timed before and after ours, and the DINO rows get 'x official'")
+    parser.add_argument(
+        "--reference",
+        default=None,
+        metavar="PATH",
+        help="a checkout of the official DINO code holding time_official_step.py: its DINO "
+        "step is timed before and after ours, and the DINO rows get 'x official'",
+    )
     parser.add_argument("--match-official", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -146,26 +164,45 @@ def main():
     else:
         model = "ViT-S/16"
     print(f"\n### One training step per method, {machine()}\n")
-    print(f"- settings: {model}, batch {args.batch}, paper recipes' heads and crops as listed, "
-          f"median of {args.steps} steps after the first")
+    print(
+        f"- settings: {model}, batch {args.batch}, paper recipes' heads and crops as listed, "
+        f"median of {args.steps} steps after the first"
+    )
     print("- ratios are within this invocation: 'x base' = the plug-in's step time / its base's, same backend")
     if bracket:
         print("\n".join(bracket.describe()))
-        print("- 'x official' = our images/s / the official images/s with the same settings (mean of its runs "
-              "before and after ours). The reference's time_official_step.py times DINO only: "
-              "only the DINO rows are compared with the official code")
+        print(
+            "- 'x official' = our images/s / the official images/s with the same settings (mean of its runs "
+            "before and after ours). The reference's time_official_step.py times DINO only: "
+            "only the DINO rows are compared with the official code"
+        )
     print()
     columns = ["backend", "method", "crops", "K", "images/s", "step s", "first step s", "x base (step time)"]
     cells = []
     for r in results:
         base = step.get((r["backend"], r["base"]))
         ratio = f"{r['step_s'] / base:.2f} vs {r['base']}" if base else ""
-        cells.append([r["backend"], r["row"], r["crops"], str(r["out_dim"]), f"{r['images_per_s']:.3f}",
-                      f"{r['step_s']:.3f}", f"{r['compile_s']:.1f}", ratio])
+        cells.append(
+            [
+                r["backend"],
+                r["row"],
+                r["crops"],
+                str(r["out_dim"]),
+                f"{r['images_per_s']:.3f}",
+                f"{r['step_s']:.3f}",
+                f"{r['compile_s']:.1f}",
+                ratio,
+            ]
+        )
         if bracket:
             official = bracket.images_per_s(official_of[r["row"]]) if r["row"] in official_of else None
-            cells[-1].append(f"{r['images_per_s'] / official:.2f}" if official
-                             else "n/a (failed)" if r["row"] in official_of else "— (no official step)")
+            cells[-1].append(
+                f"{r['images_per_s'] / official:.2f}"
+                if official
+                else "n/a (failed)"
+                if r["row"] in official_of
+                else "— (no official step)"
+            )
     print_table(columns + (["x official"] if bracket else []), cells)
 
 

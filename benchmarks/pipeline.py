@@ -34,8 +34,8 @@ from _subprocess import run_worker
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-OFFICIAL_PER_CORE = 41.0    # torchvision/PIL DINO pipeline, issue #4's machine
-H100_DINO_RATE = 1200.0     # images/s one H100 trains ViT-S/16 DINO at (issue #4)
+OFFICIAL_PER_CORE = 41.0  # torchvision/PIL DINO pipeline, issue #4's machine
+H100_DINO_RATE = 1200.0  # images/s one H100 trains ViT-S/16 DINO at (issue #4)
 
 
 def make_jpegs(folder, num, seed=0):
@@ -56,16 +56,21 @@ def make_jpegs(folder, num, seed=0):
         h, w = (int(v) for v in rng.integers(256, 501, 2))
         big = tf.image.resize(tf.cast(image, tf.float32), (h, w), "bicubic").numpy()
         big = np.clip(big + rng.normal(0, 6, big.shape), 0, 255).astype(np.uint8)
-        tf.io.write_file(os.path.join(folder, f"{i:05d}.jpg"),
-                         tf.io.encode_jpeg(big, quality=90))
+        tf.io.write_file(os.path.join(folder, f"{i:05d}.jpg"), tf.io.encode_jpeg(big, quality=90))
 
 
 def settings(quick):
     from keras_pqcl import data as kd
 
     dino = kd.MultiCropConfig(n_local=10)
-    pqcl = kd.MultiCropConfig(n_local=1, global_scale=(0.25, 1.0), local_scale=(0.05, 0.25),
-                              flip_local=False, global_blur_p=1.0, solarize_p=0.0)
+    pqcl = kd.MultiCropConfig(
+        n_local=1,
+        global_scale=(0.25, 1.0),
+        local_scale=(0.05, 0.25),
+        flip_local=False,
+        global_blur_p=1.0,
+        solarize_p=0.0,
+    )
     if quick:
         dino = kd.MultiCropConfig(global_size=64, local_size=32, n_local=4)
         pqcl = kd.MultiCropConfig(global_size=64, local_size=32, n_local=1, flip_local=False)
@@ -80,8 +85,10 @@ def settings(quick):
         ("DINO, TensorFlow's default process settings", dict(crops=dino, process="default")),
         ("DINO, PIL-exact antialiased resize", dict(crops=_replace(dino, antialias=True))),
         ("DINO without XLA", dict(crops=dino, jit_compile=False)),
-        (f"PQCL {shape(pqcl)}, masks + query tables", dict(
-            crops=pqcl, masks=kd.MaskConfig(patch), queries=kd.QueryConfig(patch, embed_dim=384))),
+        (
+            f"PQCL {shape(pqcl)}, masks + query tables",
+            dict(crops=pqcl, masks=kd.MaskConfig(patch), queries=kd.QueryConfig(patch, embed_dim=384)),
+        ),
         ("decode only (floor)", dict(decode_only=True)),
     ]
 
@@ -105,8 +112,12 @@ def measure(folder, batch, seconds, decode_only=False, **kwargs):
 
     if decode_only:
         ds, _ = kd.load_source(folder, shuffle=False)
-        ds = ds.repeat().map(lambda image, label: tf.shape(image),
-                             num_parallel_calls=tf.data.AUTOTUNE).batch(batch).prefetch(2)
+        ds = (
+            ds.repeat()
+            .map(lambda image, label: tf.shape(image), num_parallel_calls=tf.data.AUTOTUNE)
+            .batch(batch)
+            .prefetch(2)
+        )
     else:
         ds = kd.pretrain_dataset(folder, batch_size=batch, repeat=True, seed=0, **kwargs)
     it = iter(ds)
@@ -136,8 +147,22 @@ def worker(args):
 def step_rate():
     """images/s of the DINO training step (torch backend, ViT-S/16, batch 8,
     2x224 + 10x96) from benchmarks/dino_step.py, on this machine."""
-    row = run_worker([os.path.join(HERE, "dino_step.py"), "--worker", "--steps", "2", "--batch", "8",
-                      "--n-local", "10", "--jit", "auto"], "the DINO step", KERAS_BACKEND="torch")
+    row = run_worker(
+        [
+            os.path.join(HERE, "dino_step.py"),
+            "--worker",
+            "--steps",
+            "2",
+            "--batch",
+            "8",
+            "--n-local",
+            "10",
+            "--jit",
+            "auto",
+        ],
+        "the DINO step",
+        KERAS_BACKEND="torch",
+    )
     return row["images_per_s"] if row else None
 
 
@@ -164,29 +189,50 @@ def main():
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     rows = []
     for index in range(len(settings(args.quick))):
-        row = run_worker([__file__, "--worker", "--index", str(index), "--folder", args.folder,
-                          "--batch", str(args.batch), "--seconds", str(args.seconds)]
-                         + (["--quick"] if args.quick else []), f"setting {index}")
+        row = run_worker(
+            [
+                __file__,
+                "--worker",
+                "--index",
+                str(index),
+                "--folder",
+                args.folder,
+                "--batch",
+                str(args.batch),
+                "--seconds",
+                str(args.seconds),
+            ]
+            + (["--quick"] if args.quick else []),
+            f"setting {index}",
+        )
         if row:
             rows.append(row)
     step = None if (args.no_step or args.quick) else step_rate()
 
-    print(f"\nInput pipeline: {args.images} JPEGs of 256-500 px, batch {args.batch}, {cores} cores, "
-          f"{args.seconds:.0f} s per setting. Per core = images / CPU-second of the whole process. "
-          "Process settings: tune_input_pipeline (BFC allocator, 1 intra-op thread) unless the row "
-          "says otherwise.")
-    print(f"Official torchvision/PIL DINO pipeline: {OFFICIAL_PER_CORE:.0f} images/s per core (issue #4); "
-          "target >= 100.")
+    print(
+        f"\nInput pipeline: {args.images} JPEGs of 256-500 px, batch {args.batch}, {cores} cores, "
+        f"{args.seconds:.0f} s per setting. Per core = images / CPU-second of the whole process. "
+        "Process settings: tune_input_pipeline (BFC allocator, 1 intra-op thread) unless the row "
+        "says otherwise."
+    )
+    print(
+        f"Official torchvision/PIL DINO pipeline: {OFFICIAL_PER_CORE:.0f} images/s per core (issue #4); target >= 100."
+    )
     print("| pipeline | images/s (all cores) | images/s per core | x official | cores to feed 1 H100 (1,200 img/s) |")
     print("|---|---|---|---|---|")
     for r in rows:
         per_core = 1.0 / r["cpu_per_image"]
-        print(f"| {r['name']} | {r['rate']:.0f} | {per_core:.0f} | {per_core / OFFICIAL_PER_CORE:.1f} | "
-              f"{H100_DINO_RATE / per_core:.1f} |")
+        print(
+            f"| {r['name']} | {r['rate']:.0f} | {per_core:.0f} | {per_core / OFFICIAL_PER_CORE:.1f} | "
+            f"{H100_DINO_RATE / per_core:.1f} |"
+        )
     if step:
         dino = rows[0] if rows and rows[0]["name"].startswith("DINO") else None
-        print(f"\nTraining step on this CPU (benchmarks/dino_step.py, torch, ViT-S/16, batch 8, 2x224 + 10x96): "
-              f"{step:.2f} images/s", end="")
+        print(
+            f"\nTraining step on this CPU (benchmarks/dino_step.py, torch, ViT-S/16, batch 8, 2x224 + 10x96): "
+            f"{step:.2f} images/s",
+            end="",
+        )
         if dino:
             print(f"; one pipeline core feeds {1.0 / dino['cpu_per_image'] / step:.0f}x that.")
         else:

@@ -53,19 +53,30 @@ VARIANTS = {
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", required=True, choices=["tensorflow", "jax", "torch"])
-    parser.add_argument("--jit", default="auto", choices=["auto", "True", "False"],
-                        help="compile(jit_compile=...): TensorFlow's XLA switch")
+    parser.add_argument(
+        "--jit",
+        default="auto",
+        choices=["auto", "True", "False"],
+        help="compile(jit_compile=...): TensorFlow's XLA switch",
+    )
     parser.add_argument("--quick", action="store_true", help="vit_tiny-sized toy model at 32 px (smoke test)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per ablation row, after one warm-up")
     parser.add_argument("--profile-steps", type=int, default=1, dest="profile_steps")
     parser.add_argument("--top", type=int, default=15)
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help=f"ablation rows, comma-separated, from {','.join(VARIANTS)}; '' for none")
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"ablation rows, comma-separated, from {','.join(VARIANTS)}; '' for none",
+    )
     parser.add_argument("--no-profile", action="store_true", dest="no_profile")
-    parser.add_argument("--ab-optimizer", action="store_true", dest="ab_optimizer",
-                        help="torch: time the AdamW update per tensor (update_step loop) against the "
-                             "multi-tensor path, alternating, on the full model's variables")
+    parser.add_argument(
+        "--ab-optimizer",
+        action="store_true",
+        dest="ab_optimizer",
+        help="torch: time the AdamW update per tensor (update_step loop) against the "
+        "multi-tensor path, alternating, on the full model's variables",
+    )
     args = parser.parse_args()
     args.jit = {"auto": "auto", "True": True, "False": False}[args.jit]
     if args.quick:
@@ -88,11 +99,11 @@ def make_batch(args, n_local):
     import numpy as np
 
     rng = np.random.default_rng(0)
-    batch = {"global_crops": rng.normal(
-        size=(args.batch, 2, args.global_size, args.global_size, 3)).astype("float32")}
+    batch = {"global_crops": rng.normal(size=(args.batch, 2, args.global_size, args.global_size, 3)).astype("float32")}
     if n_local:
-        batch["local_crops"] = rng.normal(
-            size=(args.batch, n_local, args.local_size, args.local_size, 3)).astype("float32")
+        batch["local_crops"] = rng.normal(size=(args.batch, n_local, args.local_size, args.local_size, 3)).astype(
+            "float32"
+        )
     return batch
 
 
@@ -105,8 +116,12 @@ def build(args, variant):
     off = {variant} if variant != "bare" else {"clip_off", "ema_off", "drop_path_0", "keras_adamw"}
     keras.utils.set_random_seed(0)
     backbone = kp.backbones.VisionTransformer(
-        patch_size=args.patch, embed_dim=args.dim, depth=args.depth, num_heads=args.heads,
-        image_size=args.global_size, drop_path_rate=0.0 if "drop_path_0" in off else 0.1,
+        patch_size=args.patch,
+        embed_dim=args.dim,
+        depth=args.depth,
+        num_heads=args.heads,
+        image_size=args.global_size,
+        drop_path_rate=0.0 if "drop_path_0" in off else 0.1,
     )
     if "gelu_tanh" in off:
         for layer in backbone._flatten_layers(include_self=False, recursive=True):
@@ -116,8 +131,7 @@ def build(args, variant):
     if "keras_adamw" in off:
         optimizer = keras.optimizers.AdamW(learning_rate=1e-5, weight_decay=0.04)
     else:
-        optimizer = kp.optimizers.dino_adamw(args.batch, 100, 1000,
-                                             clip_per_tensor=None if "clip_off" in off else 3.0)
+        optimizer = kp.optimizers.dino_adamw(args.batch, 100, 1000, clip_per_tensor=None if "clip_off" in off else 3.0)
     model.compile(optimizer=optimizer, jit_compile=args.jit)
     return model, make_batch(args, 0 if "no_locals" in off else args.n_local), "ema_off" in off
 
@@ -160,8 +174,9 @@ def fit(model, batch, steps):
 
     timer = Timer()
     timer.times = []
-    model.fit(tf.data.Dataset.from_tensors(batch).repeat(), epochs=1, steps_per_epoch=steps,
-              verbose=0, callbacks=[timer])
+    model.fit(
+        tf.data.Dataset.from_tensors(batch).repeat(), epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[timer]
+    )
     return timer.times
 
 
@@ -263,7 +278,8 @@ def ab_optimizer(args, repeats=5):
     optimizer, variables = model.optimizer, model.trainable_variables
     grads = [torch.randn_like(v.value) * 1e-2 for v in variables]
     per_tensor = lambda: keras.optimizers.Optimizer._backend_update_step(
-        optimizer, grads, variables, optimizer.learning_rate)
+        optimizer, grads, variables, optimizer.learning_rate
+    )
     multi = lambda: optimizer._backend_update_step(grads, variables, optimizer.learning_rate)
     times = {"per-tensor update_step loop": [], "torch._fused_adamw_ (+ multi-tensor clip)": []}
     with torch.no_grad():
@@ -291,8 +307,10 @@ def main():
 
     assert keras.backend.backend() == args.backend, "KERAS_BACKEND was set before keras was imported"
     size = "ViT-tiny-ish dim 64 depth 2, 32 px" if args.quick else "ViT-S/16, 224 px globals, 96 px locals"
-    print(f"### {args.backend} (jit_compile={args.jit}): {size}, batch {args.batch}, 2 globals + "
-          f"{args.n_local} locals, K = {args.out_dim}\n")
+    print(
+        f"### {args.backend} (jit_compile={args.jit}): {size}, batch {args.batch}, 2 globals + "
+        f"{args.n_local} locals, K = {args.out_dim}\n"
+    )
     if args.ab_optimizer:
         ab_optimizer(args)
     if not args.no_profile:

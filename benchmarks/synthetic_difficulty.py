@@ -98,8 +98,12 @@ def reference_cnn(size):
 
     layers = [keras.Input((size, size, 3))]
     for channels in (32, 64, 128):
-        layers += [keras.layers.Conv2D(channels, 3, padding="same"), keras.layers.BatchNormalization(),
-                   keras.layers.ReLU(), keras.layers.MaxPooling2D()]
+        layers += [
+            keras.layers.Conv2D(channels, 3, padding="same"),
+            keras.layers.BatchNormalization(),
+            keras.layers.ReLU(),
+            keras.layers.MaxPooling2D(),
+        ]
     return keras.Sequential(layers + [keras.layers.GlobalAveragePooling2D()], name="reference_cnn")
 
 
@@ -109,8 +113,10 @@ def supervised_data(size, test):
     from keras_pqcl.eval.features import eval_preprocess
 
     data = kp.data.synthetic_scenes(SUPERVISED_IMAGES, image_size=test["images"].shape[1], seed=SUPERVISED_SEED)
-    return {split: (np.asarray(eval_preprocess(d["images"], size=size)), d["labels"])
-            for split, d in (("train", data), ("val", test))}
+    return {
+        split: (np.asarray(eval_preprocess(d["images"], size=size)), d["labels"])
+        for split, d in (("train", data), ("val", test))
+    }
 
 
 def supervised_ceiling(features, data, epochs, lr):
@@ -122,11 +128,14 @@ def supervised_ceiling(features, data, epochs, lr):
     (x, y), validation = data["train"], data["val"]
     inputs = keras.Input(x.shape[1:])
     model = keras.Model(inputs, keras.layers.Dense(10)(features(inputs)))
-    model.compile(keras.optimizers.AdamW(lr), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
+    model.compile(
+        keras.optimizers.AdamW(lr), keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"]
+    )
     history = model.fit(x, y, batch_size=64, epochs=epochs, validation_data=validation, verbose=0)
-    return {split: [round(100.0 * v, 1) for v in history.history[key]]
-            for split, key in (("train", "accuracy"), ("val", "val_accuracy"))}
+    return {
+        split: [round(100.0 * v, 1) for v in history.history[key]]
+        for split, key in (("train", "accuracy"), ("val", "val_accuracy"))
+    }
 
 
 def main():
@@ -169,8 +178,14 @@ def main():
     size = recipe.crops["global_size"]
     splits = probe_splits(recipe, args.probe_train, args.probe_test)
 
-    result = {"recipe": recipe.name, "epochs": recipe.epochs, "layout": layout, "derive": json.loads(args.derive),
-              "backend": keras.backend.backend(), "rows": {}}
+    result = {
+        "recipe": recipe.name,
+        "epochs": recipe.epochs,
+        "layout": layout,
+        "derive": json.loads(args.derive),
+        "backend": keras.backend.backend(),
+        "rows": {},
+    }
     rows = result["rows"]
     keras.utils.set_random_seed(recipe.seed)
     rows["random init"] = score(build_backbone(recipe, size), splits, size, args)
@@ -183,28 +198,37 @@ def main():
         run_dir = os.path.join(args.output, f"{recipe.name}_{int(start)}")
         summary = kp.pretrain(recipe, run_dir, verbose=0)
         path = summary["transfer_backbone"]
-        result.update(pretrain_seconds=round(time.time() - start), first_loss=summary.get("first_loss"),
-                      last_loss=summary.get("last_loss"), collapse=summary.get("collapse"))
+        result.update(
+            pretrain_seconds=round(time.time() - start),
+            first_loss=summary.get("first_loss"),
+            last_loss=summary.get("last_loss"),
+            collapse=summary.get("collapse"),
+        )
     rows["trained"] = score(keras.saving.load_model(path), splits, size, args)
     if args.supervised:
         data = supervised_data(size, splits["test"])
         backbone = build_backbone(recipe, size)
-        result["supervised_top1"] = supervised_ceiling(lambda x: backbone(x)["cls"], data, args.supervised,
-                                                       args.supervised_lr)
+        result["supervised_top1"] = supervised_ceiling(
+            lambda x: backbone(x)["cls"], data, args.supervised, args.supervised_lr
+        )
         if args.cnn:
             result["cnn_top1"] = supervised_ceiling(reference_cnn(size), data, args.supervised, args.supervised_lr)
 
     trained = f"trained = {args.teacher}" if args.teacher else f"{recipe.epochs} epochs"
-    print(f"\nRecipe `{recipe.name}` ({trained}), layout {layout or 'default'}, "
-          f"backend {result['backend']}; probes on {args.probe_train} / {args.probe_test} held-out images "
-          f"at {size} px.\n")
+    print(
+        f"\nRecipe `{recipe.name}` ({trained}), layout {layout or 'default'}, "
+        f"backend {result['backend']}; probes on {args.probe_train} / {args.probe_test} held-out images "
+        f"at {size} px.\n"
+    )
     print("| features | k-NN top-1 % | dense mIoU % | dense pixel acc. % |")
     print("|---|---|---|---|")
     for name, row in rows.items():
         print(f"| {name} | {row['knn_top1']} | {row['dense_miou']} | {row['dense_pixel_acc']} |")
     if "first_loss" in result:
-        print(f"\nloss {result['first_loss']:.2f} -> {result['last_loss']:.2f}"
-              + (f"; collapse: {result['collapse']}" if result.get("collapse") else ""))
+        print(
+            f"\nloss {result['first_loss']:.2f} -> {result['last_loss']:.2f}"
+            + (f"; collapse: {result['collapse']}" if result.get("collapse") else "")
+        )
     for key, name in (("supervised_top1", "supervised ceiling"), ("cnn_top1", "reference CNN, supervised")):
         if key in result:
             print(f"{name}, top-1 % per epoch: train {result[key]['train']}, validation {result[key]['val']}")

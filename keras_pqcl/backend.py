@@ -317,7 +317,8 @@ def _bools_as_uint8(ds):
         return ds
     return ds.map(
         lambda *x: tf.nest.map_structure(
-            lambda t: tf.cast(t, tf.uint8) if t.dtype == tf.bool else t, x[0] if len(x) == 1 else x),
+            lambda t: tf.cast(t, tf.uint8) if t.dtype == tf.bool else t, x[0] if len(x) == 1 else x
+        ),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
@@ -445,13 +446,11 @@ def _torch_sync_step(grads, variables, loss, logs, tracked, world):
     with torch.no_grad():
         present = torch.tensor([g is not None for g in grads], dtype=torch.float32, device=loss.device)
         filled = [g if g is not None else torch.zeros_like(v.value) for g, v in zip(grads, variables)]
-        names = [
-            n for n, x in logs.items() if n in tracked and torch.is_tensor(x) and x.is_floating_point()
-        ]
+        names = [n for n, x in logs.items() if n in tracked and torch.is_tensor(x) and x.is_floating_point()]
         means = [loss.detach(), *(logs[n].detach() for n in names)]
         reduced = _all_reduce_sum([*filled, present, *means])
         n = len(filled)
-        summed, present, means = reduced[:n], reduced[n], reduced[n + 1:]
+        summed, present, means = reduced[:n], reduced[n], reduced[n + 1 :]
         grads = [g if p > 0 else None for g, p in zip(summed, present.tolist())]
         logs = dict(logs)
         for name, value in zip(names, means[1:]):

@@ -31,28 +31,53 @@ def _parser():
     pre.add_argument("--batch-size", type=int, dest="batch_size", help="global batch size")
     pre.add_argument("--steps-per-epoch", type=int, dest="steps_per_epoch", help="cap steps per epoch")
     pre.add_argument("--output", default=None, help="output folder (default runs/<recipe>)")
-    pre.add_argument("--resume", action="store_true",
-                     help="continue the run in --output from its newest usable checkpoint (a missing or empty "
-                     "folder starts a new run)")
-    pre.add_argument("--overwrite", action="store_true",
-                     help="replace the run in --output (its checkpoints, logs and backbones are deleted)")
-    pre.add_argument("--checkpoint-every-steps", type=int, dest="checkpoint_every_steps",
-                     help="also checkpoint every N steps inside an epoch (long epochs)")
-    pre.add_argument("--checkpoint-every-minutes", type=float, dest="checkpoint_every_minutes",
-                     help="also checkpoint every N minutes inside an epoch")
-    pre.add_argument("--keep-checkpoints", type=int, dest="keep_checkpoints",
-                     help="checkpoints kept, newest first (default 2)")
+    pre.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --output from its newest usable checkpoint (a missing or empty "
+        "folder starts a new run)",
+    )
+    pre.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in --output (its checkpoints, logs and backbones are deleted)",
+    )
+    pre.add_argument(
+        "--checkpoint-every-steps",
+        type=int,
+        dest="checkpoint_every_steps",
+        help="also checkpoint every N steps inside an epoch (long epochs)",
+    )
+    pre.add_argument(
+        "--checkpoint-every-minutes",
+        type=float,
+        dest="checkpoint_every_minutes",
+        help="also checkpoint every N minutes inside an epoch",
+    )
+    pre.add_argument(
+        "--keep-checkpoints", type=int, dest="keep_checkpoints", help="checkpoints kept, newest first (default 2)"
+    )
     pre.add_argument("--precision", choices=["float32", "mixed_bfloat16"])
     pre.add_argument("--seed", type=int)
-    pre.add_argument("--knn-every", type=int, dest="knn_every",
-                     help="log the teacher's k-NN top-1 every N epochs (0: off; the tiny recipes use 2)")
-    pre.add_argument("--knn-data", dest="knn_data",
-                     help="folder with train/ and val/ class folders for --knn-every "
-                     "(synthetic_scenes: held-out images)")
-    pre.add_argument("--init-from", dest="init_from", metavar="FILE",
-                     help="continued pre-training: start the student and teacher backbones from a .keras backbone "
-                     "(e.g. an earlier run's teacher_backbone.keras) or a PyTorch DINO/iBOT/PQCL .pth; heads and "
-                     "schedules start fresh; the architecture must match the recipe's")
+    pre.add_argument(
+        "--knn-every",
+        type=int,
+        dest="knn_every",
+        help="log the teacher's k-NN top-1 every N epochs (0: off; the tiny recipes use 2)",
+    )
+    pre.add_argument(
+        "--knn-data",
+        dest="knn_data",
+        help="folder with train/ and val/ class folders for --knn-every (synthetic_scenes: held-out images)",
+    )
+    pre.add_argument(
+        "--init-from",
+        dest="init_from",
+        metavar="FILE",
+        help="continued pre-training: start the student and teacher backbones from a .keras backbone "
+        "(e.g. an earlier run's teacher_backbone.keras) or a PyTorch DINO/iBOT/PQCL .pth; heads and "
+        "schedules start fresh; the architecture must match the recipe's",
+    )
     pre.add_argument("--backend", choices=["tensorflow", "jax", "torch"], help="Keras backend (default: KERAS_BACKEND)")
     pre.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -66,54 +91,100 @@ def _parser():
         "synthetic_scenes splits are used (train seed 1, test seed 2; pre-training uses seed 0).",
     )
     ev.add_argument("protocol", choices=EVAL_PROTOCOLS)
-    ev.add_argument("--weights", required=True,
-                    help="saved backbone (.keras), e.g. runs/tiny/teacher_backbone.keras, or a whole-model checkpoint")
-    ev.add_argument("--use", choices=["teacher", "student"], default="teacher",
-                    help="backbone to take from a whole-model checkpoint (default teacher)")
-    ev.add_argument("--data", help="train split: synthetic_scenes[:N[:S]] (seed 1, default "
-                    "synthetic_scenes:2048), a folder (one sub-folder per class; dense: images) or tfds:NAME")
-    ev.add_argument("--test-data", dest="test_data", help="test split (default for synthetic_scenes: seed 2, a "
-                    "quarter of --data's size; required for folders)")
+    ev.add_argument(
+        "--weights",
+        required=True,
+        help="saved backbone (.keras), e.g. runs/tiny/teacher_backbone.keras, or a whole-model checkpoint",
+    )
+    ev.add_argument(
+        "--use",
+        choices=["teacher", "student"],
+        default="teacher",
+        help="backbone to take from a whole-model checkpoint (default teacher)",
+    )
+    ev.add_argument(
+        "--data",
+        help="train split: synthetic_scenes[:N[:S]] (seed 1, default "
+        "synthetic_scenes:2048), a folder (one sub-folder per class; dense: images) or tfds:NAME",
+    )
+    ev.add_argument(
+        "--test-data",
+        dest="test_data",
+        help="test split (default for synthetic_scenes: seed 2, a quarter of --data's size; required for folders)",
+    )
     ev.add_argument("--masks", help="dense: folder of masks for --data, paired by file name (class ids, 255 = ignore)")
     ev.add_argument("--test-masks", dest="test_masks", help="dense: folder of masks for --test-data")
     ev.add_argument("--split", default="train", help="tfds split of --data (default train)")
     ev.add_argument("--test-split", dest="test_split", default="test", help="tfds split of --test-data (default test)")
-    ev.add_argument("--image",
-                    help="attention: an image file or a .npy array (H, W, 3); default: a synthetic_scenes image")
+    ev.add_argument(
+        "--image", help="attention: an image file or a .npy array (H, W, 3); default: a synthetic_scenes image"
+    )
     ev.add_argument("--output", help="output folder (default: eval/<protocol> next to --weights)")
-    ev.add_argument("--image-size", type=int, dest="image_size",
-                    help="input side for the backbone (default: its image_size; attention: the image's own "
-                    "size up to 480)")
+    ev.add_argument(
+        "--image-size",
+        type=int,
+        dest="image_size",
+        help="input side for the backbone (default: its image_size; attention: the image's own size up to 480)",
+    )
     ev.add_argument("--epochs", type=int, help="linear (default 100) and dense (default 30) probes")
-    ev.add_argument("--lr", type=_rates,
-                    help="probe learning rate (linear default 1e-3 * batch / 256, dense 1e-2); linear also takes "
-                    "a comma-separated sweep, e.g. 1e-3,1e-2,1e-1, and reports the best rate")
+    ev.add_argument(
+        "--lr",
+        type=_rates,
+        help="probe learning rate (linear default 1e-3 * batch / 256, dense 1e-2); linear also takes "
+        "a comma-separated sweep, e.g. 1e-3,1e-2,1e-1, and reports the best rate",
+    )
     ev.add_argument("--batch-size", type=int, dest="batch_size", help="probe batch size (linear 256, dense 16)")
     ev.add_argument("--k", type=int, default=20, help="k-NN neighbours (default 20)")
     ev.add_argument("--temperature", type=float, default=0.07, help="k-NN vote temperature (default 0.07)")
-    ev.add_argument("--n-last-blocks", type=int, dest="n_last_blocks",
-                    help="CLS tokens of the last n blocks (linear default 4, k-NN 1)")
-    ev.add_argument("--avgpool", type=int, choices=[0, 1, 2], default=0,
-                    help="0 CLS, 1 mean patch token, 2 both (iBOT avgpool_patchtokens)")
-    ev.add_argument("--threshold", type=float,
-                    help="attention: also save masks of the patches holding this fraction of the mass (e.g. 0.6)")
+    ev.add_argument(
+        "--n-last-blocks",
+        type=int,
+        dest="n_last_blocks",
+        help="CLS tokens of the last n blocks (linear default 4, k-NN 1)",
+    )
+    ev.add_argument(
+        "--avgpool",
+        type=int,
+        choices=[0, 1, 2],
+        default=0,
+        help="0 CLS, 1 mean patch token, 2 both (iBOT avgpool_patchtokens)",
+    )
+    ev.add_argument(
+        "--threshold",
+        type=float,
+        help="attention: also save masks of the patches holding this fraction of the mass (e.g. 0.6)",
+    )
     ev.add_argument("--backend", choices=["tensorflow", "jax", "torch"], help="Keras backend (default: KERAS_BACKEND)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    ft = sub.add_parser("finetune", help="fine-tune a saved backbone for a downstream task (segment)",
-                        description="Fine-tune a saved backbone for semantic segmentation (kp.tasks). Without --data, "
-                        "synthetic_scenes splits are used (train seed 1, validation seed 2).")
+    ft = sub.add_parser(
+        "finetune",
+        help="fine-tune a saved backbone for a downstream task (segment)",
+        description="Fine-tune a saved backbone for semantic segmentation (kp.tasks). Without --data, "
+        "synthetic_scenes splits are used (train seed 1, validation seed 2).",
+    )
     ft.add_argument("task", choices=["segment"])
     ft.add_argument("--weights", required=True, help="saved backbone (.keras) or a whole-model checkpoint")
-    ft.add_argument("--use", choices=["teacher", "student"], default="teacher",
-                    help="backbone to take from a whole-model checkpoint (default teacher)")
-    ft.add_argument("--data", default="synthetic_scenes:256",
-                    help="training images: synthetic_scenes[:N[:S]] (default synthetic_scenes:256) or a folder")
+    ft.add_argument(
+        "--use",
+        choices=["teacher", "student"],
+        default="teacher",
+        help="backbone to take from a whole-model checkpoint (default teacher)",
+    )
+    ft.add_argument(
+        "--data",
+        default="synthetic_scenes:256",
+        help="training images: synthetic_scenes[:N[:S]] (default synthetic_scenes:256) or a folder",
+    )
     ft.add_argument("--masks", help="folder of masks for --data, paired by file name (class ids, 255 = ignore)")
     ft.add_argument("--val-data", dest="val_data", help="validation images (required for folders)")
     ft.add_argument("--val-masks", dest="val_masks", help="masks for --val-data")
-    ft.add_argument("--num-classes", type=int, dest="num_classes",
-                    help="classes (default: synthetic_scenes' 11, or the largest id in the masks + 1)")
+    ft.add_argument(
+        "--num-classes",
+        type=int,
+        dest="num_classes",
+        help="classes (default: synthetic_scenes' 11, or the largest id in the masks + 1)",
+    )
     ft.add_argument("--image-size", type=int, dest="image_size", help="resize folder images to this side")
     ft.add_argument("--crop-size", type=int, dest="crop_size", help="training crop side (default: the image side)")
     ft.add_argument("--decoder", choices=["upernet", "fpn", "linear"], default="upernet")
@@ -135,15 +206,25 @@ def _parser():
         "backend (see the README's Export table).",
     )
     ex.add_argument("--weights", required=True, help="saved backbone (.keras), e.g. runs/tiny/teacher_backbone.keras")
-    ex.add_argument("--format", required=True, metavar="{saved_model,onnx,litert}",
-                    help="saved_model (a folder), onnx (a .onnx file) or litert (a .tflite file)")
+    ex.add_argument(
+        "--format",
+        required=True,
+        metavar="{saved_model,onnx,litert}",
+        help="saved_model (a folder), onnx (a .onnx file) or litert (a .tflite file)",
+    )
     ex.add_argument("--output", required=True, help="the SavedModel folder, .onnx file or .tflite file to write")
-    ex.add_argument("--image-size", type=int, dest="image_size",
-                    help="fixed input side (default: the backbone's image_size)")
-    ex.add_argument("--dynamic-size", action="store_true", dest="dynamic_size",
-                    help="free height and width (multiples of the patch size at run time)")
-    ex.add_argument("--use", choices=["teacher", "student"],
-                    help="backbone to take from a whole pre-training checkpoint")
+    ex.add_argument(
+        "--image-size", type=int, dest="image_size", help="fixed input side (default: the backbone's image_size)"
+    )
+    ex.add_argument(
+        "--dynamic-size",
+        action="store_true",
+        dest="dynamic_size",
+        help="free height and width (multiples of the patch size at run time)",
+    )
+    ex.add_argument(
+        "--use", choices=["teacher", "student"], help="backbone to take from a whole pre-training checkpoint"
+    )
     ex.add_argument("--backend", choices=["tensorflow", "jax", "torch"], help="Keras backend (default: KERAS_BACKEND)")
     return parser
 
@@ -161,8 +242,9 @@ def _rates(text):
     try:
         rates = [float(part) for part in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a rate or a comma-separated list of rates "
-                                         "(e.g. 1e-2 or 1e-3,1e-2,1e-1)") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a rate or a comma-separated list of rates (e.g. 1e-2 or 1e-3,1e-2,1e-1)"
+        ) from None
     return rates[0] if len(rates) == 1 else rates
 
 
@@ -238,12 +320,16 @@ def _main(argv):
 
     from keras_pqcl.training import pretrain
 
-    print(f"keras-pqcl: recipe {recipe.name!r} ({recipe.method}, {recipe.backbone}/{recipe.patch_size}) "
-          f"on backend {keras.backend.backend()}, {recipe.epochs} epochs, batch {recipe.batch_size}, "
-          f"data {recipe.data!r} -> {output}")
-    print(f"keras-pqcl: input pipeline: TensorFlow {'BFC' if tuned['bfc_allocator'] else 'default'} CPU "
-          f"allocator, {tuned['intra_op_threads'] or 'default'} intra-op thread(s) "
-          "(keras_pqcl.data.tune_input_pipeline)")
+    print(
+        f"keras-pqcl: recipe {recipe.name!r} ({recipe.method}, {recipe.backbone}/{recipe.patch_size}) "
+        f"on backend {keras.backend.backend()}, {recipe.epochs} epochs, batch {recipe.batch_size}, "
+        f"data {recipe.data!r} -> {output}"
+    )
+    print(
+        f"keras-pqcl: input pipeline: TensorFlow {'BFC' if tuned['bfc_allocator'] else 'default'} CPU "
+        f"allocator, {tuned['intra_op_threads'] or 'default'} intra-op thread(s) "
+        "(keras_pqcl.data.tune_input_pipeline)"
+    )
     summary = pretrain(recipe, output, resume=args.resume, overwrite=args.overwrite, verbose=0 if args.quiet else 1)
     print("\nDone.")
     width = max(len(k) for k in summary)
@@ -287,7 +373,7 @@ def _split_identity(spec, seed, split):
 
         return ("synthetic_scenes", *parse_synthetic(spec or "synthetic_scenes"), seed)
     if spec.startswith("tfds:"):
-        return ("tfds", spec[len("tfds:"):].strip("/"), split)
+        return ("tfds", spec[len("tfds:") :].strip("/"), split)
     return ("folder", os.path.realpath(spec))
 
 
@@ -297,8 +383,11 @@ def _warn_if_same_split(args, test_spec):
     if train != _split_identity(test_spec, EVAL_TEST_SEED, args.test_split):
         return
     what = f"{args.data} ({args.split})" if train[0] == "tfds" else args.data
-    print(f"keras-pqcl: warning: --test-data is the same as --data ({what}): the scores measure memorisation, "
-          "not generalisation; pass a held-out split.", file=sys.stderr)
+    print(
+        f"keras-pqcl: warning: --test-data is the same as --data ({what}): the scores measure memorisation, "
+        "not generalisation; pass a held-out split.",
+        file=sys.stderr,
+    )
 
 
 def _labelled(spec, seed, split):
@@ -388,14 +477,17 @@ def _image_array(path):
     except Exception as error:  # pickled objects, a damaged header, a truncated body
         reason = " ".join(f"{type(error).__name__}: {error}".split())
         raise ValueError(f"{path!r} is not a readable .npy array: {reason}; {fix}.") from None
-    if not isinstance(image, np.ndarray) or not (np.issubdtype(image.dtype, np.integer)
-                                                 or np.issubdtype(image.dtype, np.floating)):
+    if not isinstance(image, np.ndarray) or not (
+        np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)
+    ):
         raise ValueError(f"{path!r} holds {getattr(image, 'dtype', type(image).__name__)} data, not pixels; {fix}.")
     if image.ndim == 4 and image.shape[0] == 1:
         image = image[0]
     if image.ndim == 3 and image.shape[-1] == 4:
-        raise ValueError(f"{path!r} has shape {image.shape}: the image must have 3 channels (RGB); "
-                         "drop the alpha channel: image[..., :3].")
+        raise ValueError(
+            f"{path!r} has shape {image.shape}: the image must have 3 channels (RGB); "
+            "drop the alpha channel: image[..., :3]."
+        )
     if image.ndim == 3 and image.shape[-1] == 1:
         image = image[..., 0]
     if image.ndim == 2:  # grey, as PIL's convert("RGB") does for grey files
@@ -436,8 +528,13 @@ def _eval_attention(args, backbone, output, image=None):
         path = os.path.join(output, "attention_threshold.png")
         files["attention_threshold"] = ev.save_attention_png(path, shown, masks)
     files["pca"] = ev.save_pca_png(os.path.join(output, "pca.png"), shown, ev.feature_pca(backbone, shown))
-    results = {"heads": int(maps.shape[0]), "height": int(maps.shape[1]), "width": int(maps.shape[2]),
-               "threshold": args.threshold, **files}
+    results = {
+        "heads": int(maps.shape[0]),
+        "height": int(maps.shape[1]),
+        "width": int(maps.shape[2]),
+        "threshold": args.threshold,
+        **files,
+    }
     return results, {"image": source}
 
 
@@ -457,8 +554,10 @@ def _eval(args):
 
     from keras_pqcl import eval as ev
 
-    print(f"keras-pqcl: eval {args.protocol} of {args.weights} ({getattr(backbone, 'name', 'backbone')}) "
-          f"on backend {keras.backend.backend()} -> {output}")
+    print(
+        f"keras-pqcl: eval {args.protocol} of {args.weights} ({getattr(backbone, 'name', 'backbone')}) "
+        f"on backend {keras.backend.backend()} -> {output}"
+    )
     verbose = 0 if args.quiet else 2
     if args.protocol == "attention":
         results, splits = _eval_attention(args, backbone, output, image)
@@ -480,9 +579,17 @@ def _eval(args):
 
             num_classes = len(SYNTHETIC_CLASS_NAMES) + 1
         results = ev.dense_probe(
-            backbone, train_images, train_masks, test_images, test_masks, num_classes=num_classes,
-            epochs=args.epochs or 30, lr=args.lr or 1e-2, batch_size=args.batch_size or 16,
-            image_size=args.image_size, verbose=verbose,
+            backbone,
+            train_images,
+            train_masks,
+            test_images,
+            test_masks,
+            num_classes=num_classes,
+            epochs=args.epochs or 30,
+            lr=args.lr or 1e-2,
+            batch_size=args.batch_size or 16,
+            image_size=args.image_size,
+            verbose=verbose,
         )
         splits = {"train": train_name, "test": test_name}
     else:
@@ -492,19 +599,39 @@ def _eval(args):
         test, test_name = _labelled(test_spec, EVAL_TEST_SEED, args.test_split)
         splits = {"train": train_name, "test": test_name}
         if args.protocol == "knn":
-            results = ev.knn_evaluate(backbone, train, test, k=args.k, temperature=args.temperature,
-                                      n_last_blocks=args.n_last_blocks or 1, avgpool_patchtokens=args.avgpool,
-                                      image_size=args.image_size)
+            results = ev.knn_evaluate(
+                backbone,
+                train,
+                test,
+                k=args.k,
+                temperature=args.temperature,
+                n_last_blocks=args.n_last_blocks or 1,
+                avgpool_patchtokens=args.avgpool,
+                image_size=args.image_size,
+            )
         else:
             results = ev.linear_probe(
-                backbone, train, test, n_last_blocks=args.n_last_blocks or 4, avgpool_patchtokens=args.avgpool,
-                epochs=args.epochs or 100, lr=args.lr, batch_size=args.batch_size or 256,
-                image_size=args.image_size, verbose=verbose,
+                backbone,
+                train,
+                test,
+                n_last_blocks=args.n_last_blocks or 4,
+                avgpool_patchtokens=args.avgpool,
+                epochs=args.epochs or 100,
+                lr=args.lr,
+                batch_size=args.batch_size or 256,
+                image_size=args.image_size,
+                verbose=verbose,
             )
 
     os.makedirs(output, exist_ok=True)
-    record = {"protocol": args.protocol, "weights": os.path.abspath(args.weights), "backend": keras.backend.backend(),
-              **splits, "results": results, "seconds": round(time.time() - start, 1)}
+    record = {
+        "protocol": args.protocol,
+        "weights": os.path.abspath(args.weights),
+        "backend": keras.backend.backend(),
+        **splits,
+        "results": results,
+        "seconds": round(time.time() - start, 1),
+    }
     path = os.path.join(output, "eval.json")
     with open(path, "w") as f:
         json.dump(record, f, indent=2, default=str)
@@ -554,12 +681,25 @@ def _finetune(args):
             num_classes = int(ids[ids != 255].max()) + 1
     from keras_pqcl.tasks.finetune_run import finetune_segmentation
 
-    print(f"keras-pqcl: finetune segment of {args.weights} with {args.decoder} on {train_name}, validation "
-          f"{val_name}, {num_classes} classes -> {args.output}")
+    print(
+        f"keras-pqcl: finetune segment of {args.weights} with {args.decoder} on {train_name}, validation "
+        f"{val_name}, {num_classes} classes -> {args.output}"
+    )
     summary = finetune_segmentation(
-        backbone, train, val, num_classes, args.output, decoder=args.decoder, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, layer_decay=args.layer_decay, weight_decay=args.weight_decay,
-        crop_size=args.crop_size, freeze_backbone=args.freeze_backbone, channels=args.channels,
+        backbone,
+        train,
+        val,
+        num_classes,
+        args.output,
+        decoder=args.decoder,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        layer_decay=args.layer_decay,
+        weight_decay=args.weight_decay,
+        crop_size=args.crop_size,
+        freeze_backbone=args.freeze_backbone,
+        channels=args.channels,
         verbose=0 if args.quiet else 2,
     )
     for key, value in summary["val"].items():
@@ -578,10 +718,18 @@ def _export(args):
 
     start = time.time()
     size = "free height and width" if args.dynamic_size else f"{args.image_size or 'its own'} px"
-    print(f"keras-pqcl: export {args.weights} as {args.format} ({size}) on backend {keras.backend.backend()} "
-          f"-> {args.output}")
-    export_backbone(args.weights, args.output, format=args.format, image_size=args.image_size,
-                    dynamic_size=args.dynamic_size, use=args.use)
+    print(
+        f"keras-pqcl: export {args.weights} as {args.format} ({size}) on backend {keras.backend.backend()} "
+        f"-> {args.output}"
+    )
+    export_backbone(
+        args.weights,
+        args.output,
+        format=args.format,
+        image_size=args.image_size,
+        dynamic_size=args.dynamic_size,
+        use=args.use,
+    )
     print(f"Wrote {args.output} ({time.time() - start:.1f} s); outputs 'cls' and 'patches'")
     return 0
 

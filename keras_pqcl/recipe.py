@@ -120,7 +120,8 @@ class Recipe:
         crops=dict(n_local=2))`` keeps the other crop settings."""
         merged = {
             key: {**getattr(self, key), **value}
-            if isinstance(getattr(self, key, None), dict) and isinstance(value, dict) else value
+            if isinstance(getattr(self, key, None), dict) and isinstance(value, dict)
+            else value
             for key, value in changes.items()
         }
         return self.replace(**merged)

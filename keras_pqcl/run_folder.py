@@ -29,8 +29,14 @@ except ImportError:  # Windows: no advisory locks; the owner check below still a
 LOCK_FILE = "run.lock"
 #: What a pre-training run writes; ``overwrite`` deletes these and only these.
 ARTEFACTS = (
-    "checkpoints", "recipe.json", "summary.json", "log.csv", "loss.png", "tensorboard",
-    "teacher_backbone.keras", "student_backbone.keras",
+    "checkpoints",
+    "recipe.json",
+    "summary.json",
+    "log.csv",
+    "loss.png",
+    "tensorboard",
+    "teacher_backbone.keras",
+    "student_backbone.keras",
 )
 
 

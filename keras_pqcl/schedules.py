@@ -92,9 +92,7 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
         self.warmup_start = float(warmup_start)
 
     def __call__(self, step):
-        return cosine(
-            step, self.total_steps, self.start, self.end, self.warmup_steps, self.warmup_start
-        )
+        return cosine(step, self.total_steps, self.start, self.end, self.warmup_steps, self.warmup_start)
 
     def get_config(self):
         return dict(

@@ -81,8 +81,14 @@ def _multicrop_dataset(recipe, **stream):
     crops = kdata.MultiCropConfig(**recipe.crops)
     crops.check_patch_size(recipe.patch_size)
     dataset, info = kdata.pretrain_dataset(
-        recipe.data, crops=crops, batch_size=recipe.batch_size, shuffle=True, seed=recipe.seed,
-        return_info=True, **stream, **dataset_args(recipe),
+        recipe.data,
+        crops=crops,
+        batch_size=recipe.batch_size,
+        shuffle=True,
+        seed=recipe.seed,
+        return_info=True,
+        **stream,
+        **dataset_args(recipe),
     )
     return dataset, info, crops.global_size
 
@@ -94,7 +100,12 @@ def _montage_dataset(recipe, **stream):
 
     config = montage.MontageConfig(**recipe.crops)
     dataset, info = montage.mcl_dataset(
-        recipe.data, config, batch_size=recipe.batch_size, shuffle=True, seed=recipe.seed, return_info=True,
+        recipe.data,
+        config,
+        batch_size=recipe.batch_size,
+        shuffle=True,
+        seed=recipe.seed,
+        return_info=True,
         **stream,
     )
     return dataset, info, config.image_size
@@ -189,9 +200,7 @@ def build_dataset(recipe, start=(0, 0), stop=None):
     """
     stop = recipe.epochs if stop is None else stop
     build = DATASETS[method_of(recipe).needs(recipe).batches]
-    dataset, info, image_size = build(
-        recipe, epochs=stop, steps_per_epoch=recipe.steps_per_epoch, start=tuple(start)
-    )
+    dataset, info, image_size = build(recipe, epochs=stop, steps_per_epoch=recipe.steps_per_epoch, start=tuple(start))
     total = int(dataset.cardinality())
     steps = (total + start[1]) // max(stop - start[0], 1)
     if total <= 0 or steps < 1:
@@ -242,10 +251,21 @@ def distribution_scope():
 
 #: Recipe fields a resumed run may change; every other field fixes the data, the model or
 #: the schedules the checkpoint was trained with.
-RESUMABLE_FIELDS = frozenset({
-    "name", "description", "epochs", "knn_every", "knn_data", "checkpoint_every", "checkpoint_every_steps",
-    "checkpoint_every_minutes", "keep_checkpoints", "stop_on_collapse", "jit_compile",
-})
+RESUMABLE_FIELDS = frozenset(
+    {
+        "name",
+        "description",
+        "epochs",
+        "knn_every",
+        "knn_data",
+        "checkpoint_every",
+        "checkpoint_every_steps",
+        "checkpoint_every_minutes",
+        "keep_checkpoints",
+        "stop_on_collapse",
+        "jit_compile",
+    }
+)
 
 
 def check_resume(previous, recipe):
@@ -358,8 +378,10 @@ def _pretrain(recipe, folder, resume, verbose):
             check_resume(previous, recipe)
         if recipe.init_from and asked_init:
             if progress is not None:
-                print(f"keras-pqcl: init_from {recipe.init_from!r} not loaded: the checkpoint {progress.path} "
-                      "already holds the trained weights.")
+                print(
+                    f"keras-pqcl: init_from {recipe.init_from!r} not loaded: the checkpoint {progress.path} "
+                    "already holds the trained weights."
+                )
             else:
                 check_init_from(recipe.init_from)  # a new run after all: before the data is built
 
@@ -386,15 +408,22 @@ def _pretrain(recipe, folder, resume, verbose):
             model = build_model(recipe, steps, image_size)
         elif previous is not None and previous.get("epochs") != recipe.epochs:
             # fit() sets every schedule's length from its run_epochs (configure_schedules).
-            print(f"keras-pqcl: the run now lasts {recipe.epochs} epochs (was {previous.get('epochs')}): the "
-                  "learning-rate, weight-decay and momentum schedules follow the new length from here on.")
+            print(
+                f"keras-pqcl: the run now lasts {recipe.epochs} epochs (was {previous.get('epochs')}): the "
+                "learning-rate, weight-decay and momentum schedules follow the new length from here on."
+            )
 
     csv_path = folder.join("log.csv")
     collapse = callbacks.CollapseGuard(stop=recipe.stop_on_collapse)
     checkpoint = callbacks.Checkpoint(
-        ckpt_dir, every=recipe.checkpoint_every, every_steps=recipe.checkpoint_every_steps,
-        every_minutes=recipe.checkpoint_every_minutes, keep=recipe.keep_checkpoints, epochs=recipe.epochs,
-        resume_from=progress, metadata={"recipe": json.loads(recipe.to_json())},
+        ckpt_dir,
+        every=recipe.checkpoint_every,
+        every_steps=recipe.checkpoint_every_steps,
+        every_minutes=recipe.checkpoint_every_minutes,
+        keep=recipe.keep_checkpoints,
+        epochs=recipe.epochs,
+        resume_from=progress,
+        metadata={"recipe": json.loads(recipe.to_json())},
     )
     cbs = [
         callbacks.NaNGuard(ckpt_dir),
@@ -410,12 +439,26 @@ def _pretrain(recipe, folder, resume, verbose):
     began = time.time()
     clock = dict(run_epochs=recipe.epochs, epoch_steps=steps)
     if rest is not None:
-        model.fit(rest, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=steps - step, callbacks=cbs,
-                  verbose=verbose, **clock)
+        model.fit(
+            rest,
+            epochs=epoch + 1,
+            initial_epoch=epoch,
+            steps_per_epoch=steps - step,
+            callbacks=cbs,
+            verbose=verbose,
+            **clock,
+        )
         epoch += 1
     if epoch < recipe.epochs and not model.stop_training:
-        model.fit(dataset, epochs=recipe.epochs, initial_epoch=epoch, steps_per_epoch=steps, callbacks=cbs,
-                  verbose=verbose, **clock)
+        model.fit(
+            dataset,
+            epochs=recipe.epochs,
+            initial_epoch=epoch,
+            steps_per_epoch=steps,
+            callbacks=cbs,
+            verbose=verbose,
+            **clock,
+        )
     seconds = time.time() - began
 
     paths = {}
@@ -498,7 +541,11 @@ def knn_monitor(recipe, image_size):
             f"train/ and val/ sub-folders of class folders (the data {recipe.data!r} has no held-out split)."
         )
     return callbacks.KNNMonitor(
-        train, test, every=recipe.knn_every, image_size=image_size, use=method_of(recipe).transfer,
+        train,
+        test,
+        every=recipe.knn_every,
+        image_size=image_size,
+        use=method_of(recipe).transfer,
         last_epoch=recipe.epochs - 1,
     )
 

@@ -13,8 +13,9 @@ def get_recipe():
         method="mcl",
         backbone="resnet_tiny",
         drop_path_rate=0.0,
-        method_args=dict(fpn_channels=64, neck_convs=2, neck_channels=64, hidden_dim=256,
-                         projection_dim=64, predictor_hidden_dim=256),
+        method_args=dict(
+            fpn_channels=64, neck_convs=2, neck_channels=64, hidden_dim=256, projection_dim=64, predictor_hidden_dim=256
+        ),
         data="synthetic_scenes:1024",
         crops=dict(image_size=64, scale=(0.3, 1.0), blur_sigma=(0.1, 0.6)),
         batch_size=32,

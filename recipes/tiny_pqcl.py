@@ -12,8 +12,10 @@ def get_recipe():
         description="iBOT+PQCL, tiny ViT/8 on synthetic_scenes (embedded), 2 query crops, CPU minutes",
         method="pqcl",
         method_args=dict(
-            warmup_teacher_patch_temp=warm, teacher_patch_temp=temp,
-            warmup_teacher_query_temp=warm, teacher_query_temp=temp,
+            warmup_teacher_patch_temp=warm,
+            teacher_patch_temp=temp,
+            warmup_teacher_query_temp=warm,
+            teacher_query_temp=temp,
         ),
         crops=dict(n_local=2),
         masks=dict(ratio=(0.0, 0.3), ratio_var=(0.0, 0.2)),

@@ -19,8 +19,18 @@ SCRIPT = os.path.join(HERE, "scripts", "multiprocess_step.py")
 # for a dead peer) and every process of the run is killed.
 TIMEOUT = 300
 # Variables of an enclosing distributed launch that must not leak into the test's processes.
-_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "TF_CONFIG", "SLURM_NTASKS", "SLURM_PROCID",
-                "KERAS_PQCL_COORDINATOR", "KERAS_PQCL_NUM_PROCESSES", "KERAS_PQCL_PROCESS_ID")
+_LAUNCH_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "MASTER_PORT",
+    "TF_CONFIG",
+    "SLURM_NTASKS",
+    "SLURM_PROCID",
+    "KERAS_PQCL_COORDINATOR",
+    "KERAS_PQCL_NUM_PROCESSES",
+    "KERAS_PQCL_PROCESS_ID",
+)
 
 
 def free_port():
@@ -49,10 +59,15 @@ def run(backend, methods, tmp_path, envs):
     procs, outs = [], []
     for i, extra in enumerate(envs):
         out = str(tmp_path / f"{backend}_{i}")
-        procs.append(subprocess.Popen(
-            [sys.executable, SCRIPT, backend, ",".join(methods), out], env=env(backend, **extra),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        ))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, SCRIPT, backend, ",".join(methods), out],
+                env=env(backend, **extra),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
         outs.append(out)
     results = []
     try:
@@ -94,7 +109,8 @@ def check_equal(single, ranks):
     for prefix in ("student/", "teacher/", *centers):
         moved = max(
             np.abs(single[f"final/{i}"] - single[f"init/{i}"]).max()
-            for i, name in enumerate(names) if (name.startswith(prefix) if prefix.endswith("/") else name == prefix)
+            for i, name in enumerate(names)
+            if (name.startswith(prefix) if prefix.endswith("/") else name == prefix)
         )
         assert moved > 1e-4, prefix
     # DenseCL's queue receives the global batch of keys, in process order.

@@ -34,8 +34,12 @@ BATCH, GLOBAL, LOCAL, PATCH, N_LOCAL, DIM = 4, 16, 8, 8, 2, 32
 HEAD = dict(out_dim=64, hidden_dim=32, bottleneck_dim=16)
 KEYS = ("global_crops", "local_crops", "global_masks", "query_coords")
 DISTILL = dict(
-    center_momentum=1.0, warmup_teacher_temp_epochs=0, freeze_last_layer=0,
-    teacher_temp=0.04, teacher_patch_temp=0.04, teacher_query_temp=0.04,
+    center_momentum=1.0,
+    warmup_teacher_temp_epochs=0,
+    freeze_last_layer=0,
+    teacher_temp=0.04,
+    teacher_patch_temp=0.04,
+    teacher_query_temp=0.04,
 )
 EPOCHS, STEPS = 5, 2
 # The fitted and the untrained configuration; the loss test reuses their weights for the
@@ -50,8 +54,13 @@ def _np(x):
 
 def backbone(pos_embed="learned", use_mask_token=True):
     return kp.backbones.vit_tiny(
-        PATCH, depth=1, embed_dim=DIM, num_heads=2, image_size=GLOBAL,
-        pos_embed=pos_embed, use_mask_token=use_mask_token,
+        PATCH,
+        depth=1,
+        embed_dim=DIM,
+        num_heads=2,
+        image_size=GLOBAL,
+        pos_embed=pos_embed,
+        use_mask_token=use_mask_token,
     )
 
 
@@ -64,11 +73,19 @@ def make(options, **kwargs):
 def batch():
     """One batch of 4 from the real pipeline, as NumPy."""
     crops = MultiCropConfig(
-        global_size=GLOBAL, local_size=LOCAL, n_local=N_LOCAL, flip_local=True,
-        global_scale=(0.25, 1.0), local_scale=(0.05, 0.25),
+        global_size=GLOBAL,
+        local_size=LOCAL,
+        n_local=N_LOCAL,
+        flip_local=True,
+        global_scale=(0.25, 1.0),
+        local_scale=(0.05, 0.25),
     )
     ds = kp.data.pretrain_dataset(
-        "synthetic_scenes:8", crops=crops, batch_size=BATCH, seed=0, photometric=False,
+        "synthetic_scenes:8",
+        crops=crops,
+        batch_size=BATCH,
+        seed=0,
+        photometric=False,
         masks=MaskConfig(patch_size=PATCH, ratio=0.3, ratio_var=0.0),
         queries=QueryConfig(patch_size=PATCH),
     )
@@ -280,8 +297,9 @@ def test_loss_terms_match_numpy(options, default_run, global_model, batch):
     def per_image(out):  # (2B, ...) -> (B, 2, ...)
         return {name: f64(v).reshape((BATCH, 2) + tuple(v.shape[1:])) for name, v in out.items()}
 
-    student = per_image(encode(model.student_backbone, model.student_head, images, masks=masks,
-                               queries=tokens(model.student_backbone)))
+    student = per_image(
+        encode(model.student_backbone, model.student_head, images, masks=masks, queries=tokens(model.student_backbone))
+    )
     teacher_queries = tokens(model.teacher_backbone) if cross_view else None
     teacher = per_image(encode(model.teacher_backbone, model.teacher_head, images, queries=teacher_queries))
 
@@ -329,13 +347,20 @@ def _outputs(model, data):
     images = kp.models.crop_major(ops.convert_to_tensor(data["global_crops"]))
     local = ops.convert_to_tensor(data["local_crops"])
     student = encode(model.student_backbone, model.student_head, images, queries=query_tokens(model, local, 2))
-    teacher = encode(model.teacher_backbone, model.teacher_head, images,
-                     queries=query_tokens(model, local, 2, backbone=model.teacher_backbone))
+    teacher = encode(
+        model.teacher_backbone,
+        model.teacher_head,
+        images,
+        queries=query_tokens(model, local, 2, backbone=model.teacher_backbone),
+    )
     out = dict(
         call=model(images),
-        student_cls=student["cls"], student_queries=student["queries"],
-        teacher_cls=teacher["cls"], teacher_queries=teacher["queries"],
-        center=model.term("cls").center, query_center=model.term("query").center,
+        student_cls=student["cls"],
+        student_queries=student["queries"],
+        teacher_cls=teacher["cls"],
+        teacher_queries=teacher["queries"],
+        center=model.term("cls").center,
+        query_center=model.term("query").center,
     )
     return {k: _np(v) for k, v in out.items()}
 

@@ -243,4 +243,3 @@ def test_keras_save_load_round_trip(tmp_path, pos_embed):
         np.testing.assert_array_equal(to_numpy(after[key]), to_numpy(before[key]))
     for a, b in zip(loaded.weights, model.weights):
         np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
-

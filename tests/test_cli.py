@@ -11,7 +11,7 @@ from keras_pqcl import cli
 from keras_pqcl.callbacks.checkpoint import read_progress
 from keras_pqcl.recipe import Recipe, available_recipes, load_recipe
 
-RECIPE = '''
+RECIPE = """
 from keras_pqcl.recipe import Recipe
 
 def get_recipe():
@@ -23,7 +23,7 @@ def get_recipe():
         crops=dict(global_size=16, local_size=8, n_local=2),
         batch_size=8, epochs=2, warmup_epochs=1, precision="{precision}",
     )
-'''
+"""
 
 
 @pytest.fixture
@@ -52,8 +52,15 @@ def test_unknown_recipe_is_a_clear_error():
 def test_pretrain_writes_artefacts_and_resumes(recipe_file, tmp_path, capsys):
     out = str(tmp_path / "run")
     assert cli.main(["pretrain", "--recipe", recipe_file(), "--output", out, "--quiet"]) == 0
-    for name in ("teacher_backbone.keras", "student_backbone.keras", "log.csv", "loss.png",
-                 "recipe.json", "summary.json", "checkpoints/checkpoint-e00002-s0000000.keras"):
+    for name in (
+        "teacher_backbone.keras",
+        "student_backbone.keras",
+        "log.csv",
+        "loss.png",
+        "recipe.json",
+        "summary.json",
+        "checkpoints/checkpoint-e00002-s0000000.keras",
+    ):
         assert os.path.exists(os.path.join(out, name)), name
     assert "Done." in capsys.readouterr().out
     progress = read_progress(os.path.join(out, "checkpoints", "checkpoint-e00002-s0000000.keras"))
@@ -65,8 +72,9 @@ def test_pretrain_writes_artefacts_and_resumes(recipe_file, tmp_path, capsys):
 
     # Resume for one more epoch: the step counter and the log continue; the resume line
     # shows even with --quiet.
-    assert cli.main(["pretrain", "--recipe", recipe_file(), "--output", out, "--epochs", "3",
-                     "--resume", "--quiet"]) == 0
+    assert (
+        cli.main(["pretrain", "--recipe", recipe_file(), "--output", out, "--epochs", "3", "--resume", "--quiet"]) == 0
+    )
     assert "resuming from" in capsys.readouterr().out
     progress = read_progress(os.path.join(out, "checkpoints", "checkpoint-e00003-s0000000.keras"))
     assert progress.global_step == 6
@@ -103,11 +111,14 @@ def test_empty_data_folder_is_a_clear_error(recipe_file, tmp_path, capsys):
     assert "no image files found" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--steps-per-epoch", "0"], "steps_per_epoch must be a whole number >= 1"),
-    (["--batch-size", "64"], "fewer than batch_size=64"),
-    (["--resume", "--overwrite"], "contradict each other"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--steps-per-epoch", "0"], "steps_per_epoch must be a whole number >= 1"),
+        (["--batch-size", "64"], "fewer than batch_size=64"),
+        (["--resume", "--overwrite"], "contradict each other"),
+    ],
+)
 def test_bad_options_are_one_line(recipe_file, tmp_path, capsys, args, message):
     argv = ["pretrain", "--recipe", recipe_file(), "--output", str(tmp_path / "o"), "--quiet", *args]
     assert cli.main(argv) == 2
@@ -118,10 +129,24 @@ def test_bad_options_are_one_line(recipe_file, tmp_path, capsys, args, message):
 def test_readme_api_names_are_public():
     import keras_pqcl as kp
 
-    for name in ("backbones.vit_small", "models.DINO", "optimizers.dino_adamw", "callbacks.TeacherEMA",
-                 "data.MultiCropConfig", "data.pretrain_dataset", "data.steps_per_epoch", "Recipe", "pretrain",
-                 "models.IBOT", "models.PQCL", "models.ADCLR", "callbacks.CollapseGuard", "data.MaskConfig",
-                 "data.QueryConfig", "load_recipe"):
+    for name in (
+        "backbones.vit_small",
+        "models.DINO",
+        "optimizers.dino_adamw",
+        "callbacks.TeacherEMA",
+        "data.MultiCropConfig",
+        "data.pretrain_dataset",
+        "data.steps_per_epoch",
+        "Recipe",
+        "pretrain",
+        "models.IBOT",
+        "models.PQCL",
+        "models.ADCLR",
+        "callbacks.CollapseGuard",
+        "data.MaskConfig",
+        "data.QueryConfig",
+        "load_recipe",
+    ):
         obj = kp
         for part in name.split("."):
             obj = getattr(obj, part)

@@ -39,8 +39,16 @@ MOMENTUM = 0.8
 #: Width and count arguments of the methods, capped at these values where a tiny recipe
 #: sets them (a new method's other arguments keep their tiny values).
 SMALL_METHOD_ARGS = dict(
-    out_dim=32, patch_out_dim=32, hidden_dim=32, bottleneck_dim=16, projection_dim=16, predictor_hidden_dim=32,
-    fpn_channels=16, neck_channels=16, neck_convs=1, queue_size=64,
+    out_dim=32,
+    patch_out_dim=32,
+    hidden_dim=32,
+    bottleneck_dim=16,
+    projection_dim=16,
+    predictor_hidden_dim=32,
+    fpn_channels=16,
+    neck_channels=16,
+    neck_convs=1,
+    queue_size=64,
 )
 
 BATCH = 8
@@ -87,9 +95,19 @@ def shrink(recipe):
         crops.update(image_size=32, ratios=(2,))
     size = max(crops.get("global_size", 0), crops.get("image_size", 0))
     return recipe.replace(
-        name=f"contract_{recipe.method}", backbone_args=backbone_args, method_args=method_args, crops=crops,
-        data=f"synthetic_scenes:{BATCH}:{size}", batch_size=BATCH, epochs=1, steps_per_epoch=1, warmup_epochs=0,
-        base_lr=0.3, teacher_momentum=MOMENTUM, knn_every=0, precision="float32",
+        name=f"contract_{recipe.method}",
+        backbone_args=backbone_args,
+        method_args=method_args,
+        crops=crops,
+        data=f"synthetic_scenes:{BATCH}:{size}",
+        batch_size=BATCH,
+        epochs=1,
+        steps_per_epoch=1,
+        warmup_epochs=0,
+        base_lr=0.3,
+        teacher_momentum=MOMENTUM,
+        knn_every=0,
+        precision="float32",
     )
 
 

@@ -118,10 +118,14 @@ def test_loss_and_queues_match_numpy():
     d0 = f64(model.dense_loss.queue.entries)
     x_q, x_k = batch["global_crops"][:, 0], batch["global_crops"][:, 1]
     # Both encoders run with batch statistics, so these equal what ssl_forward sees.
-    qf, qg, qd, _ = (f64(t) for t in model.encode(
-        x_q, model.query_backbone, model.query_global_head, model.query_dense_head, training=True))
-    kf, kg, kd, _ = (f64(t) for t in model.encode(
-        x_k, model.key_backbone, model.key_global_head, model.key_dense_head, training=True))
+    qf, qg, qd, _ = (
+        f64(t)
+        for t in model.encode(x_q, model.query_backbone, model.query_global_head, model.query_dense_head, training=True)
+    )
+    kf, kg, kd, _ = (
+        f64(t)
+        for t in model.encode(x_k, model.key_backbone, model.key_global_head, model.key_dense_head, training=True)
+    )
     loss, logs = model.ssl_forward(batch, 0, training=True)
 
     ref_global = np_info_nce(normalize(qg), normalize(kg), g0, 0.2)
@@ -269,11 +273,15 @@ def test_enqueue_gathers_the_global_batch_across_replicas(tmp_path):
     import sys
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, KERAS_BACKEND="tensorflow", PYTHONPATH=os.pathsep.join(
-        p for p in (repo, os.environ.get("PYTHONPATH")) if p))
+    env = dict(
+        os.environ,
+        KERAS_BACKEND="tensorflow",
+        PYTHONPATH=os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p),
+    )
     out = str(tmp_path / "queue.npy")
-    proc = subprocess.run([sys.executable, "-c", _MIRRORED_ENQUEUE, out], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _MIRRORED_ENQUEUE, out], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = np.load(out)
     # 2 replicas x 2 keys, twice, into 6 rows: the second global batch wraps around.

@@ -358,8 +358,16 @@ def test_matches_the_official_dinov2_module_when_its_source_is_importable(regist
     offset, antialias = (0.0, True) if registers else (0.1, False)
     torch.manual_seed(registers)
     model = vits.DinoVisionTransformer(
-        img_size=IMAGE, patch_size=PATCH, embed_dim=DIM, depth=DEPTH, num_heads=HEADS, init_values=1e-5,
-        ffn_layer=ffn, block_chunks=DEPTH, num_register_tokens=registers, interpolate_offset=offset,
+        img_size=IMAGE,
+        patch_size=PATCH,
+        embed_dim=DIM,
+        depth=DEPTH,
+        num_heads=HEADS,
+        init_values=1e-5,
+        ffn_layer=ffn,
+        block_chunks=DEPTH,
+        num_register_tokens=registers,
+        interpolate_offset=offset,
         interpolate_antialias=antialias,
     ).eval()
     with torch.no_grad():
@@ -446,8 +454,16 @@ def test_vit_small14_reg_has_the_released_parameter_count():
 def test_config_round_trip_keeps_the_dinov2_options():
     with H.no_random_init():  # weights set below (random draws cost one XLA compile each on JAX)
         backbone = kp.backbones.VisionTransformer(
-            PATCH, DIM, DEPTH, HEADS, image_size=28, layer_scale_init=1e-5, num_register_tokens=2, ffn="swiglu",
-            interpolate_offset=0.0, interpolate_antialias=True,
+            PATCH,
+            DIM,
+            DEPTH,
+            HEADS,
+            image_size=28,
+            layer_scale_init=1e-5,
+            num_register_tokens=2,
+            ffn="swiglu",
+            interpolate_offset=0.0,
+            interpolate_antialias=True,
         )
         clone = kp.backbones.VisionTransformer.from_config(backbone.get_config())
     rng = np.random.default_rng(0)
@@ -469,8 +485,15 @@ def test_dino_trains_on_a_dinov2_style_backbone():
     import tensorflow as tf
 
     backbone = kp.backbones.VisionTransformer(
-        PATCH, DIM, DEPTH, HEADS, image_size=28, layer_scale_init=1e-5, num_register_tokens=2,
-        interpolate_offset=0.0, interpolate_antialias=True,
+        PATCH,
+        DIM,
+        DEPTH,
+        HEADS,
+        image_size=28,
+        layer_scale_init=1e-5,
+        num_register_tokens=2,
+        interpolate_offset=0.0,
+        interpolate_antialias=True,
     )
     model = kp.models.DINO(backbone, out_dim=16, hidden_dim=16, bottleneck_dim=8)
     model.compile(optimizer=kp.optimizers.dino_adamw(4, 1, 1, warmup_epochs=0, base_lr=1e-2))

@@ -21,8 +21,9 @@ BACKEND = keras.backend.backend()
 
 def _run_dist_step(mode, tmp_path, method="dino"):
     out_path = str(tmp_path / f"{mode}_{method}.npz")
-    env = dict(os.environ, KERAS_BACKEND=mode, PYTHONPATH=os.pathsep.join(
-        p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
+    env = dict(
+        os.environ, KERAS_BACKEND=mode, PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+    )
     cmd = [sys.executable, os.path.join(HERE, "scripts", "dist_step.py"), mode, out_path, str(tmp_path), method]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
@@ -48,7 +49,8 @@ def _check(out):
     for prefix in ("student/", "teacher/", *centers):
         moved = max(
             np.abs(out[f"single/{i}"] - out[f"init/{i}"]).max()
-            for i, name in enumerate(names) if (name.startswith(prefix) if prefix.endswith("/") else name == prefix)
+            for i, name in enumerate(names)
+            if (name.startswith(prefix) if prefix.endswith("/") else name == prefix)
         )
         assert moved > 1e-5, prefix
 

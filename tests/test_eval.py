@@ -98,8 +98,9 @@ def test_knn_matches_brute_force(k, batch_size):
     train_x, test_x = rng.normal(size=(50, 8)), rng.normal(size=(23, 8))
     train_y, test_y = rng.integers(0, 7, 50), rng.integers(0, 7, 23)
     expected, expected_top5 = brute_force_knn(train_x, train_y, test_x, min(k, 50), 0.07, 7)
-    preds, top5 = ev.knn_classify(train_x * 3.0, train_y, test_x, k=k, num_classes=7, batch_size=batch_size,
-                                  return_top5=True)
+    preds, top5 = ev.knn_classify(
+        train_x * 3.0, train_y, test_x, k=k, num_classes=7, batch_size=batch_size, return_top5=True
+    )
     np.testing.assert_array_equal(preds, expected)
     np.testing.assert_array_equal(top5, expected_top5)
     scores = ev.knn_accuracy(train_x, train_y, test_x, test_y, k=k, num_classes=7, batch_size=batch_size)
@@ -219,8 +220,9 @@ def test_linear_probe_separates_colours():
     assert result["top1"] == max(result["history"]["top1"]) >= result["last_top1"]
     assert result["top5"] == 100.0  # 4 classes: top-5 holds them all
     # The reference's per-epoch augmentation (random resized crops + flips keep the colour).
-    augmented = ev.linear_probe(ColourBackbone(), train, test, epochs=3, lr=0.5, batch_size=16, augment=True,
-                                image_size=16)
+    augmented = ev.linear_probe(
+        ColourBackbone(), train, test, epochs=3, lr=0.5, batch_size=16, augment=True, image_size=16
+    )
     assert augmented["augment"] and len(augmented["history"]["top1"]) == 3 and augmented["top1"] >= 75.0
 
 
@@ -250,8 +252,9 @@ def test_dense_probe_and_ignore_index():
     # Unlabelled pixels are left out of the loss and the scores.
     train_masks[:, :2] = 255
     test_masks[:, -2:] = 255
-    result = ev.dense_probe(ColourBackbone(), train_images, train_masks, test_images, test_masks,
-                            epochs=20, lr=5e-2, batch_size=8)
+    result = ev.dense_probe(
+        ColourBackbone(), train_images, train_masks, test_images, test_masks, epochs=20, lr=5e-2, batch_size=8
+    )
     assert result["num_classes"] == 3 and result["grid"] == (4, 4)
     assert result["pixel_acc"] >= 95.0 and result["miou"] >= 95.0, result
     with pytest.raises(ValueError, match="must match the images"):

@@ -41,17 +41,48 @@ def test_eval_linear_and_dense_on_folders(weights, tmp_path):
             Image.fromarray(rng.integers(0, 3, (16, 16), dtype=np.uint8)).save(tmp_path / f"{split}_masks" / f"{i}.png")
 
     out = str(tmp_path / "linear")
-    argv = ["eval", "linear", "--weights", weights, "--data", str(tmp_path / "train"), "--test-data",
-            str(tmp_path / "test"), "--epochs", "2", "--lr", "1e-2,1e-1", "--output", out, "--quiet"]
+    argv = [
+        "eval",
+        "linear",
+        "--weights",
+        weights,
+        "--data",
+        str(tmp_path / "train"),
+        "--test-data",
+        str(tmp_path / "test"),
+        "--epochs",
+        "2",
+        "--lr",
+        "1e-2,1e-1",
+        "--output",
+        out,
+        "--quiet",
+    ]
     assert cli.main(argv) == 0
     results = _record(out)["results"]
     assert results["num_train"] == 6 and results["num_classes"] == 2 and len(results["history"]["top1"]) == 2
     assert results["lr"] in (1e-2, 1e-1)  # the swept rate that won
 
     out = str(tmp_path / "dense")
-    argv = ["eval", "dense", "--weights", weights, "--data", str(tmp_path / "train_images"), "--masks",
-            str(tmp_path / "train_masks"), "--test-data", str(tmp_path / "test_images"), "--test-masks",
-            str(tmp_path / "test_masks"), "--epochs", "1", "--output", out, "--quiet"]
+    argv = [
+        "eval",
+        "dense",
+        "--weights",
+        weights,
+        "--data",
+        str(tmp_path / "train_images"),
+        "--masks",
+        str(tmp_path / "train_masks"),
+        "--test-data",
+        str(tmp_path / "test_images"),
+        "--test-masks",
+        str(tmp_path / "test_masks"),
+        "--epochs",
+        "1",
+        "--output",
+        out,
+        "--quiet",
+    ]
     assert cli.main(argv) == 0
     results = _record(out)["results"]
     assert results["num_classes"] == 3 and results["grid"] == [2, 2] and 0.0 <= results["miou"] <= 100.0
@@ -74,8 +105,10 @@ def test_eval_attention_writes_pngs(weights, tmp_path):
     image = str(tmp_path / "photo.png")
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 50, 4), dtype=np.uint8)).save(image)
     out = str(tmp_path / "photo")
-    assert cli.main(["eval", "attention", "--weights", weights, "--image", image, "--image-size", "24",
-                     "--output", out]) == 0
+    assert (
+        cli.main(["eval", "attention", "--weights", weights, "--image", image, "--image-size", "24", "--output", out])
+        == 0
+    )
     with Image.open(os.path.join(out, "attention.png")) as png:
         assert png.size == (3 * 24, 24)
 
@@ -100,12 +133,24 @@ def test_eval_input_errors_are_clear(weights, tmp_path, capsys):
     masks.mkdir()
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(images / "cat.jpg")
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(masks / "dog.png")
-    message = error("dense", "--weights", weights, "--data", str(images), "--masks", str(masks),
-                    "--test-data", str(images), "--test-masks", str(masks))
+    message = error(
+        "dense",
+        "--weights",
+        weights,
+        "--data",
+        str(images),
+        "--masks",
+        str(masks),
+        "--test-data",
+        str(images),
+        "--test-masks",
+        str(masks),
+    )
     assert "do not pair up" in message and "cat" in message and "dog" in message
     assert "--masks is required" in error("dense", "--weights", weights, "--data", str(images))
-    assert "one --lr" in error("dense", "--weights", weights, "--data", str(images), "--masks", str(masks),
-                               "--lr", "1e-2,1e-1")
+    assert "one --lr" in error(
+        "dense", "--weights", weights, "--data", str(images), "--masks", str(masks), "--lr", "1e-2,1e-1"
+    )
     assert "--test-data is required" in error("knn", "--weights", weights, "--data", str(images))
     unlabelled = error("knn", "--weights", weights, "--data", str(images), "--test-data", str(images))
     assert "no class sub-folders" in unlabelled

@@ -34,8 +34,7 @@ SUFFIX = {"saved_model": "", "onnx": ".onnx", "litert": ".tflite"}
 @pytest.fixture(scope="module")
 def backbone_file(tmp_path_factory):
     keras.utils.set_random_seed(5)
-    model = VisionTransformer(patch_size=PATCH, embed_dim=16, depth=2, num_heads=2, image_size=SIZE,
-                              name="tiny_vit")
+    model = VisionTransformer(patch_size=PATCH, embed_dim=16, depth=2, num_heads=2, image_size=SIZE, name="tiny_vit")
     H.randomize(model, np.random.default_rng(0), scale=0.2)
     path = str(tmp_path_factory.mktemp("export") / "teacher_backbone.keras")
     model.save(path)
@@ -170,8 +169,17 @@ def test_whole_checkpoint_needs_use(tmp_path, capsys):
     model.save(path)
     with pytest.raises(ValueError, match="whole pre-training checkpoint .*use='teacher'"):
         export_backbone(path, str(tmp_path / "x"), format=SUPPORTED[0] if SUPPORTED else "saved_model")
-    code = cli.main(["export", "--weights", path, "--format", SUPPORTED[0] if SUPPORTED else "saved_model",
-                     "--output", str(tmp_path / "x")])
+    code = cli.main(
+        [
+            "export",
+            "--weights",
+            path,
+            "--format",
+            SUPPORTED[0] if SUPPORTED else "saved_model",
+            "--output",
+            str(tmp_path / "x"),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "--use teacher" in err, err
     # With use, the export reads that backbone (the round trips above cover the writing).

@@ -19,7 +19,10 @@ def test_cpu_smoke_prints_a_row_per_method_and_precision():
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
         ["bash", SCRIPT, "--cpu-smoke", "--backends", backend, "--budget-s", "280"],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()

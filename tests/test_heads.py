@@ -77,7 +77,10 @@ def numpy_dino_head(head, x):
 def test_dino_head_matches_numpy(num_layers, norm_last_layer):
     rng = np.random.default_rng(2)
     head = DINOHead(
-        out_dim=K, hidden_dim=HIDDEN, bottleneck_dim=BOTTLENECK, num_layers=num_layers,
+        out_dim=K,
+        hidden_dim=HIDDEN,
+        bottleneck_dim=BOTTLENECK,
+        num_layers=num_layers,
         norm_last_layer=norm_last_layer,
     )
     head.build((None, D))
@@ -137,10 +140,15 @@ def test_batch_stat_norm_matches_numpy():
     layer.gamma.assign(gamma.astype("float32"))
     layer.beta.assign(beta.astype("float32"))
     # Statistics over batch and tokens for (B, N, C); over the batch for (B, C).
-    np.testing.assert_allclose(to_numpy(layer(ops.convert_to_tensor(x))), numpy_batch_stat_norm(x, gamma, beta),
-                               rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(to_numpy(layer(ops.convert_to_tensor(x[:, 0]))),
-                               numpy_batch_stat_norm(x[:, 0], gamma, beta), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        to_numpy(layer(ops.convert_to_tensor(x))), numpy_batch_stat_norm(x, gamma, beta), rtol=1e-4, atol=1e-4
+    )
+    np.testing.assert_allclose(
+        to_numpy(layer(ops.convert_to_tensor(x[:, 0]))),
+        numpy_batch_stat_norm(x[:, 0], gamma, beta),
+        rtol=1e-4,
+        atol=1e-4,
+    )
     # Rows that differ by a few percent (the case it exists for) come out at unit spread.
     close = (1.0 + 0.05 * rng.normal(size=(8, 6))).astype("float32")
     out = to_numpy(BatchStatNorm()(ops.convert_to_tensor(close)))

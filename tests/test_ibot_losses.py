@@ -135,10 +135,14 @@ def test_ibot_loss_without_center_update_and_float_masks():
     data = dict(data, masks=data["masks"].astype("float32"))  # 0/1 instead of bool
     out = loss_fn(**_tensors(data), teacher_temp=0.05, teacher_patch_temp=0.04, update_center=False)
     d = {k: np.asarray(v, np.float64) for k, v in data.items()}
-    ref_cls = np.mean([
-        np.mean(ce(d["teacher_cls"][q], center, 0.05, d["student_cls"][v], 0.2))
-        for q in range(G) for v in range(V) if v != q
-    ])
+    ref_cls = np.mean(
+        [
+            np.mean(ce(d["teacher_cls"][q], center, 0.05, d["student_cls"][v], 0.2))
+            for q in range(G)
+            for v in range(V)
+            if v != q
+        ]
+    )
     np.testing.assert_allclose(float(to_numpy(out["cls"])), ref_cls, rtol=1e-5)
     # Per image: masked sum / max(1, count), written out without the helper's loops.
     loss = ce(d["teacher_patches"], center2, 0.04, d["student_patches"], 0.2)  # (G, B, N)
@@ -222,8 +226,9 @@ def test_query_loss_matches_numpy_and_updates_center_after_the_loss():
     new_center = numpy_ema(center3.astype(np.float64), teacher)  # mean over (B, T)
     np.testing.assert_allclose(to_numpy(loss_fn.center), new_center, rtol=1e-5, atol=1e-7)
     # Next step: centred with the updated center; update_center=False leaves it alone.
-    loss2 = loss_fn(ops.convert_to_tensor(student), ops.convert_to_tensor(teacher), teacher_temp=0.07,
-                    update_center=False)
+    loss2 = loss_fn(
+        ops.convert_to_tensor(student), ops.convert_to_tensor(teacher), teacher_temp=0.07, update_center=False
+    )
     ref2 = numpy_query_loss(student.astype(np.float64), teacher.astype(np.float64), new_center, 0.07)
     np.testing.assert_allclose(float(to_numpy(loss2)), ref2, rtol=1e-5)
     np.testing.assert_allclose(to_numpy(loss_fn.center), new_center, rtol=1e-5, atol=1e-7)
@@ -318,8 +323,9 @@ def test_gradients_reach_the_student_only():
     masks = ops.convert_to_tensor(data["masks"])
 
     def ibot_total(s_cls, t_cls, s_patch, t_patch):
-        out = ibot(s_cls, t_cls, s_patch, t_patch, masks, teacher_temp=0.04, teacher_patch_temp=0.04,
-                   update_center=False)
+        out = ibot(
+            s_cls, t_cls, s_patch, t_patch, masks, teacher_temp=0.04, teacher_patch_temp=0.04, update_center=False
+        )
         return out["cls"] + out["mim"]
 
     g_scls, g_tcls, g_spatch, g_tpatch = _grads(
@@ -368,7 +374,11 @@ def test_ibot_head_matches_numpy(shared_head):
     kp = K if shared_head else KP
     with H.no_random_init():  # every weight is overwritten below
         head = iBOTHead(
-            out_dim=K, hidden_dim=HIDDEN, bottleneck_dim=BOTTLENECK, norm_last_layer=False, patch_out_dim=kp,
+            out_dim=K,
+            hidden_dim=HIDDEN,
+            bottleneck_dim=BOTTLENECK,
+            norm_last_layer=False,
+            patch_out_dim=kp,
             shared_head=shared_head,
         )
         head.build((None, None, D))
@@ -407,7 +417,10 @@ def test_ibot_head_variables_and_errors():
     expected += ["student_head/last_layer/kernel", "student_head/last_layer/gain"]
     assert [v.path for v in shared.weights] == expected
     assert [v.path for v in separate.weights][-4:] == [
-        "h/last_layer/kernel", "h/last_layer/gain", "h/last_layer2/kernel", "h/last_layer2/gain"
+        "h/last_layer/kernel",
+        "h/last_layer/gain",
+        "h/last_layer2/kernel",
+        "h/last_layer2/gain",
     ]
     assert tuple(separate.last_layer2.kernel.shape) == (BOTTLENECK, KP)
     assert not separate.last_layer2.gain.trainable  # norm_last_layer=True freezes both gains
@@ -424,8 +437,13 @@ def test_ibot_head_config_round_trip(shared_head):
     kp = K if shared_head else KP
     with H.no_random_init():
         head = iBOTHead(
-            out_dim=K, hidden_dim=HIDDEN, bottleneck_dim=BOTTLENECK, num_layers=2, patch_out_dim=kp,
-            shared_head=shared_head, norm_last_layer=False,
+            out_dim=K,
+            hidden_dim=HIDDEN,
+            bottleneck_dim=BOTTLENECK,
+            num_layers=2,
+            patch_out_dim=kp,
+            shared_head=shared_head,
+            norm_last_layer=False,
         )
         head.build((None, None, D))
     H.randomize(head, rng)

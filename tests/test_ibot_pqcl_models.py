@@ -32,8 +32,11 @@ KEYS = ("global_crops", "local_crops", "global_masks", "query_coords")
 # Distillation runs: centers frozen and teacher temperatures constant, so the targets
 # barely move and the cross-entropies must fall (see tests/test_training.py).
 DISTILL = dict(
-    center_momentum=1.0, warmup_teacher_temp_epochs=0, freeze_last_layer=0,
-    teacher_temp=0.04, teacher_patch_temp=0.04,
+    center_momentum=1.0,
+    warmup_teacher_temp_epochs=0,
+    freeze_last_layer=0,
+    teacher_temp=0.04,
+    teacher_patch_temp=0.04,
 )
 EPOCHS, STEPS = 5, 2
 CENTER_MOMENTUM = 0.99
@@ -45,8 +48,13 @@ def _np(x):
 
 def backbone(pos_embed="sincos", use_mask_token=True):
     return kp.backbones.vit_tiny(
-        PATCH, depth=1, embed_dim=32, num_heads=2, image_size=GLOBAL,
-        pos_embed=pos_embed, use_mask_token=use_mask_token,
+        PATCH,
+        depth=1,
+        embed_dim=32,
+        num_heads=2,
+        image_size=GLOBAL,
+        pos_embed=pos_embed,
+        use_mask_token=use_mask_token,
     )
 
 
@@ -54,11 +62,19 @@ def backbone(pos_embed="sincos", use_mask_token=True):
 def batch():
     """One batch of 4 from the real pipeline, as NumPy: ``{key: (4, ...)}``."""
     crops = MultiCropConfig(
-        global_size=GLOBAL, local_size=LOCAL, n_local=N_LOCAL, flip_local=False,
-        global_scale=(0.25, 1.0), local_scale=(0.05, 0.25),
+        global_size=GLOBAL,
+        local_size=LOCAL,
+        n_local=N_LOCAL,
+        flip_local=False,
+        global_scale=(0.25, 1.0),
+        local_scale=(0.05, 0.25),
     )
     ds = kp.data.pretrain_dataset(
-        "synthetic_scenes:8", crops=crops, batch_size=BATCH, seed=0, photometric=False,
+        "synthetic_scenes:8",
+        crops=crops,
+        batch_size=BATCH,
+        seed=0,
+        photometric=False,
         masks=MaskConfig(patch_size=PATCH, ratio=0.3, ratio_var=0.0),
         queries=QueryConfig(patch_size=PATCH),
     )
@@ -87,8 +103,11 @@ def pqcl_run(batch, tmp_path_factory):
     but every update is visible) and MIM starts at epoch 1."""
     keras.utils.set_random_seed(1)
     model = kp.models.PQCL(
-        backbone(), **HEAD, **{**DISTILL, "center_momentum": CENTER_MOMENTUM},
-        teacher_query_temp=0.04, pred_start_epoch=1,
+        backbone(),
+        **HEAD,
+        **{**DISTILL, "center_momentum": CENTER_MOMENTUM},
+        teacher_query_temp=0.04,
+        pred_start_epoch=1,
     )
     # Steps 0-2: the first update, one within epoch 0, and the first with MIM on.
     recorder = CenterRecorder(batch, checked_steps=3)
@@ -277,9 +296,7 @@ def test_loss_terms_match_image_major_recomputation(base, local_cls_terms, pqcl_
     pairs = [_ce(p_cls[q], log_q[v]).mean() for q in range(2) for v in range(len(s_cls)) if v != q]
     expected = {"cls": np.mean(pairs)}
     p_query = _softmax((targets - c3) / tau)
-    expected["query"] = np.mean(
-        [_ce(p_query, _log_softmax(student["queries"][:, g] / tau_s)).mean() for g in range(2)]
-    )
+    expected["query"] = np.mean([_ce(p_query, _log_softmax(student["queries"][:, g] / tau_s)).mean() for g in range(2)])
     if base == "ibot":
         per_view = []
         for g in range(2):
@@ -367,8 +384,13 @@ def test_temperature_schedules():
     """The CLS temperature warms up from epoch 0; the patch and query temperatures are held
     until ``pred_start_epoch`` and warm up from there (iBOT, PQCL)."""
     model = kp.models.PQCL(
-        backbone(), **HEAD, pred_start_epoch=2, warmup_teacher_temp_epochs=3,
-        teacher_temp=0.07, teacher_patch_temp=0.06, teacher_query_temp=0.05,
+        backbone(),
+        **HEAD,
+        pred_start_epoch=2,
+        warmup_teacher_temp_epochs=3,
+        teacher_temp=0.07,
+        teacher_patch_temp=0.06,
+        teacher_query_temp=0.05,
     )
     model.steps_per_epoch.assign(2.0)
     epochs = np.arange(8)
@@ -394,15 +416,21 @@ def test_query_temperature_is_delayed_by_pred_start_epoch(pred_start_epoch):
     then constant; read at the first, a middle and the last step of every epoch."""
     start, final, warm, epochs, steps = 0.04, 0.07, 4, 10, 3
     model = kp.models.PQCL(
-        backbone(), **HEAD, pred_start_epoch=pred_start_epoch, warmup_teacher_temp_epochs=warm,
-        warmup_teacher_query_temp=start, teacher_query_temp=final,
+        backbone(),
+        **HEAD,
+        pred_start_epoch=pred_start_epoch,
+        warmup_teacher_temp_epochs=warm,
+        warmup_teacher_query_temp=start,
+        teacher_query_temp=final,
     )
     model.steps_per_epoch.assign(float(steps))
-    per_epoch = np.concatenate([
-        np.full(pred_start_epoch, start),
-        np.linspace(start, final, warm),
-        np.full(epochs - warm - pred_start_epoch, final),
-    ])
+    per_epoch = np.concatenate(
+        [
+            np.full(pred_start_epoch, start),
+            np.linspace(start, final, warm),
+            np.full(epochs - warm - pred_start_epoch, final),
+        ]
+    )
     assert per_epoch.shape == (epochs,)
     for step in range(epochs * steps):
         got = float(_np(model.schedule_values(step)["teacher_query_temp"]))
@@ -418,9 +446,12 @@ def _outputs(model, data):
     teacher = teacher_logits(model, images)
     out = dict(
         call=model(images),
-        student_cls=student["cls"], student_patches=student["patches"],
-        teacher_cls=teacher["cls"], teacher_patches=teacher["patches"],
-        center=model.term("cls").center, center2=model.term("mim").center,
+        student_cls=student["cls"],
+        student_patches=student["patches"],
+        teacher_cls=teacher["cls"],
+        teacher_patches=teacher["patches"],
+        center=model.term("cls").center,
+        center2=model.term("mim").center,
     )
     if isinstance(model, kp.models.PQCL):
         out["student_queries"] = student_logits(model, images, masks=masks, query_coords=coords)["queries"]

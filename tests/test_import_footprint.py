@@ -96,7 +96,9 @@ def test_load_and_run_backbones_without_tensorflow(backend, tmp_path):
             for loader in ("load_backbone", "load_model"):
                 for key in ("cls", "patches"):
                     np.testing.assert_allclose(
-                        outputs[f"{name}/{loader}/{key}"], expected[name][key], atol=1e-5,
+                        outputs[f"{name}/{loader}/{key}"],
+                        expected[name][key],
+                        atol=1e-5,
                         err_msg=f"{name} {key} after {loader}",
                     )
 

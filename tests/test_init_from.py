@@ -15,19 +15,29 @@ from keras_pqcl.training import build_model
 
 TINY = dict(embed_dim=32, depth=1, num_heads=2)
 MICRO = Recipe(
-    name="micro", method="dino", backbone="vit_tiny", patch_size=8, drop_path_rate=0.1,
-    backbone_args=TINY, method_args=dict(out_dim=32, hidden_dim=32, bottleneck_dim=16),
-    data="synthetic_scenes:16", crops=dict(global_size=16, local_size=8, n_local=1),
-    batch_size=8, epochs=1, steps_per_epoch=1, warmup_epochs=1, knn_every=0,
+    name="micro",
+    method="dino",
+    backbone="vit_tiny",
+    patch_size=8,
+    drop_path_rate=0.1,
+    backbone_args=TINY,
+    method_args=dict(out_dim=32, hidden_dim=32, bottleneck_dim=16),
+    data="synthetic_scenes:16",
+    crops=dict(global_size=16, local_size=8, n_local=1),
+    batch_size=8,
+    epochs=1,
+    steps_per_epoch=1,
+    warmup_epochs=1,
+    knn_every=0,
 )
 # The same recipe as a file for the CLI. base_lr=0 (and so no decoupled weight decay either):
 # the one training step moves no weight, so the saved backbones still hold the file's.
-RECIPE_FILE = '''
+RECIPE_FILE = """
 from keras_pqcl.recipe import Recipe
 
 def get_recipe():
     return Recipe(**{recipe!r})
-'''
+"""
 
 
 def save_backbone(path, seed=3, image_size=16, pos_embed="learned", **sizes):
@@ -41,7 +51,8 @@ def weights(backbone):
     """``{path inside the backbone: array}`` (no seed states)."""
     return {
         v.path.split("/", 1)[1]: keras.ops.convert_to_numpy(v)
-        for v in backbone.weights if "seed_generator" not in v.path
+        for v in backbone.weights
+        if "seed_generator" not in v.path
     }
 
 
@@ -112,16 +123,22 @@ def test_torch_checkpoint_starts_the_backbone(tmp_path):
     w = weights(source)
     # The official layouts: torch Linear (out, in), Conv2d (out, in, kh, kw).
     state = {
-        "cls_token": w["cls_token"], "pos_embed": w["pos_embed"],
+        "cls_token": w["cls_token"],
+        "pos_embed": w["pos_embed"],
         "patch_embed.proj.weight": w["patch_embed/proj/kernel"].transpose(3, 2, 0, 1),
         "patch_embed.proj.bias": w["patch_embed/proj/bias"],
-        "norm.weight": w["norm/gamma"], "norm.bias": w["norm/beta"],
+        "norm.weight": w["norm/gamma"],
+        "norm.bias": w["norm/beta"],
     }
     for torch_name, name in [("norm1", "norm1"), ("norm2", "norm2")]:
         state[f"blocks.0.{torch_name}.weight"] = w[f"block_0/{name}/gamma"]
         state[f"blocks.0.{torch_name}.bias"] = w[f"block_0/{name}/beta"]
-    for torch_name, name in [("attn.qkv", "attn/qkv"), ("attn.proj", "attn/proj"), ("mlp.fc1", "mlp/fc1"),
-                             ("mlp.fc2", "mlp/fc2")]:
+    for torch_name, name in [
+        ("attn.qkv", "attn/qkv"),
+        ("attn.proj", "attn/proj"),
+        ("mlp.fc1", "mlp/fc1"),
+        ("mlp.fc2", "mlp/fc2"),
+    ]:
         state[f"blocks.0.{torch_name}.weight"] = w[f"block_0/{name}/kernel"].T
         state[f"blocks.0.{torch_name}.bias"] = w[f"block_0/{name}/bias"]
     path = tmp_path / "checkpoint.pth"

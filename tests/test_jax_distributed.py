@@ -20,8 +20,11 @@ pytestmark = pytest.mark.skipif(keras.backend.backend() != "jax", reason="jax.di
 def test_dino_and_pqcl_two_processes_match_one_process(tmp_path):
     world, port = 2, mp.free_port()
     ranks = [
-        dict(KERAS_PQCL_COORDINATOR=f"127.0.0.1:{port}", KERAS_PQCL_NUM_PROCESSES=str(world),
-             KERAS_PQCL_PROCESS_ID=str(i))
+        dict(
+            KERAS_PQCL_COORDINATOR=f"127.0.0.1:{port}",
+            KERAS_PQCL_NUM_PROCESSES=str(world),
+            KERAS_PQCL_PROCESS_ID=str(i),
+        )
         for i in range(world)
     ]
     out = mp.run("jax", ("dino", "pqcl"), tmp_path, [{}, *ranks])
@@ -42,12 +45,17 @@ def test_init_is_a_no_op_for_one_process(monkeypatch):
     assert keras.distribution.distribution() is None
 
 
-@pytest.mark.parametrize("env, match", [
-    ({"KERAS_PQCL_NUM_PROCESSES": "two"}, "KERAS_PQCL_NUM_PROCESSES='two' must be an integer"),
-    ({"KERAS_PQCL_NUM_PROCESSES": "2"}, "needs the coordinator HOST:PORT"),
-    ({"KERAS_PQCL_NUM_PROCESSES": "2", "KERAS_PQCL_COORDINATOR": "h:1", "KERAS_PQCL_PROCESS_ID": "2"},
-     r"process_id=2 must lie in \[0, 2\)"),
-])
+@pytest.mark.parametrize(
+    "env, match",
+    [
+        ({"KERAS_PQCL_NUM_PROCESSES": "two"}, "KERAS_PQCL_NUM_PROCESSES='two' must be an integer"),
+        ({"KERAS_PQCL_NUM_PROCESSES": "2"}, "needs the coordinator HOST:PORT"),
+        (
+            {"KERAS_PQCL_NUM_PROCESSES": "2", "KERAS_PQCL_COORDINATOR": "h:1", "KERAS_PQCL_PROCESS_ID": "2"},
+            r"process_id=2 must lie in \[0, 2\)",
+        ),
+    ],
+)
 def test_bad_settings_fail_with_one_line(monkeypatch, env, match):
     from keras_pqcl.backend import init_jax_distributed
 

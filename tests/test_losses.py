@@ -82,8 +82,7 @@ def test_dino_loss_only_globals_and_custom_momentum():
     loss = loss_fn(ops.convert_to_tensor(student[:2]), ops.convert_to_tensor(teacher), teacher_temp=0.04)
     s, t = student[:2].astype(np.float64), teacher.astype(np.float64)
     ce = [
-        np.mean(-np.sum(H.softmax((t[q] - center) / 0.04) * H.log_softmax(s[v] / 0.1), -1))
-        for q, v in ((0, 1), (1, 0))
+        np.mean(-np.sum(H.softmax((t[q] - center) / 0.04) * H.log_softmax(s[v] / 0.1), -1)) for q, v in ((0, 1), (1, 0))
     ]
     np.testing.assert_allclose(float(to_numpy(loss)), np.mean(ce), rtol=1e-5)
     np.testing.assert_allclose(

@@ -15,7 +15,7 @@ from tests.helpers import IGNORE_NUMPY2_COPY_WARNING, f64, to_numpy
 
 pytestmark = IGNORE_NUMPY2_COPY_WARNING
 
-SIZE, N = 64, 4     # 64 px: 2x2 cells per sub-image on its level
+SIZE, N = 64, 4  # 64 px: 2x2 cells per sub-image on its level
 
 
 @keras.saving.register_keras_serializable(package="test_mcl")
@@ -45,8 +45,9 @@ class PoolPyramid(keras.Model):
 
 
 def tiny_mcl(backbone=None, **kwargs):
-    args = dict(fpn_channels=16, neck_convs=1, neck_channels=16, hidden_dim=32, projection_dim=16,
-                predictor_hidden_dim=32)
+    args = dict(
+        fpn_channels=16, neck_convs=1, neck_channels=16, hidden_dim=32, projection_dim=16, predictor_hidden_dim=32
+    )
     args.update(kwargs)
     return MCL(backbone or ResNet(depths=(1, 1, 1, 1), width=8), **args)
 
@@ -64,7 +65,7 @@ def numpy_tiles(x, t):
     for i in range(b):
         for row in range(h // t):
             for col in range(w // t):
-                out.append(x[i, row * t:(row + 1) * t, col * t:(col + 1) * t])
+                out.append(x[i, row * t : (row + 1) * t, col * t : (col + 1) * t])
     return np.stack(out)
 
 
@@ -87,8 +88,9 @@ def test_level_loss_vs_numpy(temperature, weight):
     rng = np.random.default_rng(1)
     p, t = rng.normal(size=(7, 5)), rng.normal(size=(3, 5))
     labels = rng.integers(0, 3, 7)
-    loss, cos = contrastive_level_loss(p.astype("float32"), t.astype("float32"), labels.astype("int32"),
-                                       temperature, weight)
+    loss, cos = contrastive_level_loss(
+        p.astype("float32"), t.astype("float32"), labels.astype("int32"), temperature, weight
+    )
     np.testing.assert_allclose(f64(loss), numpy_level_loss(p, t, labels, temperature, weight), rtol=1e-5)
     pn = p / np.linalg.norm(p, axis=1, keepdims=True)
     tn = t / np.linalg.norm(t, axis=1, keepdims=True)
@@ -115,7 +117,7 @@ def test_total_loss_wiring_vs_numpy():
     *other* branch's targets (target neck on P5 of the full images); w = (1/2, 1/4, 1/8, 1/8),
     T = 1."""
     model = tiny_mcl(PoolPyramid())
-    model.compile(optimizer="sgd")     # the logs read the optimizer's learning rate
+    model.compile(optimizer="sgd")  # the logs read the optimizer's learning rate
     batch = montage_batch()
     fpn_log, neck_log, target_log, pred_logs = [], [], [], [[] for _ in range(4)]
     record_calls(model.student_fpn, fpn_log)
@@ -125,20 +127,23 @@ def test_total_loss_wiring_vs_numpy():
         record_calls(head, log)
     loss, logs = model.ssl_forward({k: keras.ops.convert_to_tensor(v) for k, v in batch.items()}, 0, training=True)
 
-    levels = [(0, N, None), (1, len(batch["montages_r2"]), batch["montage_sources_r2"]),
-              (2, len(batch["montages_r4"]), batch["montage_sources_r4"]),
-              (3, len(batch["montages_r8"]), batch["montage_sources_r8"])]
+    levels = [
+        (0, N, None),
+        (1, len(batch["montages_r2"]), batch["montage_sources_r2"]),
+        (2, len(batch["montages_r4"]), batch["montage_sources_r4"]),
+        (3, len(batch["montages_r8"]), batch["montage_sources_r8"]),
+    ]
     assert len(fpn_log) == 2 and len(target_log) == 2 and len(neck_log) == 8
     expected, per_term = 0.0, {}
     for branch in (0, 1):
         pyramid = fpn_log[branch][1]
         start = 0
         for level, count, sources in levels:
-            tiles = numpy_tiles(pyramid[f"P{5 - level}"][start:start + count], 2)
+            tiles = numpy_tiles(pyramid[f"P{5 - level}"][start : start + count], 2)
             np.testing.assert_allclose(neck_log[4 * branch + level][0], tiles, rtol=1e-6)
             start += count
             prediction = pred_logs[level][branch][1]
-            assert prediction.shape == (count * 4 ** level, 16)
+            assert prediction.shape == (count * 4**level, 16)
             labels = np.arange(N) if sources is None else sources[:, branch]
             target = target_log[1 - branch][1]
             assert target.shape == (N, 16)
@@ -159,8 +164,9 @@ def test_target_batchnorm_uses_batch_statistics_and_stays_frozen():
     trainable = {id(v) for v in model.trainable_variables}
     assert not any(id(v) in trainable for v in teacher_vars)
     assert len(model.trainable_variables) == sum(
-        len(m.trainable_variables) for m in (model.student_backbone, model.student_fpn, model.student_neck,
-                                             *model.predictors))
+        len(m.trainable_variables)
+        for m in (model.student_backbone, model.student_fpn, model.student_neck, *model.predictors)
+    )
 
     bn = model.teacher_backbone.bn1
     x = (np.random.default_rng(2).normal(size=(4, 5, 5, bn.gamma.shape[0])) * 3.0 + 2.0).astype("float32")
@@ -193,12 +199,13 @@ def test_ema_covers_parameters_not_batchnorm_statistics():
     bn_s.moving_mean.assign(bn_s.moving_mean + 5.0)
     t_before, s_now = f64(conv_t), f64(conv_s)
     stats_before = f64(bn_t.moving_mean)
-    model.update_teacher(0)                       # m = 0.99
+    model.update_teacher(0)  # m = 0.99
     np.testing.assert_allclose(f64(conv_t), 0.99 * t_before + 0.01 * s_now, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(f64(bn_t.moving_mean), stats_before)
     # Every online parameter has its target twin; nothing else is averaged.
     assert len(model._teacher_pairs) == sum(
-        len(m.trainable_variables) for m in (model.student_backbone, model.student_fpn, model.student_neck))
+        len(m.trainable_variables) for m in (model.student_backbone, model.student_fpn, model.student_neck)
+    )
 
 
 # Levels 2 and 3 are absent from this batch, so their predictors and FPN laterals get no
@@ -224,8 +231,9 @@ def test_fit_lowers_the_loss_and_backbone_saves(tmp_path):
     backbone = model.teacher_backbone
     backbone.save(str(tmp_path / "target.keras"))
     loaded = keras.saving.load_model(str(tmp_path / "target.keras"))
-    np.testing.assert_allclose(f64(loaded(images, training=False)["C5"]),
-                               f64(backbone(images, training=False)["C5"]), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        f64(loaded(images, training=False)["C5"]), f64(backbone(images, training=False)["C5"]), rtol=1e-4, atol=1e-5
+    )
 
     clone = MCL.from_config(model.get_config())
     assert clone.level_weights == (0.5, 0.25, 0.125, 0.125) and clone.temperature == 1.0

@@ -61,8 +61,9 @@ def test_grey_npy_image_is_accepted(weights, tmp_path):
     grey = str(tmp_path / "grey.npy")
     np.save(grey, np.random.default_rng(0).integers(0, 255, (16, 16), dtype=np.uint8))
     assert cli._read_image(grey).shape == (16, 16, 3)
-    assert cli.main(["eval", "attention", "--weights", weights, "--image", grey,
-                     "--output", str(tmp_path / "out")]) == 0
+    assert (
+        cli.main(["eval", "attention", "--weights", weights, "--image", grey, "--output", str(tmp_path / "out")]) == 0
+    )
 
 
 def test_damaged_weights_files(weights, tmp_path, error):
@@ -105,8 +106,20 @@ def test_eval_on_the_training_folder_warns(weights, tmp_path, capsys):
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     same = str(tmp_path / "train" / ".." / "train")  # another spelling of the same folder
-    argv = ["eval", "knn", "--weights", weights, "--data", str(tmp_path / "train"), "--test-data", same,
-            "--k", "2", "--output", str(tmp_path / "out")]
+    argv = [
+        "eval",
+        "knn",
+        "--weights",
+        weights,
+        "--data",
+        str(tmp_path / "train"),
+        "--test-data",
+        same,
+        "--k",
+        "2",
+        "--output",
+        str(tmp_path / "out"),
+    ]
     assert cli.main(argv) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(warnings) == 1 and "memorisation, not generalisation" in warnings[0]
@@ -117,8 +130,9 @@ def test_eval_on_the_training_folder_warns(weights, tmp_path, capsys):
     args = cli._parser().parse_args(["eval", "knn", "--weights", weights, "--data", "tfds:beans"])
     cli._warn_if_same_split(args, cli._test_spec(args))
     assert "warning" not in capsys.readouterr().err
-    args = cli._parser().parse_args(["eval", "knn", "--weights", weights, "--data", "tfds:beans",
-                                     "--test-split", "train"])
+    args = cli._parser().parse_args(
+        ["eval", "knn", "--weights", weights, "--data", "tfds:beans", "--test-split", "train"]
+    )
     cli._warn_if_same_split(args, cli._test_spec(args))
     assert "memorisation" in capsys.readouterr().err
 

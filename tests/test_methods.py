@@ -15,12 +15,19 @@ from keras_pqcl.recipe import Recipe, load_recipe
 from keras_pqcl.training import METHODS, build_backbone, pretrain, read_log
 
 MICRO = Recipe(
-    name="micro", method="dino", backbone="vit_tiny", patch_size=8, drop_path_rate=0.0,
+    name="micro",
+    method="dino",
+    backbone="vit_tiny",
+    patch_size=8,
+    drop_path_rate=0.0,
     backbone_args=dict(embed_dim=32, depth=1, num_heads=2),
     method_args=dict(out_dim=32, hidden_dim=32, bottleneck_dim=16),
     data="synthetic_scenes:16",
     crops=dict(global_size=16, local_size=8, n_local=1),
-    batch_size=8, epochs=1, warmup_epochs=1, checkpoint_every=1,
+    batch_size=8,
+    epochs=1,
+    warmup_epochs=1,
+    checkpoint_every=1,
 )
 
 # The log columns each method must write (per-term losses and monitors, issue 5 part 4).
@@ -37,17 +44,30 @@ TERMS = {
 # The convolutional methods (issue 7): a one-block-per-stage ResNet, their own crops.
 RESNET_MICRO = {
     "densecl": dataclasses.replace(
-        MICRO, name="micro_densecl", method="densecl", backbone="resnet_tiny", patch_size=32,
-        backbone_args=dict(width=8), method_args=dict(hidden_dim=32, projection_dim=16, queue_size=64),
-        crops=dict(global_size=32, local_size=32, n_local=0, jitter_p=0.0, global_blur_p=(0.5, 0.5),
-                   solarize_p=(0.0, 0.0)),
+        MICRO,
+        name="micro_densecl",
+        method="densecl",
+        backbone="resnet_tiny",
+        patch_size=32,
+        backbone_args=dict(width=8),
+        method_args=dict(hidden_dim=32, projection_dim=16, queue_size=64),
+        crops=dict(
+            global_size=32, local_size=32, n_local=0, jitter_p=0.0, global_blur_p=(0.5, 0.5), solarize_p=(0.0, 0.0)
+        ),
         teacher_momentum=0.99,
     ),
     "mcl": dataclasses.replace(
-        MICRO, name="micro_mcl", method="mcl", backbone="resnet_tiny", backbone_args=dict(width=8),
-        method_args=dict(fpn_channels=16, neck_convs=1, neck_channels=16, hidden_dim=32, projection_dim=16,
-                         predictor_hidden_dim=32),
-        crops=dict(image_size=64, jitter_p=0.0), batch_size=4, teacher_momentum=0.99,
+        MICRO,
+        name="micro_mcl",
+        method="mcl",
+        backbone="resnet_tiny",
+        backbone_args=dict(width=8),
+        method_args=dict(
+            fpn_channels=16, neck_convs=1, neck_channels=16, hidden_dim=32, projection_dim=16, predictor_hidden_dim=32
+        ),
+        crops=dict(image_size=64, jitter_p=0.0),
+        batch_size=4,
+        teacher_momentum=0.99,
     ),
 }
 
@@ -61,7 +81,8 @@ def test_method_pretrains_end_to_end(method, tmp_path):
     if method == "adclr" and not hasattr(models, "ADCLR"):
         pytest.skip("ADCLR is not in this build")
     recipe = RESNET_MICRO.get(method) or MICRO.derive(
-        name=f"micro_{method}", method=method, masks=dict(ratio=0.3, ratio_var=0.0))
+        name=f"micro_{method}", method=method, masks=dict(ratio=0.3, ratio_var=0.0)
+    )
     summary = pretrain(recipe, str(tmp_path), verbose=0)
     assert math.isfinite(summary["last_loss"])
     log = read_log(summary["log"])
@@ -81,8 +102,12 @@ def test_use_bn_in_head_trains_and_reaches_every_head(method, tmp_path):
     """use_bn_in_head: student and teacher heads (iBOT-style token heads too) carry the
     batch-statistics BatchNorm, its gamma/beta are EMA-averaged, and the run's checkpoint
     reloads."""
-    recipe = MICRO.derive(name=f"micro_bn_{method}", method=method, masks=dict(ratio=0.3, ratio_var=0.0),
-                          method_args=dict(use_bn_in_head=True))
+    recipe = MICRO.derive(
+        name=f"micro_bn_{method}",
+        method=method,
+        masks=dict(ratio=0.3, ratio_var=0.0),
+        method_args=dict(use_bn_in_head=True),
+    )
     summary = pretrain(recipe, str(tmp_path), verbose=0)
     assert math.isfinite(summary["last_loss"])
     model, epoch = load_checkpoint(os.path.join(str(tmp_path), "checkpoints"))

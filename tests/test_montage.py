@@ -25,7 +25,7 @@ def expected_montage(views, view, sources, r):
     for k, src in enumerate(sources):
         b, s = divmod(k, r * r)
         row, col = divmod(s, r)
-        out[b, row * h:(row + 1) * h, col * h:(col + 1) * h] = views[src, view, ::r, ::r]
+        out[b, row * h : (row + 1) * h, col * h : (col + 1) * h] = views[src, view, ::r, ::r]
     return out
 
 
@@ -34,30 +34,34 @@ def test_layout_and_views_follow_the_spec():
     layout = cfg.layout(128)
     assert [lv.ratio for lv in layout] == [1, 2, 4, 8]
     assert [lv.level for lv in layout] == [0, 1, 2, 3]
-    assert [lv.num_montages for lv in layout] == [128, 32, 8, 4]       # N, N/4, N/16, N/32
-    assert [lv.num_slots for lv in layout] == [128, 128, 128, 256]     # r=8 uses each image twice
+    assert [lv.num_montages for lv in layout] == [128, 32, 8, 4]  # N, N/4, N/16, N/32
+    assert [lv.num_slots for lv in layout] == [128, 128, 128, 256]  # r=8 uses each image twice
     assert [lv.view_q for lv in layout] == [0, 1, 2, 3]
     assert [lv.view_k for lv in layout] == [4, 5, 6, 7]
-    assert 128 + sum(lv.num_montages for lv in layout[1:]) == 172        # one branch batch
+    assert 128 + sum(lv.num_montages for lv in layout[1:]) == 172  # one branch batch
     assert cfg.num_views == 8 and cfg.tile_size == 7
 
     mc = cfg.multicrop_config()
     assert mc.n_global == 8 and mc.n_local == 0 and mc.global_size == 224
     assert mc.global_scale == (0.2, 1.0)
-    assert mc.color_jitter == (0.4, 0.4, 0.2, 0.1)                       # saturation 0.2
+    assert mc.color_jitter == (0.4, 0.4, 0.2, 0.1)  # saturation 0.2
     assert (mc.jitter_p, mc.grayscale_p, mc.flip_p) == (0.8, 0.2, 0.5)
-    assert mc.global_blur_p == (1.0,) * 4 + (0.1,) * 4                  # pipeline A, then B
+    assert mc.global_blur_p == (1.0,) * 4 + (0.1,) * 4  # pipeline A, then B
     assert mc.solarize_p == (0.0,) * 4 + (0.2,) * 4
 
     # Fewer ratios: views per branch shrink, default uses follow the ratios.
     small = MontageConfig(image_size=64, ratios=(2, 8))
     assert small.uses == (1, 2) and small.num_views == 6
     assert [(lv.ratio, lv.num_montages, lv.num_slots, lv.view_q, lv.view_k) for lv in small.layout(4)] == [
-        (1, 4, 4, 0, 3), (2, 1, 4, 1, 4), (8, 1, 64, 2, 5)]
+        (1, 4, 4, 0, 3),
+        (2, 1, 4, 1, 4),
+        (8, 1, 64, 2, 5),
+    ]
 
 
-@pytest.mark.parametrize("kwargs", [dict(image_size=100), dict(ratios=(3,)), dict(ratios=(2, 2)),
-                                    dict(uses=(1,)), dict(blur_p=(1.0,))])
+@pytest.mark.parametrize(
+    "kwargs", [dict(image_size=100), dict(ratios=(3,)), dict(ratios=(2, 2)), dict(uses=(1,)), dict(blur_p=(1.0,))]
+)
 def test_config_rejects_bad_settings(kwargs):
     with pytest.raises(ValueError):
         MontageConfig(**kwargs)
@@ -85,11 +89,11 @@ def test_montage_slots_map_back_to_their_source_views():
             h = size // r
             b, s = divmod(5, r * r)
             row, col = divmod(s, r)
-            patch = montages[b, branch, row * h:(row + 1) * h, col * h:(col + 1) * h]
+            patch = montages[b, branch, row * h : (row + 1) * h, col * h : (col + 1) * h]
             yy, xx = np.meshgrid(np.arange(h), np.arange(h), indexing="ij")
             assert np.all(patch[..., 0] == src[5]) and np.all(patch[..., 1] == view)
-            np.testing.assert_array_equal(patch[..., 2], (yy * r) * size + xx * r)   # stride-r pick
-        assert not np.array_equal(sources[:, 0], sources[:, 1])              # independent draws
+            np.testing.assert_array_equal(patch[..., 2], (yy * r) * size + xx * r)  # stride-r pick
+        assert not np.array_equal(sources[:, 0], sources[:, 1])  # independent draws
 
 
 def test_mcl_dataset_end_to_end_geometry():
@@ -102,8 +106,9 @@ def test_mcl_dataset_end_to_end_geometry():
     cfg = MontageConfig(image_size=size)
 
     def build():
-        return mcl_dataset(source, cfg, batch_size=n, seed=7, photometric=False, normalize=False,
-                           keep_views=True, jit_compile=False)
+        return mcl_dataset(
+            source, cfg, batch_size=n, seed=7, photometric=False, normalize=False, keep_views=True, jit_compile=False
+        )
 
     ds = build()
     assert ds.cardinality() == 1
@@ -111,8 +116,8 @@ def test_mcl_dataset_end_to_end_geometry():
     assert batch["views"].shape == (n, 8, size, size, 3)
     assert batch["view_boxes"].shape == (n, 8, 4) and batch["view_flips"].shape == (n, 8)
     assert batch["montages_r2"].shape == (2, 2, size, size, 3)
-    assert batch["montages_r4"].shape == (1, 2, size, size, 3)        # ceil(8 / 16) = 1: 16 slots
-    assert batch["montages_r8"].shape == (1, 2, size, size, 3)        # ceil(2 * 8 / 64) = 1
+    assert batch["montages_r4"].shape == (1, 2, size, size, 3)  # ceil(8 / 16) = 1: 16 slots
+    assert batch["montages_r8"].shape == (1, 2, size, size, 3)  # ceil(2 * 8 / 64) = 1
     assert batch["montage_sources_r8"].shape == (64, 2)
     views, labels = batch["views"], batch["label"]
     np.testing.assert_allclose(views[..., 0], np.broadcast_to(labels[:, None, None, None], views.shape[:4]), atol=1e-4)
@@ -132,8 +137,15 @@ def test_mcl_dataset_photometric_smoke():
     cfg = MontageConfig(image_size=32, ratios=(2,))
     ds = mcl_dataset("synthetic_scenes:8:40", cfg, batch_size=4, seed=0, jit_compile=False)
     batch = next(iter(ds))
-    assert sorted(batch) == ["full_images", "image_size", "label", "montage_sources_r2", "montages_r2",
-                             "view_boxes", "view_flips"]
+    assert sorted(batch) == [
+        "full_images",
+        "image_size",
+        "label",
+        "montage_sources_r2",
+        "montages_r2",
+        "view_boxes",
+        "view_flips",
+    ]
     assert batch["full_images"].shape == (4, 2, 32, 32, 3)
     assert batch["montages_r2"].shape == (1, 2, 32, 32, 3)
     assert np.all(np.isfinite(batch["montages_r2"].numpy()))

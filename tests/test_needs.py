@@ -19,11 +19,18 @@ from keras_pqcl.training import METHODS, build_backbone, dataset_args
 from tests import helpers
 
 MICRO = Recipe(
-    name="micro", method="dino", backbone="vit_tiny", patch_size=8, drop_path_rate=0.0,
+    name="micro",
+    method="dino",
+    backbone="vit_tiny",
+    patch_size=8,
+    drop_path_rate=0.0,
     backbone_args=dict(embed_dim=32, depth=1, num_heads=2),
     method_args=dict(out_dim=32, hidden_dim=32, bottleneck_dim=16),
-    data="synthetic_scenes:16", crops=dict(global_size=16, local_size=8, n_local=1),
-    batch_size=8, epochs=1, warmup_epochs=1,
+    data="synthetic_scenes:16",
+    crops=dict(global_size=16, local_size=8, n_local=1),
+    batch_size=8,
+    epochs=1,
+    warmup_epochs=1,
 )
 
 VIT = dict(backbone="vit")
@@ -82,8 +89,11 @@ def test_needs_read_the_constructor_defaults():
 def _set_default(monkeypatch, cls, name, value):
     """Change the default of ``cls.__init__``'s argument ``name``, as an edit of the model would."""
     init = cls.__dict__["__init__"]
-    params = [p for p in inspect.signature(init).parameters.values()
-              if p.default is not p.empty and p.kind == p.POSITIONAL_OR_KEYWORD]
+    params = [
+        p
+        for p in inspect.signature(init).parameters.values()
+        if p.default is not p.empty and p.kind == p.POSITIONAL_OR_KEYWORD
+    ]
     defaults = list(init.__defaults__)
     defaults[[p.name for p in params].index(name)] = value
     monkeypatch.setattr(init, "__defaults__", tuple(defaults))
@@ -145,8 +155,9 @@ def test_collapse_guard_reads_each_declared_term_against_its_own_ln_k():
 
 def test_collapse_guard_says_it_has_nothing_to_watch_for_densecl(capsys):
     with helpers.no_random_init():
-        model = models.DenseCL(kp.backbones.resnet("resnet_tiny", width=4), hidden_dim=8, projection_dim=4,
-                               queue_size=8)
+        model = models.DenseCL(
+            kp.backbones.resnet("resnet_tiny", width=4), hidden_dim=8, projection_dim=4, queue_size=8
+        )
     guard = CollapseGuard(patience=1)
     guard.set_model(model)
     guard.on_train_begin()
@@ -162,7 +173,12 @@ def test_vit_and_resnet_declare_the_contract():
     vit = _vit(pos_embed="learned", use_mask_token=False)
     resnet = kp.backbones.resnet("resnet_tiny", width=4)
     assert (vit.pos_embed_kind, vit.has_mask_token, vit.embed_dim, vit.patch_size, dict(vit.out_channels)) == (
-        "learned", False, 16, 8, {})
+        "learned",
+        False,
+        16,
+        8,
+        {},
+    )
     assert _vit().has_mask_token
     assert (resnet.pos_embed_kind, resnet.has_mask_token, resnet.embed_dim, resnet.patch_size) == (None, False, 128, 32)
     images = np.zeros((2, 64, 64, 3), "float32")
@@ -180,8 +196,11 @@ def test_vit_and_resnet_declare_the_contract():
 def test_check_backbone_names_everything_missing_and_the_fix():
     pqcl = models.PQCL.needs()
     check_backbone(_vit(), pqcl, "PQCL")  # meets it
-    with pytest.raises(ValueError, match=r"PQCL needs pos_embed='sincos' \(got 'learned'\) and a mask token;.*"
-                                         r"pos_embed='sincos'.*use_mask_token=True"):
+    with pytest.raises(
+        ValueError,
+        match=r"PQCL needs pos_embed='sincos' \(got 'learned'\) and a mask token;.*"
+        r"pos_embed='sincos'.*use_mask_token=True",
+    ):
         check_backbone(_vit(pos_embed="learned", use_mask_token=False), pqcl, "PQCL")
     resnet = kp.backbones.resnet("resnet_tiny", width=4)
     with pytest.raises(ValueError, match="DINO needs a Vision Transformer.*vit_small"):
@@ -223,7 +242,7 @@ def test_plot_log_draws_the_terms_it_is_given(tmp_path, monkeypatch):
         return plot(self, *args, **kwargs)
 
     monkeypatch.setattr(Axes, "plot", record)
-    history = {"epoch": [0, 1], "loss": [2, 1], "global": [1, .5], "dense": [1, .4], "query_agreement": [.1, .2]}
+    history = {"epoch": [0, 1], "loss": [2, 1], "global": [1, 0.5], "dense": [1, 0.4], "query_agreement": [0.1, 0.2]}
     plot_log(history, str(tmp_path / "loss.png"), terms=("global", "dense", "query_agreement", "absent"))
     # query_agreement has a panel of its own; absent terms are skipped.
     assert drawn == ["loss", "global", "dense", "query_agreement"]

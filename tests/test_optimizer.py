@@ -116,9 +116,7 @@ def test_adamw_matches_torch_formulas_with_clipping_and_decay_groups():
     assert int(to_numpy(opt.iterations)) == 3
     for step in range(3):
         for i, (name, _, _) in enumerate(SPECS):
-            np.testing.assert_allclose(
-                got[step][i], ref[step][i][0], **TOL, err_msg=f"{name} step {step + 1}"
-            )
+            np.testing.assert_allclose(got[step][i], ref[step][i][0], **TOL, err_msg=f"{name} step {step + 1}")
     for i, variable in enumerate(variables):
         m, v = _moments(opt, variable)
         np.testing.assert_allclose(m, ref[-1][i][1], rtol=1e-5, atol=1e-7)
@@ -151,9 +149,7 @@ def test_schedules_are_evaluated_at_each_step():
     ref = numpy_adamw(values, grads, lrs, wds)
     for step in range(3):
         for i, (name, _, _) in enumerate(SPECS):
-            np.testing.assert_allclose(
-                got[step][i], ref[step][i][0], **TOL, err_msg=f"{name} step {step + 1}"
-            )
+            np.testing.assert_allclose(got[step][i], ref[step][i][0], **TOL, err_msg=f"{name} step {step + 1}")
     np.testing.assert_allclose(float(to_numpy(opt.current_weight_decay())), 0.4, rtol=1e-6)  # past the end
 
 
@@ -177,9 +173,7 @@ def test_freeze_until_step():
     ref = numpy_adamw(values, grads, [0.1] * 4, [0.5] * 4, frozen=frozen, freeze_until=2)
     for step in range(4):
         for i, (name, _, _) in enumerate(SPECS):
-            np.testing.assert_allclose(
-                got[step][i], ref[step][i][0], **TOL, err_msg=f"{name} step {step + 1}"
-            )
+            np.testing.assert_allclose(got[step][i], ref[step][i][0], **TOL, err_msg=f"{name} step {step + 1}")
     for i in frozen:  # updated from step 3 on
         assert not np.allclose(got[2][i], values[i])
         m, v = _moments(opt, variables[i])

@@ -37,8 +37,13 @@ def _decode(tables, dim, lo=-2.0, hi=GLOBAL // PATCH + 2.0, step=0.02):
 
 def _model():
     backbone = kp.backbones.VisionTransformer(
-        patch_size=PATCH, embed_dim=DIM, depth=1, num_heads=2, image_size=GLOBAL,
-        pos_embed="sincos", use_mask_token=True,
+        patch_size=PATCH,
+        embed_dim=DIM,
+        depth=1,
+        num_heads=2,
+        image_size=GLOBAL,
+        pos_embed="sincos",
+        use_mask_token=True,
     )
     return kp.models.PQCL(backbone, base="dino", out_dim=2, hidden_dim=8, bottleneck_dim=4)
 
@@ -60,12 +65,16 @@ def _coordinate_teacher():
 def test_query_positions_and_targets_show_the_same_pixels(flip_correct):
     model = _model()
     mask_token = ops.convert_to_numpy(model.student_backbone.mask_token).reshape(-1)
-    cfg = MultiCropConfig(global_size=GLOBAL, local_size=LOCAL, n_local=N_LOCAL,
-                          global_scale=(0.5, 1.0), local_scale=(0.1, 0.3),
-                          flip_local=flip_correct,  # the official queries assume unflipped local crops
-                          use_keras_cv=False)
-    crops = MultiCrop(cfg, photometric=False, normalize=False,
-                      queries=QueryConfig(PATCH, flip_correct=flip_correct))
+    cfg = MultiCropConfig(
+        global_size=GLOBAL,
+        local_size=LOCAL,
+        n_local=N_LOCAL,
+        global_scale=(0.5, 1.0),
+        local_scale=(0.1, 0.3),
+        flip_local=flip_correct,  # the official queries assume unflipped local crops
+        use_keras_cv=False,
+    )
+    crops = MultiCrop(cfg, photometric=False, normalize=False, queries=QueryConfig(PATCH, flip_correct=flip_correct))
     image = helpers.coord_image(120, 100)
     L, G = LOCAL // PATCH, GLOBAL // PATCH
     errors = {True: [], False: []}
@@ -77,7 +86,8 @@ def test_query_positions_and_targets_show_the_same_pixels(flip_correct):
         step = StepOutputs(example, 0, global_crops.shape[1], global_crops.shape[0])
         queries = ops.convert_to_numpy(model.term("query").query_tokens(model, step)[0])
         targets = ops.convert_to_numpy(
-            kp.models.PQCL.teacher_local_patches(_coordinate_teacher(), local_crops))  # (B, T, 2)
+            kp.models.PQCL.teacher_local_patches(_coordinate_teacher(), local_crops)
+        )  # (B, T, 2)
         for g in range(2):
             for b in range(2):
                 positions = _decode(queries[g * 2 + b] - mask_token, DIM)  # views-major rows

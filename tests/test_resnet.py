@@ -92,7 +92,7 @@ def np_conv(x, kernel, stride=1, pad=0, bias=None):
     out = np.zeros((x.shape[0], ho, wo, kernel.shape[3]))
     for a in range(kh):
         for b in range(kw):
-            patch = x[:, a:a + stride * (ho - 1) + 1:stride, b:b + stride * (wo - 1) + 1:stride]
+            patch = x[:, a : a + stride * (ho - 1) + 1 : stride, b : b + stride * (wo - 1) + 1 : stride]
             out += patch @ kernel[a, b]
     return out if bias is None else out + bias
 
@@ -113,7 +113,7 @@ def np_maxpool(x):
     out = np.full((x.shape[0], ho, wo, x.shape[3]), -np.inf)
     for a in range(3):
         for b in range(3):
-            out = np.maximum(out, x[:, a:a + 2 * (ho - 1) + 1:2, b:b + 2 * (wo - 1) + 1:2])
+            out = np.maximum(out, x[:, a : a + 2 * (ho - 1) + 1 : 2, b : b + 2 * (wo - 1) + 1 : 2])
     return out
 
 
@@ -156,7 +156,11 @@ def test_strides_channels_and_classifier():
     model = tiny(include_top=True, num_classes=7)
     out = forward(model, images(1, 64))
     assert {k: tuple(v.shape) for k, v in out.items()} == {
-        "C2": (1, 16, 16, 16), "C3": (1, 8, 8, 32), "C4": (1, 4, 4, 64), "C5": (1, 2, 2, 128), "logits": (1, 7)
+        "C2": (1, 16, 16, 16),
+        "C3": (1, 8, 8, 32),
+        "C4": (1, 4, 4, 64),
+        "C5": (1, 2, 2, 128),
+        "logits": (1, 7),
     }
     assert model.out_channels == {"C2": 16, "C3": 32, "C4": 64, "C5": 128}
     assert model.conv1.kernel.shape == (7, 7, 3, 4)
@@ -218,8 +222,9 @@ def test_save_load_round_trip(tmp_path):
     assert isinstance(loaded, kp.backbones.ResNet)
     assert loaded.get_config() == model.get_config()
     for name in ("C5", "logits"):
-        np.testing.assert_allclose(to_numpy(forward(loaded, x)[name]), to_numpy(forward(model, x)[name]),
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            to_numpy(forward(loaded, x)[name]), to_numpy(forward(model, x)[name]), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_input_errors():
@@ -265,8 +270,9 @@ def test_fpn_shapes_and_numpy():
         assert tuple(out[f"P{i}"].shape) == tuple(feats[f"C{i}"].shape[:3]) + (8,)
     # NumPy: lateral 1x1 + BN, top-down nearest sum, 3x3 (pad 1) + BN, no activation.
     c = {k: f64(v) for k, v in feats.items()}
-    lat = [np_bn_train(np_conv(c[f"C{i + 2}"], f64(fpn.lateral_convs[i].kernel)), fpn.lateral_norms[i])
-           for i in range(4)]
+    lat = [
+        np_bn_train(np_conv(c[f"C{i + 2}"], f64(fpn.lateral_convs[i].kernel)), fpn.lateral_norms[i]) for i in range(4)
+    ]
     for i in (3, 2, 1):
         lat[i - 1] = lat[i - 1] + np_nearest(lat[i], lat[i - 1].shape[1:3])
     for i in range(4):

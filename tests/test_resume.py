@@ -35,20 +35,24 @@ TIMEOUT = 300
 
 #: The kill point of each process in turn (see ``tests/scripts/killable_run.py``).
 CHAIN = [
-    "step:2",    # epoch 1, before any checkpoint: the next run starts from scratch
-    "save:2",    # inside the second checkpoint's write (the first landed at step 3)
-    "knn:1",     # epoch 1 finished, k-NN running: its row is not written
-    "log:1",     # epoch 1's row written, its checkpoint not: the row is cut and rewritten
-    "saved:2",   # after a mid-epoch checkpoint landed, before the oldest is pruned
-    "step:1",    # resumed mid-epoch, killed one step later
-    "random",    # anywhere in the first second of training (or not at all, if it ends first)
-    "-",         # to the end
+    "step:2",  # epoch 1, before any checkpoint: the next run starts from scratch
+    "save:2",  # inside the second checkpoint's write (the first landed at step 3)
+    "knn:1",  # epoch 1 finished, k-NN running: its row is not written
+    "log:1",  # epoch 1's row written, its checkpoint not: the row is cut and rewritten
+    "saved:2",  # after a mid-epoch checkpoint landed, before the oldest is pruned
+    "step:1",  # resumed mid-epoch, killed one step later
+    "random",  # anywhere in the first second of training (or not at all, if it ends first)
+    "-",  # to the end
 ]
 
 
 def _env(**extra):
-    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=os.pathsep.join(
-        p for p in (REPO, os.environ.get("PYTHONPATH")) if p), **extra)
+    return dict(
+        os.environ,
+        TF_CPP_MIN_LOG_LEVEL="2",
+        PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p),
+        **extra,
+    )
 
 
 def _run(output, kill="-", *args, env=None):
@@ -122,7 +126,9 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(reference, tmp_path):
     leftovers = [f for _, _, files in os.walk(resumed) for f in files if f.startswith(".tmp-")]
     assert not leftovers
     assert [os.path.basename(p) for p in list_checkpoints(os.path.join(resumed, "checkpoints"))] == [
-        "checkpoint-e00003-s0000000.keras", "checkpoint-e00002-s0000001.keras"]
+        "checkpoint-e00003-s0000000.keras",
+        "checkpoint-e00002-s0000001.keras",
+    ]
     assert open(os.path.join(resumed, "run.lock")).read() == ""
 
 
@@ -151,11 +157,14 @@ def test_second_run_on_a_locked_folder_is_refused(finished_run):
     assert "Traceback" not in out
 
 
-@pytest.mark.parametrize("args,message", [
-    ([], "already holds a run"),
-    (["--resume", "--batch-size", "4"], "--resume cannot change batch_size (was 8, now 4)"),
-    (["--resume"], "has already trained all 3 of its epochs"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ([], "already holds a run"),
+        (["--resume", "--batch-size", "4"], "--resume cannot change batch_size (was 8, now 4)"),
+        (["--resume"], "has already trained all 3 of its epochs"),
+    ],
+)
 def test_finished_run_refuses_reuse(finished_run, args, message, capsys):
     recipe = _script().write_recipe(os.path.dirname(finished_run))
     code = cli.main(["pretrain", "--recipe", recipe, "--output", finished_run, "--quiet", *args])

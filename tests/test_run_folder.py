@@ -109,8 +109,9 @@ def _umask():
 
 # --------------------------------------------------------------------- checkpoints
 def _model():
-    backbone = kp.backbones.vit("vit_tiny", patch_size=8, image_size=16, embed_dim=16, depth=2, num_heads=2,
-                                drop_path_rate=0.1)
+    backbone = kp.backbones.vit(
+        "vit_tiny", patch_size=8, image_size=16, embed_dim=16, depth=2, num_heads=2, drop_path_rate=0.1
+    )
     model = kp.models.DINO(backbone, out_dim=16, hidden_dim=16, bottleneck_dim=8)
     model.compile(optimizer=kp.optimizers.dino_adamw(8, 2, 4))
     model.configure_schedules(2, 4)
@@ -157,8 +158,10 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_names_it(tmp_path):
     loaded, progress = ckpt.load_latest_checkpoint(str(tmp_path), log=messages.append)
     assert progress.path == good and progress.epoch == 1
     assert bad in messages[0] and "not a zip archive" in messages[0]
-    np.testing.assert_array_equal(keras.ops.convert_to_numpy(loaded.teacher_backbone.weights[0]),
-                                  keras.ops.convert_to_numpy(model.teacher_backbone.weights[0]))
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(loaded.teacher_backbone.weights[0]),
+        keras.ops.convert_to_numpy(model.teacher_backbone.weights[0]),
+    )
 
     os.remove(good)
     with pytest.raises(ValueError, match="none of the 1 checkpoints.*not a zip archive.*Nothing was overwritten"):
@@ -207,8 +210,16 @@ def test_resume_names_every_setting_it_cannot_change():
         check_resume(before, Recipe(batch_size=32, seed=1))
 
 
-@pytest.mark.parametrize("field,value", [("steps_per_epoch", 0), ("epochs", 0), ("keep_checkpoints", 0),
-                                         ("checkpoint_every_minutes", -1.0), ("batch_size", 1.5)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("steps_per_epoch", 0),
+        ("epochs", 0),
+        ("keep_checkpoints", 0),
+        ("checkpoint_every_minutes", -1.0),
+        ("batch_size", 1.5),
+    ],
+)
 def test_recipe_values_no_run_can_use(field, value):
     with pytest.raises(ValueError, match=field):
         check_recipe(Recipe().replace(**{field: value}))

@@ -28,9 +28,7 @@ def _np(x):
 
 
 def _compile(model):
-    model.compile(
-        optimizer=kp.optimizers.dino_adamw(ts.BATCH, EPOCHS, STEPS, base_lr=0.064, warmup_epochs=1)
-    )
+    model.compile(optimizer=kp.optimizers.dino_adamw(ts.BATCH, EPOCHS, STEPS, base_lr=0.064, warmup_epochs=1))
 
 
 def _state(model):
@@ -119,9 +117,7 @@ def test_backbone_alone_round_trip(trained):
         np.testing.assert_allclose(_np(actual[key]), _np(expected[key]), rtol=1e-6, atol=1e-6, err_msg=key)
     # Other input sizes go through the interpolated position table identically.
     small = ts.probe_images()[:, :16, :16]
-    np.testing.assert_allclose(
-        _np(loaded(small)["cls"]), _np(teacher(small)["cls"]), rtol=1e-6, atol=1e-6
-    )
+    np.testing.assert_allclose(_np(loaded(small)["cls"]), _np(teacher(small)["cls"]), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("other", ["tensorflow", "jax", "torch"])
@@ -133,11 +129,18 @@ def test_load_under_other_backend(trained, other):
     images_path = str(folder / f"images_{other}.npy")
     np.save(images_path, images)
     out_path = str(folder / f"outputs_{other}.npz")
-    env = dict(os.environ, KERAS_BACKEND=other, PYTHONPATH=os.pathsep.join(
-        p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
+    env = dict(
+        os.environ,
+        KERAS_BACKEND=other,
+        PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p),
+    )
     cmd = [
-        sys.executable, os.path.join(HERE, "scripts", "load_outputs.py"), out_path, images_path,
-        f"backbone={trained['backbone_path']}", f"dino={trained['path']}",
+        sys.executable,
+        os.path.join(HERE, "scripts", "load_outputs.py"),
+        out_path,
+        images_path,
+        f"backbone={trained['backbone_path']}",
+        f"dino={trained['path']}",
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -146,9 +149,12 @@ def test_load_under_other_backend(trained, other):
     model = trained["model"]
     teacher = model.teacher_backbone(images, training=False)
     expected = dict(
-        backbone_cls=teacher["cls"], backbone_patches=teacher["patches"],
-        dino_teacher_cls=teacher["cls"], dino_teacher_patches=teacher["patches"],
-        dino_student_cls=model(images, training=False), dino_center=model.term("cls").center,
+        backbone_cls=teacher["cls"],
+        backbone_patches=teacher["patches"],
+        dino_teacher_cls=teacher["cls"],
+        dino_teacher_patches=teacher["patches"],
+        dino_student_cls=model(images, training=False),
+        dino_center=model.term("cls").center,
     )
     for name, value in expected.items():
         np.testing.assert_allclose(out[name], _np(value), rtol=0, atol=1e-5, err_msg=f"{name} on {other}")
@@ -173,7 +179,9 @@ def test_backup_and_restore_resumes_exactly(trained, data, tmp_path):
     _compile(first)
     with pytest.raises(RuntimeError, match="interrupted at epoch 1"):
         first.fit(
-            ds, epochs=EPOCHS, verbose=0,
+            ds,
+            epochs=EPOCHS,
+            verbose=0,
             callbacks=[keras.callbacks.BackupAndRestore(backup_dir), Interrupt(1)],
         )
     assert os.path.exists(os.path.join(backup_dir, "latest.weights.h5"))
@@ -182,9 +190,7 @@ def test_backup_and_restore_resumes_exactly(trained, data, tmp_path):
     keras.utils.set_random_seed(123)
     resumed = ts.dino(teacher_momentum=0.9)
     _compile(resumed)
-    history = resumed.fit(
-        ds, epochs=EPOCHS, verbose=0, callbacks=[keras.callbacks.BackupAndRestore(backup_dir)]
-    )
+    history = resumed.fit(ds, epochs=EPOCHS, verbose=0, callbacks=[keras.callbacks.BackupAndRestore(backup_dir)])
     assert history.epoch == [1]  # only the missing epoch ran
     reference = trained["model"]
     assert int(_np(resumed.optimizer.iterations)) == EPOCHS * STEPS

@@ -21,7 +21,8 @@ def shape_only_init():
     on JAX each random shape drawn eagerly costs an XLA compile."""
     saved = keras.initializers.VarianceScaling.__call__
     keras.initializers.VarianceScaling.__call__ = lambda self, shape, dtype=None: keras.ops.zeros(
-        shape, dtype=dtype or "float32")
+        shape, dtype=dtype or "float32"
+    )
     try:
         with no_random_init():
             yield
@@ -142,16 +143,25 @@ def test_fit_lowers_the_loss():
     images, masks = synthetic_batch(16)
     masks[:, :2] = IGNORE  # a labelled-pixels-only loss must not mind
     seg = tasks.SemanticSegmenter(tiny_vit(), num_classes=3, decoder="upernet", channels=8)
-    seg.compile(optimizer=kp.optimizers.finetune_adamw(seg, lr=3e-3, layer_decay=0.75, weight_decay=0.01,
-                                                       warmup_steps=2, total_steps=12, min_lr=1e-3))
+    seg.compile(
+        optimizer=kp.optimizers.finetune_adamw(
+            seg, lr=3e-3, layer_decay=0.75, weight_decay=0.01, warmup_steps=2, total_steps=12, min_lr=1e-3
+        )
+    )
     history = seg.fit(images, masks, batch_size=8, epochs=6, verbose=0).history
     assert history["loss"][-1] < 0.85 * history["loss"][0], history["loss"]
     assert {"mIoU", "mAcc", "aAcc"} <= set(history)
 
 
 def test_keras_round_trip(tmp_path):
-    seg = tasks.SemanticSegmenter(tiny_vit(use_mask_token=True), num_classes=3, decoder="upernet", channels=8,
-                                  pyramid="blocks", block_indices=(0, 0, 1, 1))
+    seg = tasks.SemanticSegmenter(
+        tiny_vit(use_mask_token=True),
+        num_classes=3,
+        decoder="upernet",
+        channels=8,
+        pyramid="blocks",
+        block_indices=(0, 0, 1, 1),
+    )
     seg.compile(optimizer=kp.optimizers.finetune_adamw(seg, lr=1e-3, layer_decay=0.5, total_steps=10))
     seg.optimizer.build(seg.trainable_variables)  # as after training: its state is saved and restored
     images, _ = synthetic_batch(2, size=24)
@@ -186,10 +196,10 @@ def test_layer_decay_multipliers_follow_the_formula(backbones):
     vit, res = backbones["vit"], backbones["resnet"]
     # ViT with L = 2 blocks: embeddings are layer 0, block j layer j + 1, the rest layer L + 1.
     expected = {
-        vit.patch_embed.weights[0].path: decay ** 3,
-        vit.pos_embed.path: decay ** 3,
-        vit.blocks[0].weights[0].path: decay ** 2,
-        vit.blocks[1].weights[-1].path: decay ** 1,
+        vit.patch_embed.weights[0].path: decay**3,
+        vit.pos_embed.path: decay**3,
+        vit.blocks[0].weights[0].path: decay**2,
+        vit.blocks[1].weights[-1].path: decay**1,
     }
     got = kp.optimizers.layer_decay_multipliers(vit_seg, decay)
     for path, value in expected.items():
@@ -197,9 +207,9 @@ def test_layer_decay_multipliers_follow_the_formula(backbones):
     assert vit.norm.weights[0].path not in got  # final norm and decoder keep the full rate
     # ResNet: stem 0, stage C(s+2) layer s + 1, the rest layer 5.
     got = kp.optimizers.layer_decay_multipliers(res_seg, decay)
-    assert got[res.conv1.weights[0].path] == pytest.approx(decay ** 5)
-    assert got[res.stages[0][0].weights[0].path] == pytest.approx(decay ** 4)
-    assert got[res.stages[3][0].weights[0].path] == pytest.approx(decay ** 1)
+    assert got[res.conv1.weights[0].path] == pytest.approx(decay**5)
+    assert got[res.stages[0][0].weights[0].path] == pytest.approx(decay**4)
+    assert got[res.stages[3][0].weights[0].path] == pytest.approx(decay**1)
 
     # One AdamW step on unit gradients moves each weight by lr x multiplier (Adam's first step
     # is lr * g / |g|); no weight decay here.
@@ -208,7 +218,7 @@ def test_layer_decay_multipliers_follow_the_formula(backbones):
     variables = [vit.patch_embed.weights[0], vit.blocks[0].weights[0], vit_seg.decoder.classifier.kernel]
     before = [to_numpy(v).copy() for v in variables]
     opt.apply_gradients([(keras.ops.ones(v.shape), v) for v in variables])
-    for v, b, mult in zip(variables, before, (decay ** 3, decay ** 2, 1.0)):
+    for v, b, mult in zip(variables, before, (decay**3, decay**2, 1.0)):
         np.testing.assert_allclose(b - to_numpy(v), lr * mult, rtol=1e-4)
 
 

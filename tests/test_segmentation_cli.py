@@ -12,8 +12,25 @@ from keras_pqcl import cli
 
 def test_finetune_segment_writes_log_summary_and_predictions(weights, tmp_path):
     out = str(tmp_path / "seg")
-    argv = ["finetune", "segment", "--weights", weights, "--data", "synthetic_scenes:16:16", "--epochs", "2",
-            "--decoder", "fpn", "--channels", "8", "--lr", "1e-3", "--output", out, "--quiet"]
+    argv = [
+        "finetune",
+        "segment",
+        "--weights",
+        weights,
+        "--data",
+        "synthetic_scenes:16:16",
+        "--epochs",
+        "2",
+        "--decoder",
+        "fpn",
+        "--channels",
+        "8",
+        "--lr",
+        "1e-3",
+        "--output",
+        out,
+        "--quiet",
+    ]
     assert cli.main(argv) == 0
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
@@ -33,8 +50,16 @@ def test_finetune_segment_input_errors(weights, tmp_path, capsys):
     base = ["finetune", "segment", "--weights", weights, "--output", str(tmp_path / "o")]
     assert cli.main(base + ["--data", str(tmp_path / "img"), "--masks", str(tmp_path / "ann")]) == 2
     assert "--val-data (with --val-masks) is required" in capsys.readouterr().err
-    folder = ["--data", str(tmp_path / "img"), "--masks", str(tmp_path / "ann"), "--val-data", str(tmp_path / "img"),
-              "--val-masks", str(tmp_path / "ann")]
+    folder = [
+        "--data",
+        str(tmp_path / "img"),
+        "--masks",
+        str(tmp_path / "ann"),
+        "--val-data",
+        str(tmp_path / "img"),
+        "--val-masks",
+        str(tmp_path / "ann"),
+    ]
     assert cli.main(base + folder) == 2
     assert "no image files in the masks folder" in capsys.readouterr().err
     mask = np.zeros((16, 16), np.uint8)

@@ -28,8 +28,9 @@ def decoded(batch_images, channel):
 @pytest.mark.parametrize("crop,scales,tol", [(12, (1.0, 1.0), 1e-3), (20, (0.5, 2.0), 1.0)])
 def test_image_and_mask_stay_aligned(crop, scales, tol):
     images, masks = coordinate_images()
-    ds = seg_data.segmentation_dataset(images, masks, num_classes=SIZE, batch_size=4, crop_size=crop,
-                                       scale_range=scales, photometric=False, seed=3)
+    ds = seg_data.segmentation_dataset(
+        images, masks, num_classes=SIZE, batch_size=4, crop_size=crop, scale_range=scales, photometric=False, seed=3
+    )
     flipped = padded = 0
     for _ in range(3):  # epochs draw new augmentations
         for x, y in ds:

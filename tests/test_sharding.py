@@ -24,8 +24,9 @@ def images():
 def batches(shard=None, **kwargs):
     # Geometry only, without XLA: the photometric stage is a per-example function of the same
     # seeds, and compiling it would cost most of this test's time.
-    ds = pretrain_dataset(images(), crops=CROPS, batch_size=BATCH, seed=7, shard=shard, photometric=False,
-                          jit_compile=False, **kwargs)
+    ds = pretrain_dataset(
+        images(), crops=CROPS, batch_size=BATCH, seed=7, shard=shard, photometric=False, jit_compile=False, **kwargs
+    )
     return [{k: v.numpy() for k, v in b.items()} for b in ds]
 
 
@@ -55,8 +56,9 @@ def test_every_shard_has_the_same_number_of_batches_and_knows_it():
 
     data = (np.zeros((25, 20, 20, 3), np.uint8), np.arange(25, dtype=np.int32))
     for i in range(PROCESSES):
-        ds = pretrain_dataset(data, crops=CROPS, batch_size=BATCH, seed=7, shard=Shard(i, PROCESSES),
-                              photometric=False, jit_compile=False)
+        ds = pretrain_dataset(
+            data, crops=CROPS, batch_size=BATCH, seed=7, shard=Shard(i, PROCESSES), photometric=False, jit_compile=False
+        )
         assert steps_per_epoch(ds) == 4 and len(list(ds)) == 4
 
 
@@ -64,10 +66,13 @@ def test_one_shard_is_the_whole_batch():
     assert Shard().local_batch(BATCH) == BATCH and Shard(0, 1).select("unchanged", BATCH) == "unchanged"
 
 
-@pytest.mark.parametrize("args, match", [
-    ((2, 2), r"index must be an int in \[0, 2\)"),
-    ((0, 0), "count must be a positive int"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((2, 2), r"index must be an int in \[0, 2\)"),
+        ((0, 0), "count must be a positive int"),
+    ],
+)
 def test_bad_shard_fails_with_one_line(args, match):
     with pytest.raises(ValueError, match=match):
         Shard(*args)

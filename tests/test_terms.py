@@ -44,8 +44,9 @@ def test_a_registered_term_joins_a_method_by_name():
     loss, logs = model.ssl_forward(_batch(), keras.ops.convert_to_tensor(0), training=False)
     total = float(logs["cls"]) + 0.1 * float(logs["koleo"])
     np.testing.assert_allclose(float(loss), total, rtol=1e-5)
-    features = keras.ops.convert_to_numpy(model.student_backbone(
-        keras.ops.reshape(np.swapaxes(_batch()["global_crops"], 0, 1), (-1, 16, 16, 3)))["cls"]).reshape(2, 4, -1)
+    features = keras.ops.convert_to_numpy(
+        model.student_backbone(keras.ops.reshape(np.swapaxes(_batch()["global_crops"], 0, 1), (-1, 16, 16, 3)))["cls"]
+    ).reshape(2, 4, -1)
     np.testing.assert_allclose(float(logs["koleo"]), sum(_numpy_koleo(f) for f in features), rtol=1e-4)
 
     clone = kp.models.DINO.from_config(model.get_config())

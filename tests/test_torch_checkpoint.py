@@ -90,7 +90,7 @@ def pqcl_unused_state(seed=5):
     LayerNorm ``norm2`` (D,) and a spare block ``query_block`` (a block's 12 tensors)."""
     donor = backbone_state(seed=seed)
     sd = {"norm2.weight": donor["norm.weight"], "norm2.bias": donor["norm.bias"]}
-    sd.update({"query_block." + k[len("blocks.0."):]: v for k, v in donor.items() if k.startswith("blocks.0.")})
+    sd.update({"query_block." + k[len("blocks.0.") :]: v for k, v in donor.items() if k.startswith("blocks.0.")})
     assert len(sd) == 14
     return sd
 

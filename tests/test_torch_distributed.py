@@ -63,11 +63,23 @@ def run_ranks(method, tmp_path, world=2):
     procs, outs = [], []
     for rank in range(world):
         out = str(tmp_path / f"{method}_rank{rank}.npz")
-        env = _env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen(
-            [sys.executable, SCRIPT, method, out], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        ))
+        env = _env(
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_WORLD_SIZE=str(world),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, SCRIPT, method, out],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
         outs.append(out)
     try:
         results = [p.communicate(timeout=TIMEOUT) for p in procs]
@@ -107,7 +119,8 @@ def check_equal(single, ranks):
     for prefix in ("student/", "teacher/", *centers):
         moved = max(
             np.abs(single[f"final/{i}"] - single[f"init/{i}"]).max()
-            for i, name in enumerate(names) if (name.startswith(prefix) if prefix.endswith("/") else name == prefix)
+            for i, name in enumerate(names)
+            if (name.startswith(prefix) if prefix.endswith("/") else name == prefix)
         )
         assert moved > 1e-4, prefix
     # DenseCL's queue receives the global batch of keys, in rank order.

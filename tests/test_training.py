@@ -26,11 +26,7 @@ def _np(x):
 def _relative(layer):
     """``{path inside layer: numpy value}``; the first path component (the layer's own,
     possibly uniquified, name) is dropped so that student and teacher keys coincide."""
-    return {
-        v.path.split("/", 1)[1]: _np(v)
-        for v in layer.weights
-        if "seed_generator" not in v.path
-    }
+    return {v.path.split("/", 1)[1]: _np(v) for v in layer.weights if "seed_generator" not in v.path}
 
 
 def _networks(model):
@@ -93,14 +89,18 @@ def scheduled_run():
     # Center expected after the first step: 0.9 * 0 + 0.1 * mean of the initial teacher's
     # logits over the 2 x 4 global crops of batch 0 (a plain forward pass, before fit).
     first = ops.convert_to_tensor(data["global_crops"][: ts.BATCH])
-    teacher_logits = model.teacher_head(
-        model.teacher_backbone(kp.models.crop_major(first), training=False)["cls"]
-    )
+    teacher_logits = model.teacher_head(model.teacher_backbone(kp.models.crop_major(first), training=False)["cls"])
     expected_center = 0.1 * _np(teacher_logits).astype(np.float64).mean(axis=0, keepdims=True)
     model.compile(
         optimizer=kp.optimizers.dino_adamw(
-            ts.BATCH, EPOCHS, STEPS, base_lr=BASE_LR, min_lr=MIN_LR, warmup_epochs=1,
-            weight_decay=WD0, weight_decay_end=WD1,
+            ts.BATCH,
+            EPOCHS,
+            STEPS,
+            base_lr=BASE_LR,
+            min_lr=MIN_LR,
+            warmup_epochs=1,
+            weight_decay=WD0,
+            weight_decay_end=WD1,
         )
     )
     recorder = Recorder()
@@ -117,12 +117,17 @@ def scheduled_run():
 def distill_run():
     keras.utils.set_random_seed(1)
     model = ts.dino(
-        center_momentum=1.0, warmup_teacher_temp=0.04, teacher_temp=0.04,
-        warmup_teacher_temp_epochs=0, freeze_last_layer=0,
+        center_momentum=1.0,
+        warmup_teacher_temp=0.04,
+        teacher_temp=0.04,
+        warmup_teacher_temp_epochs=0,
+        freeze_last_layer=0,
     )
     model.compile(optimizer=kp.optimizers.AdamW(learning_rate=3e-3, weight_decay=0.0))
     history = model.fit(
-        ts.dataset(ts.crops(8, n_local=0)), epochs=6, verbose=0,
+        ts.dataset(ts.crops(8, n_local=0)),
+        epochs=6,
+        verbose=0,
         callbacks=[kp.callbacks.TeacherEMA(0.99, 1.0)],
     )
     return dict(model=model, history=history)
@@ -181,7 +186,10 @@ def test_teacher_is_ema_of_student(scheduled_run):
             # EMA with the student *after* this step's optimizer update.
             teacher[key] = m * teacher[key] + (1.0 - m) * snap["student"][key].astype(np.float64)
             np.testing.assert_allclose(
-                snap["teacher"][key], teacher[key], rtol=1e-5, atol=1e-6,
+                snap["teacher"][key],
+                teacher[key],
+                rtol=1e-5,
+                atol=1e-6,
                 err_msg=f"teacher {key} after step {i}",
             )
             moved = max(moved, np.abs(snap["teacher"][key] - init["teacher"][key]).max())

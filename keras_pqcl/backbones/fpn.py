@@ -81,8 +81,11 @@ class FPN(keras.layers.Layer):
                 for norms, kind in ((self.lateral_norms, "lateral"), (self.output_norms, "output")):
                     norms.append(
                         SplitBatchNorm(
-                            num_splits=self.bn_splits, epsilon=self.bn_epsilon, momentum=self.bn_momentum,
-                            dtype=policy, name=f"{kind}_bn{level}",
+                            num_splits=self.bn_splits,
+                            epsilon=self.bn_epsilon,
+                            momentum=self.bn_momentum,
+                            dtype=policy,
+                            name=f"{kind}_bn{level}",
                         )
                     )
 
@@ -91,8 +94,7 @@ class FPN(keras.layers.Layer):
             return
         if not isinstance(input_shape, dict):
             raise ValueError(
-                f"FPN is built from a dict of C2..C5 shapes, got {input_shape!r}; call it on the "
-                "ResNet's output dict."
+                f"FPN is built from a dict of C2..C5 shapes, got {input_shape!r}; call it on the ResNet's output dict."
             )
         for i, level in enumerate(LEVELS):
             shape = input_shape.get(f"C{level}")

@@ -87,9 +87,7 @@ class SplitBatchNorm(keras.layers.BatchNormalization):
 
 
 def _batch_norm(name, bn_splits, dtype, epsilon, momentum):
-    return SplitBatchNorm(
-        num_splits=bn_splits, axis=-1, epsilon=epsilon, momentum=momentum, dtype=dtype, name=name
-    )
+    return SplitBatchNorm(num_splits=bn_splits, axis=-1, epsilon=epsilon, momentum=momentum, dtype=dtype, name=name)
 
 
 @keras.saving.register_keras_serializable(package="keras_pqcl")

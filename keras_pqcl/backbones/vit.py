@@ -113,8 +113,10 @@ class VisionTransformer(Backbone, keras.Model):
         if int(num_register_tokens) != num_register_tokens or num_register_tokens < 0:
             raise ValueError(f"num_register_tokens must be an integer >= 0, got {num_register_tokens!r}.")
         if interpolate_offset < 0:
-            raise ValueError(f"interpolate_offset must be >= 0 (0.1 for DINO, 0 for DINOv2 with registers), "
-                             f"got {interpolate_offset!r}.")
+            raise ValueError(
+                f"interpolate_offset must be >= 0 (0.1 for DINO, 0 for DINOv2 with registers), "
+                f"got {interpolate_offset!r}."
+            )
         if pos_embed not in POS_EMBED_KINDS:
             raise ValueError(f"pos_embed must be one of {POS_EMBED_KINDS}, got {pos_embed!r}.")
         if image_size % patch_size:
@@ -158,9 +160,7 @@ class VisionTransformer(Backbone, keras.Model):
             )
             for i in range(depth)
         ]
-        self.norm = keras.layers.LayerNormalization(
-            epsilon=layer_norm_epsilon, dtype=policy, name="norm"
-        )
+        self.norm = keras.layers.LayerNormalization(epsilon=layer_norm_epsilon, dtype=policy, name="norm")
         self.build()
 
     def build(self, input_shape=None):
@@ -311,9 +311,7 @@ class VisionTransformer(Backbone, keras.Model):
         attention = None
         for i, block in enumerate(self.blocks):
             last = i == self.depth - 1
-            x, queries, attn = block(
-                x, queries=queries, return_attention=return_attention and last, training=training
-            )
+            x, queries, attn = block(x, queries=queries, return_attention=return_attention and last, training=training)
             if last:
                 attention = attn
             if i >= self.depth - n_last_blocks:
@@ -417,9 +415,7 @@ def _preset(name):
         return VisionTransformer(patch_size=patch_size, **{**VIT_PRESETS[name], **kwargs})
 
     builder.__name__ = name
-    builder.__doc__ = (
-        f"{name}: ``VisionTransformer`` with {VIT_PRESETS[name]}; other arguments are passed on."
-    )
+    builder.__doc__ = f"{name}: ``VisionTransformer`` with {VIT_PRESETS[name]}; other arguments are passed on."
     return builder
 
 

@@ -158,10 +158,18 @@ def save_checkpoint(model, directory, epoch, step, steps_per_epoch, metadata=Non
 def _nonfinite_message(directory, epoch, step, bad):
     newest = list_checkpoints(directory)
     where = f"after epoch {epoch}" if not step else f"at step {step} of epoch {epoch + 1}"
-    kept = (f"The newest checkpoint, {newest[0]}, holds the last finite state: lower base_lr (or use float32) "
-            "and continue with --resume.") if newest else "No checkpoint was written before it."
-    return (f"The weights stopped being finite {where} ({len(bad)} tensors, e.g. {bad[0]}), so no checkpoint "
-            f"was written. {kept}")
+    kept = (
+        (
+            f"The newest checkpoint, {newest[0]}, holds the last finite state: lower base_lr (or use float32) "
+            "and continue with --resume."
+        )
+        if newest
+        else "No checkpoint was written before it."
+    )
+    return (
+        f"The weights stopped being finite {where} ({len(bad)} tensors, e.g. {bad[0]}), so no checkpoint "
+        f"was written. {kept}"
+    )
 
 
 def read_progress(path, model=None):
@@ -182,9 +190,13 @@ def read_progress(path, model=None):
             try:
                 record = json.loads(archive.read(PROGRESS_MEMBER))
                 return Progress(
-                    epoch=int(record["epoch"]), step=int(record["step"]),
-                    steps_per_epoch=int(record["steps_per_epoch"]), metrics=record.get("metrics", []),
-                    rng=record.get("rng", {}), metadata=record.get("metadata", {}), path=path,
+                    epoch=int(record["epoch"]),
+                    step=int(record["step"]),
+                    steps_per_epoch=int(record["steps_per_epoch"]),
+                    metrics=record.get("metrics", []),
+                    rng=record.get("rng", {}),
+                    metadata=record.get("metadata", {}),
+                    path=path,
                     layout=int(record.get("layout", 1)),
                 )
             except (ValueError, KeyError, TypeError) as error:
@@ -289,8 +301,17 @@ class Checkpoint(keras.callbacks.Callback):
             so a resume can tell what the checkpoint was trained with).
     """
 
-    def __init__(self, directory, every=1, every_steps=None, every_minutes=None, keep=2, epochs=None,
-                 resume_from=None, metadata=None):
+    def __init__(
+        self,
+        directory,
+        every=1,
+        every_steps=None,
+        every_minutes=None,
+        keep=2,
+        epochs=None,
+        resume_from=None,
+        metadata=None,
+    ):
         super().__init__()
         self.directory = directory
         self.every = max(int(every), 1)
@@ -335,11 +356,10 @@ class Checkpoint(keras.callbacks.Callback):
 
     def save(self, epoch, step):
         """Write the checkpoint for (``epoch`` done, ``step`` done) and prune old ones."""
-        self.last_path = save_checkpoint(self.model, self.directory, epoch, step, self._steps_per_epoch,
-                                         self.metadata)
+        self.last_path = save_checkpoint(self.model, self.directory, epoch, step, self._steps_per_epoch, self.metadata)
         self._due = False
         self._last_save = time.monotonic()
-        for old in list_checkpoints(self.directory)[self.keep:]:
+        for old in list_checkpoints(self.directory)[self.keep :]:
             os.remove(old)
         legacy_state = os.path.join(self.directory, LEGACY_STATE)
         if os.path.exists(legacy_state) and not os.path.exists(os.path.join(self.directory, LEGACY_FILE)):
@@ -365,8 +385,12 @@ class NaNGuard(keras.callbacks.Callback):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
             newest = list_checkpoints(self.directory) if self.directory else []
-            kept = (f"The newest checkpoint, {newest[0]}, holds the last finite state; continue from it "
-                    "with --resume once the cause is fixed." if newest else "No checkpoint was written yet.")
+            kept = (
+                f"The newest checkpoint, {newest[0]}, holds the last finite state; continue from it "
+                "with --resume once the cause is fixed."
+                if newest
+                else "No checkpoint was written yet."
+            )
             raise FloatingPointError(
                 f"The loss became {float(loss)} at batch {batch + 1} of epoch {self._epoch + 1}. Common "
                 "causes: a learning rate too high for the batch size (lower base_lr), float16 overflow "

@@ -39,8 +39,19 @@ class KNNMonitor(keras.callbacks.Callback):
     After training, :attr:`history` holds ``(epoch, top1, top5)`` tuples (0-based epochs).
     """
 
-    def __init__(self, train_data, test_data, every=1, k=20, temperature=0.07, use="teacher",
-                 image_size=None, batch_size=64, num_classes=None, last_epoch=None):
+    def __init__(
+        self,
+        train_data,
+        test_data,
+        every=1,
+        k=20,
+        temperature=0.07,
+        use="teacher",
+        image_size=None,
+        batch_size=64,
+        num_classes=None,
+        last_epoch=None,
+    ):
         super().__init__()
         if use not in ("teacher", "student"):
             raise ValueError(f"use must be 'teacher' or 'student'; got {use!r}.")
@@ -87,8 +98,9 @@ class KNNMonitor(keras.callbacks.Callback):
         args = dict(batch_size=self.batch_size, image_size=self.image_size, return_labels=True)
         train_x, train_y = self._extractor.extract(self.train_data, **args)
         test_x, test_y = self._extractor.extract(self.test_data, **args)
-        return knn_accuracy(train_x, train_y, test_x, test_y, k=self.k, temperature=self.temperature,
-                            num_classes=self.num_classes)
+        return knn_accuracy(
+            train_x, train_y, test_x, test_y, k=self.k, temperature=self.temperature, num_classes=self.num_classes
+        )
 
     def due(self, epoch):
         """Whether the end of (0-based) ``epoch`` is evaluated."""

@@ -19,17 +19,13 @@ class TeacherEMA(keras.callbacks.Callback):
     def __init__(self, momentum=0.996, final_momentum=1.0):
         super().__init__()
         if not 0.0 <= momentum <= 1.0 or not 0.0 <= final_momentum <= 1.0:
-            raise ValueError(
-                f"Teacher momentum must lie in [0, 1]; got {momentum} -> {final_momentum}."
-            )
+            raise ValueError(f"Teacher momentum must lie in [0, 1]; got {momentum} -> {final_momentum}.")
         self.momentum = float(momentum)
         self.final_momentum = float(final_momentum)
 
     def on_train_begin(self, logs=None):
         if not hasattr(self.model, "set_teacher_momentum"):
-            raise TypeError(
-                f"TeacherEMA needs a keras_pqcl self-supervised model, got {type(self.model).__name__}."
-            )
+            raise TypeError(f"TeacherEMA needs a keras_pqcl self-supervised model, got {type(self.model).__name__}.")
         self.model.set_teacher_momentum(self.momentum, self.final_momentum)
 
     def on_epoch_begin(self, epoch, logs=None):

@@ -95,7 +95,7 @@ def _gray(image):
     """Luma ``[..., H, W, 1]`` of an RGB float image."""
     # Channel slices rather than a dot with the weights: XLA fuses these into
     # the surrounding elementwise loop.
-    r, g, b = (image[..., i:i + 1] for i in range(3))
+    r, g, b = (image[..., i : i + 1] for i in range(3))
     return _LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b
 
 
@@ -151,8 +151,7 @@ def adjust_hue(image, delta):
     is_r, is_g = top == r, top == g
     num = tf.where(is_r, g - b, tf.where(is_g, b - r, r - g))
     sector = tf.where(is_r, 0.0, tf.where(is_g, 2.0, 4.0))
-    hue6 = num / tf.where(chroma > 0, chroma, 1.0) + sector \
-        + 6.0 * _per_image(delta)
+    hue6 = num / tf.where(chroma > 0, chroma, 1.0) + sector + 6.0 * _per_image(delta)
     hue6 -= 6.0 * tf.floor(hue6 * (1.0 / 6.0))
     centre = tf.constant(_HUE_CENTRE, image.dtype)
     sign = tf.constant(_HUE_SIGN, image.dtype)
@@ -184,8 +183,8 @@ def _blur_axis(planes, weights, axis, radius):
     # Sum of the taps that fall inside the image, per output position: the
     # truncated kernel is renormalised there (no dark borders).
     pos = tf.range(n)[None, :] + tf.range(2 * radius + 1)[:, None] - radius
-    valid = tf.cast((pos >= 0) & (pos < n), tf.float32)        # [T, n]
-    norm = tf.matmul(weights, valid)                              # [N, n]
+    valid = tf.cast((pos >= 0) & (pos < n), tf.float32)  # [T, n]
+    norm = tf.matmul(weights, valid)  # [N, n]
     norm = norm[:, None, :, None] if axis == 2 else norm[:, None, None, :]
     return out / norm
 
@@ -220,7 +219,7 @@ def gaussian_blur(image, sigma, radius=6):
     sigma = tf.maximum(tf.cast(sigma, tf.float32), 1e-3)
     sigma = tf.reshape(tf.broadcast_to(sigma, tf.shape(image)[:-3]), [-1, 1])
     taps = tf.range(-radius, radius + 1, dtype=tf.float32)[None, :]
-    weights = tf.exp(-tf.square(taps) / (2.0 * tf.square(sigma)))   # [N, T]
+    weights = tf.exp(-tf.square(taps) / (2.0 * tf.square(sigma)))  # [N, T]
     # Channel planes: the shifted slices are then contiguous rows, which XLA
     # vectorises (about 2x faster than shifting interleaved RGB).
     planes = tf.transpose(flat, [0, 3, 1, 2])
@@ -311,9 +310,9 @@ def make_ops(use_keras_cv=True, solarize_threshold=128.0):
     except Exception as err:  # ImportError, or keras.src API drift
         if not _KERAS_CV_STATE["tried"]:
             _logger.warning(
-                "keras-cv is unavailable (%s: %s); using tf.image for "
-                "grayscale and solarize (same results).",
-                type(err).__name__, err,
+                "keras-cv is unavailable (%s: %s); using tf.image for grayscale and solarize (same results).",
+                type(err).__name__,
+                err,
             )
         _KERAS_CV_STATE.update(tried=True, ok=False)
         return ops
@@ -379,9 +378,15 @@ class Photometric:
             ``None`` = the ``tf.image`` versions.
     """
 
-    def __init__(self, color_jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8,
-                 random_order=True, grayscale_p=0.2, blur_sigma=(0.1, 2.0),
-                 ops=None):
+    def __init__(
+        self,
+        color_jitter=(0.4, 0.4, 0.2, 0.1),
+        jitter_p=0.8,
+        random_order=True,
+        grayscale_p=0.2,
+        blur_sigma=(0.1, 2.0),
+        ops=None,
+    ):
         self.strengths = tuple(float(s) for s in color_jitter)
         self.jitter_p = jitter_p
         self.random_order = random_order
@@ -420,23 +425,19 @@ class Photometric:
         if not _is_zero(self.jitter_p) and k:
             params["jitter"] = _coin(seeds[0], num, self.jitter_p)
             b, c, s, h = self.strengths
-            lo = tf.constant([max(0.0, 1.0 - b), max(0.0, 1.0 - c),
-                              max(0.0, 1.0 - s), -h])
+            lo = tf.constant([max(0.0, 1.0 - b), max(0.0, 1.0 - c), max(0.0, 1.0 - s), -h])
             hi = tf.constant([1.0 + b, 1.0 + c, 1.0 + s, h])
             u = tf.random.stateless_uniform([num, 4], seeds[1])
             params["factors"] = lo + u * (hi - lo)
             if self.random_order:
-                params["perm"] = tf.argsort(
-                    tf.random.stateless_uniform([num, k], seeds[2]), axis=-1,
-                    stable=True)
+                params["perm"] = tf.argsort(tf.random.stateless_uniform([num, k], seeds[2]), axis=-1, stable=True)
             else:
                 params["perm"] = tf.tile(tf.range(k)[None], [num, 1])
         if not _is_zero(self.grayscale_p):
             params["grayscale"] = _coin(seeds[3], num, self.grayscale_p)
         if not _is_zero(blur_p):
             params["blur"] = _coin(seeds[4], num, blur_p)
-            params["sigma"] = tf.random.stateless_uniform(
-                [num], seeds[5], self.blur_sigma[0], self.blur_sigma[1])
+            params["sigma"] = tf.random.stateless_uniform([num], seeds[5], self.blur_sigma[0], self.blur_sigma[1])
         if not _is_zero(solarize_p):
             params["solarize"] = _coin(seeds[6], num, solarize_p)
         return params
@@ -477,8 +478,7 @@ class Photometric:
             def run():
                 y = pre(x)
                 if jitter:
-                    y = self._jitter(y, p, last=gray if blur else
-                                     (lambda z: tail(gray(z))))
+                    y = self._jitter(y, p, last=gray if blur else (lambda z: tail(gray(z))))
                 else:
                     y = gray(y)
                 if blur:
@@ -487,19 +487,17 @@ class Photometric:
                     y = tail(y)
                 y.set_shape(shape)
                 return y
+
             return run
 
-        flags = [(key, tf.cast(p[key], tf.int32)) for key in ("jitter", "blur")
-                 if key in p]
+        flags = [(key, tf.cast(p[key], tf.int32)) for key in ("jitter", "blur") if key in p]
         if not flags:
             return variant(False, False)()
         index, branches = 0, [{}]
         for bit, (key, on) in enumerate(flags):
             index += on * (1 << bit)
             branches = branches + [dict(b, **{key: True}) for b in branches]
-        return tf.switch_case(index, [
-            variant(b.get("jitter", False), b.get("blur", False))
-            for b in branches])
+        return tf.switch_case(index, [variant(b.get("jitter", False), b.get("blur", False)) for b in branches])
 
     def _maybe(self, flag, fn, x):
         # A select, even for keras-cv's grayscale (a small dot product):
@@ -520,20 +518,15 @@ class Photometric:
             # Compiles each op once, but XLA copies the crop into the
             # loop-carried buffer after every slot.
             def slot(i, y):
-                y = tf.switch_case(perm[i], [lambda fn=fn, op=op: fn(y, f[op])
-                                             for fn, op in ops])
+                y = tf.switch_case(perm[i], [lambda fn=fn, op=op: fn(y, f[op]) for fn, op in ops])
                 y.set_shape(shape)
                 return i + 1, y
 
-            _, x = tf.while_loop(lambda i, _: i < len(ops), slot,
-                                 (tf.constant(0), x))
+            _, x = tf.while_loop(lambda i, _: i < len(ops), slot, (tf.constant(0), x))
             return last(x) if last is not None else x
         for i in range(len(ops)):
-            epilogue = last if (last is not None and i == len(ops) - 1) \
-                else (lambda y: y)
-            x = tf.switch_case(perm[i], [
-                lambda fn=fn, op=op, y=x, e=epilogue: e(fn(y, f[op]))
-                for fn, op in ops])
+            epilogue = last if (last is not None and i == len(ops) - 1) else (lambda y: y)
+            x = tf.switch_case(perm[i], [lambda fn=fn, op=op, y=x, e=epilogue: e(fn(y, f[op])) for fn, op in ops])
             x.set_shape(shape)
         return x
 
@@ -542,26 +535,39 @@ class Photometric:
         """int32 ``[*shape, 4]`` flags (jitter, grayscale, blur, solarize)
         for params of crops with leading shape ``shape``."""
         zeros = tf.zeros(shape, tf.bool)
-        flags = [params.get(k, zeros)
-                 for k in ("jitter", "grayscale", "blur", "solarize")]
+        flags = [params.get(k, zeros) for k in ("jitter", "grayscale", "blur", "solarize")]
         return tf.cast(tf.stack(flags, axis=-1), tf.int32)
 
 
 def color_jitter(
-    image, seed, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
+    image,
+    seed,
+    brightness=0.4,
+    contrast=0.4,
+    saturation=0.2,
+    hue=0.1,
     random_order=True,
 ):
     """torchvision ``ColorJitter`` on one image ``[H, W, 3]`` in [0, 1]
     (always applied; see :class:`Photometric` for the semantics)."""
-    chain = Photometric((brightness, contrast, saturation, hue), jitter_p=1.0,
-                        random_order=random_order, grayscale_p=0.0)
+    chain = Photometric(
+        (brightness, contrast, saturation, hue), jitter_p=1.0, random_order=random_order, grayscale_p=0.0
+    )
     return chain.apply(image[None], chain.sample(seed, 1, blur_p=0.0))[0]
 
 
 def photometric_augment(
-    image, seed, *, color_jitter_strength=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8,
-    jitter_random_order=True, grayscale_p=0.2, blur_p=0.5,
-    blur_sigma=(0.1, 2.0), solarize_p=0.0, ops=None,
+    image,
+    seed,
+    *,
+    color_jitter_strength=(0.4, 0.4, 0.2, 0.1),
+    jitter_p=0.8,
+    jitter_random_order=True,
+    grayscale_p=0.2,
+    blur_p=0.5,
+    blur_sigma=(0.1, 2.0),
+    solarize_p=0.0,
+    ops=None,
 ):
     """DINO photometric chain on one image ``[H, W, 3]`` in [0, 1].
 
@@ -569,7 +575,6 @@ def photometric_augment(
         ``(image, applied)``: float32 ``[H, W, 3]`` and int32 ``[4]`` flags for
         (jitter, grayscale, blur, solarize).
     """
-    chain = Photometric(color_jitter_strength, jitter_p, jitter_random_order,
-                        grayscale_p, blur_sigma, ops)
+    chain = Photometric(color_jitter_strength, jitter_p, jitter_random_order, grayscale_p, blur_sigma, ops)
     params = chain.sample(seed, 1, blur_p=blur_p, solarize_p=solarize_p)
     return chain.apply(image[None], params)[0], chain.applied(params, [1])[0]

@@ -53,7 +53,12 @@ def _image_hw(image):
 
 
 def sample_crop_boxes(
-    seed, height, width, num, scale=(0.08, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0),
+    seed,
+    height,
+    width,
+    num,
+    scale=(0.08, 1.0),
+    ratio=(3.0 / 4.0, 4.0 / 3.0),
     num_tries=10,
 ):
     """Samples ``num`` RandomResizedCrop boxes like torchvision's ``get_params``.
@@ -91,13 +96,9 @@ def sample_crop_boxes(
     W = tf.cast(width, tf.float32)
     area = H * W
 
-    target_area = area * tf.random.stateless_uniform(
-        [num, num_tries], seeds[0], minval=scale[0], maxval=scale[1]
-    )
+    target_area = area * tf.random.stateless_uniform([num, num_tries], seeds[0], minval=scale[0], maxval=scale[1])
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = tf.exp(tf.random.stateless_uniform(
-        [num, num_tries], seeds[1], minval=log_lo, maxval=log_hi
-    ))
+    aspect = tf.exp(tf.random.stateless_uniform([num, num_tries], seeds[1], minval=log_lo, maxval=log_hi))
     w = tf.round(tf.sqrt(target_area * aspect))
     h = tf.round(tf.sqrt(target_area / aspect))
     ok = (w > 0) & (w <= W) & (h > 0) & (h <= H)
@@ -129,7 +130,11 @@ def sample_crop_boxes(
 
 
 def sample_crop_box(
-    seed, height, width, scale=(0.08, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0),
+    seed,
+    height,
+    width,
+    scale=(0.08, 1.0),
+    ratio=(3.0 / 4.0, 4.0 / 3.0),
     num_tries=10,
 ):
     """One box of :func:`sample_crop_boxes`: float32 ``[4]``
@@ -165,8 +170,7 @@ def crop_and_resize(image, box, size, method="bicubic", antialias=True):
     )
     # Resizing the uint8 slice directly (the op outputs float32) avoids
     # converting the whole source image once per crop.
-    out = tf.cast(tf.image.resize(crop, size, method=method,
-                                  antialias=antialias), tf.float32)
+    out = tf.cast(tf.image.resize(crop, size, method=method, antialias=antialias), tf.float32)
     # Static shape for downstream batching (channels known when input's are).
     out.set_shape([size[0], size[1], image.shape[-1]])
     return out
@@ -203,12 +207,10 @@ def crop_and_resize_many(image, boxes, size, antialias=False):
     for begin, extent in zip(begins, sizes):
         crop = tf.slice(image, begin, extent)
         if antialias:
-            crop = tf.image.resize(crop, (size, size), method="bicubic",
-                                   antialias=True)
+            crop = tf.image.resize(crop, (size, size), method="bicubic", antialias=True)
         else:
             # What tf.image.resize(method="bicubic") runs, minus its checks.
-            crop = tf.raw_ops.ResizeBicubic(images=crop, size=[size, size],
-                                            half_pixel_centers=True)
+            crop = tf.raw_ops.ResizeBicubic(images=crop, size=[size, size], half_pixel_centers=True)
         crops.append(tf.cast(crop, tf.float32))
     out = tf.concat(crops, 0) if num > 1 else crops[0]
     if image.dtype == tf.uint8:
@@ -225,8 +227,15 @@ def horizontal_flip(image, flip):
 
 
 def random_resized_crop(
-    image, seed, size, scale=(0.08, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0),
-    flip_p=0.5, method="bicubic", antialias=True, num_tries=10,
+    image,
+    seed,
+    size,
+    scale=(0.08, 1.0),
+    ratio=(3.0 / 4.0, 4.0 / 3.0),
+    flip_p=0.5,
+    method="bicubic",
+    antialias=True,
+    num_tries=10,
 ):
     """RandomResizedCrop + RandomHorizontalFlip, returning the geometry.
 
@@ -246,9 +255,7 @@ def random_resized_crop(
     """
     seeds = split_seed(seed, 2)
     height, width = _image_hw(image)
-    box = sample_crop_box(
-        seeds[0], height, width, scale=scale, ratio=ratio, num_tries=num_tries
-    )
+    box = sample_crop_box(seeds[0], height, width, scale=scale, ratio=ratio, num_tries=num_tries)
     crop = crop_and_resize(image, box, size, method=method, antialias=antialias)
     if flip_p <= 0:
         flipped = tf.constant(False)

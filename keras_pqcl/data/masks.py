@@ -45,25 +45,25 @@ NUM_TRIES = 10  # retries per round, as in BEiT / iBOT
 def _ratio_lists(ratio, ratio_var, where="ratio"):
     """Validated ``(means, vars)`` tuples of floats of equal length."""
     means = tuple(ratio) if isinstance(ratio, (tuple, list)) else (ratio,)
-    var = ratio_var if isinstance(ratio_var, (tuple, list)) else (
-        (ratio_var,) * len(means))
-    if not means or not all(
-            isinstance(x, numbers.Real) and not isinstance(x, bool)
-            for x in means + tuple(var)):
+    var = ratio_var if isinstance(ratio_var, (tuple, list)) else ((ratio_var,) * len(means))
+    if not means or not all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in means + tuple(var)):
         raise ValueError(
             f"{where}: ratio must be a float or a non-empty tuple of floats and "
-            f"ratio_var likewise, got ratio={ratio!r}, ratio_var={ratio_var!r}.")
+            f"ratio_var likewise, got ratio={ratio!r}, ratio_var={ratio_var!r}."
+        )
     if len(var) != len(means):
         raise ValueError(
             f"{where}: ratio_var must be a scalar or have one entry per ratio "
             f"entry ({len(means)}), got {ratio_var!r}; e.g. ratio=(0.0, 0.3), "
-            "ratio_var=(0.0, 0.2).")
+            "ratio_var=(0.0, 0.2)."
+        )
     for m, v in zip(means, var):
         if v < 0 or m - v < 0 or m + v >= 1:
             raise ValueError(
                 f"{where}: every ratio +- ratio_var must lie in [0, 1) with "
                 f"ratio_var >= 0, got ratio={m!r}, ratio_var={v!r}; iBOT uses "
-                "ratio=(0.0, 0.3), ratio_var=(0.0, 0.2).")
+                "ratio=(0.0, 0.3), ratio_var=(0.0, 0.2)."
+            )
     return tuple(float(m) for m in means), tuple(float(v) for v in var)
 
 
@@ -97,35 +97,40 @@ class MaskConfig:
     min_area: Optional[int] = None
 
     def __post_init__(self):
-        if (not isinstance(self.patch_size, numbers.Integral)
-                or isinstance(self.patch_size, bool) or self.patch_size <= 0):
-            raise ValueError(f"MaskConfig.patch_size must be a positive int, got "
-                             f"{self.patch_size!r}; ViT-S/16 uses patch_size=16.")
-        self.ratio, self.ratio_var = _ratio_lists(
-            self.ratio, self.ratio_var, where="MaskConfig")
+        if (
+            not isinstance(self.patch_size, numbers.Integral)
+            or isinstance(self.patch_size, bool)
+            or self.patch_size <= 0
+        ):
+            raise ValueError(
+                f"MaskConfig.patch_size must be a positive int, got {self.patch_size!r}; ViT-S/16 uses patch_size=16."
+            )
+        self.ratio, self.ratio_var = _ratio_lists(self.ratio, self.ratio_var, where="MaskConfig")
         if self.shape not in ("block", "rand"):
-            raise ValueError(f"MaskConfig.shape must be 'block' or 'rand', got "
-                             f"{self.shape!r}; iBOT uses shape='block'.")
-        if (not isinstance(self.min_aspect, numbers.Real)
-                or not 0 < self.min_aspect <= 1):
-            raise ValueError(f"MaskConfig.min_aspect must be in (0, 1], got "
-                             f"{self.min_aspect!r}; iBOT uses min_aspect=0.3.")
-        if self.min_area is not None and (
-                not isinstance(self.min_area, numbers.Integral) or self.min_area < 0):
-            raise ValueError(f"MaskConfig.min_area must be None or an int >= 0, got "
-                             f"{self.min_area!r}; None means (min(H', W') // 3) ** 2.")
+            raise ValueError(
+                f"MaskConfig.shape must be 'block' or 'rand', got {self.shape!r}; iBOT uses shape='block'."
+            )
+        if not isinstance(self.min_aspect, numbers.Real) or not 0 < self.min_aspect <= 1:
+            raise ValueError(
+                f"MaskConfig.min_aspect must be in (0, 1], got {self.min_aspect!r}; iBOT uses min_aspect=0.3."
+            )
+        if self.min_area is not None and (not isinstance(self.min_area, numbers.Integral) or self.min_area < 0):
+            raise ValueError(
+                f"MaskConfig.min_area must be None or an int >= 0, got "
+                f"{self.min_area!r}; None means (min(H', W') // 3) ** 2."
+            )
 
     def grid(self, crop_size):
         """``(H', W')`` patch grid of a crop (int side or ``(height, width)``)."""
-        sizes = ((crop_size, crop_size) if isinstance(crop_size, numbers.Integral)
-                 else tuple(crop_size))
+        sizes = (crop_size, crop_size) if isinstance(crop_size, numbers.Integral) else tuple(crop_size)
         p = self.patch_size
         for s in sizes:
             if s % p or s <= 0:
                 lo, hi = max(p, s // p * p), (s // p + 1) * p
                 raise ValueError(
                     f"crop size {s} is not a positive multiple of MaskConfig."
-                    f"patch_size={p}; use {lo if lo == hi else f'{lo} or {hi}'}.")
+                    f"patch_size={p}; use {lo if lo == hi else f'{lo} or {hi}'}."
+                )
         return sizes[0] // p, sizes[1] // p
 
 
@@ -173,8 +178,8 @@ def block_draws(seed, grid_h, grid_w, ratio):
 def _draws(seed, target):
     rounds = tf.cast(tf.floor(tf.maximum(tf.reduce_max(target), 0.0)), tf.int32) + 1
     return tf.random.stateless_uniform(
-        tf.stack([rounds, tf.size(target), NUM_TRIES, 4]), tf.cast(seed, tf.int64),
-        dtype=tf.float64)
+        tf.stack([rounds, tf.size(target), NUM_TRIES, 4]), tf.cast(seed, tf.int64), dtype=tf.float64
+    )
 
 
 def block_mask(seed, grid_h, grid_w, ratio, min_aspect=0.3, min_area=None):
@@ -215,24 +220,22 @@ def block_mask(seed, grid_h, grid_w, ratio, min_aspect=0.3, min_area=None):
     index = tf.range(max(H, W), dtype=tf.float64)
     target = target[:, None, None, None]
 
-    def body(k, masks, count):                            # masks [n, 1, H, W]
+    def body(k, masks, count):  # masks [n, 1, H, W]
         budget = target - count
         # Python's random.uniform(a, b) = a + (b - a) * u, also when a > b.
-        area = low + (budget - low) * tf.gather(u_area, k)    # [n, tries, 1, 1]
+        area = low + (budget - low) * tf.gather(u_area, k)  # [n, tries, 1, 1]
         hw = tf.round(tf.sqrt(area * tf.gather(hw_scale, k)))  # [n, tries, 2, 1]
         span = grid - hw
         # randint[0, span] inclusive; min() guards against u * (span + 1)
         # rounding up to span + 1.
         pos = tf.minimum(tf.floor(tf.gather(u_pos, k) * (span + 1.0)), span)
         offset = index - pos
-        inside = (offset >= 0.0) & (offset < hw)           # [n, tries, 2, max(H, W)]
+        inside = (offset >= 0.0) & (offset < hw)  # [n, tries, 2, max(H, W)]
         rect = inside[:, :, 0, :H, None] & inside[:, :, 1, None, :W]
-        overlap = tf.reduce_sum(tf.cast(rect & masks, tf.float64), axis=[2, 3],
-                                keepdims=True)
+        overlap = tf.reduce_sum(tf.cast(rect & masks, tf.float64), axis=[2, 3], keepdims=True)
         new = tf.reduce_prod(hw, axis=2, keepdims=True) - overlap
         # span > 0 is iBOT's h < H' and w < W'.
-        ok = (tf.reduce_all(span > 0.0, axis=2, keepdims=True) & (new > 0.0)
-              & (new <= budget))
+        ok = tf.reduce_all(span > 0.0, axis=2, keepdims=True) & (new > 0.0) & (new <= budget)
         # The first accepted retry of each mask (retries are tried in order).
         first = ok & (tf.cumsum(tf.cast(ok, tf.int32), axis=1) == 1)
         masks = masks | tf.reduce_any(rect & first, axis=1, keepdims=True)
@@ -246,9 +249,9 @@ def block_mask(seed, grid_h, grid_w, ratio, min_aspect=0.3, min_area=None):
     _, masks, _ = tf.while_loop(
         lambda k, masks, count: tf.reduce_any(count < target),
         body,
-        (tf.constant(0), tf.zeros(tf.stack([n, 1, H, W]), tf.bool),
-         tf.zeros_like(target)),
-        maximum_iterations=tf.shape(u)[0])
+        (tf.constant(0), tf.zeros(tf.stack([n, 1, H, W]), tf.bool), tf.zeros_like(target)),
+        maximum_iterations=tf.shape(u)[0],
+    )
     masks = tf.reshape(masks, tf.stack([n, H, W]))
     masks.set_shape(target.shape[:1].concatenate([H, W]))
     return masks[0] if scalar else masks

@@ -139,25 +139,19 @@ class MontageConfig:
         ratios = tuple(int(r) for r in self.ratios)
         if any(r not in (2, 4, 8) for r in ratios) or len(set(ratios)) != len(ratios):
             raise ValueError(
-                f"MontageConfig.ratios must be distinct values among 2, 4, 8 (P4, P3, P2); "
-                f"got {self.ratios!r}."
+                f"MontageConfig.ratios must be distinct values among 2, 4, 8 (P4, P3, P2); got {self.ratios!r}."
             )
         uses = tuple(int(u) for u in self.uses)
         if len(uses) == 3 and len(ratios) != 3 and tuple(self.uses) == (1, 1, 2):
             # The default uses follow the default ratios: keep those of the chosen ratios.
             uses = tuple({2: 1, 4: 1, 8: 2}[r] for r in ratios)
         if len(uses) != len(ratios) or any(u < 1 for u in uses):
-            raise ValueError(
-                f"MontageConfig.uses needs one positive count per ratio {ratios}; got "
-                f"{self.uses!r}."
-            )
+            raise ValueError(f"MontageConfig.uses needs one positive count per ratio {ratios}; got {self.uses!r}.")
         self.ratios, self.uses = ratios, uses
         for name in ("blur_p", "solarize_p"):
             value = tuple(getattr(self, name))
             if len(value) != 2:
-                raise ValueError(
-                    f"MontageConfig.{name} is (pipeline A, pipeline B); got {value!r}."
-                )
+                raise ValueError(f"MontageConfig.{name} is (pipeline A, pipeline B); got {value!r}.")
             setattr(self, name, tuple(float(v) for v in value))
         # The remaining fields are checked by MultiCropConfig.
         self.multicrop_config()
@@ -184,9 +178,14 @@ class MontageConfig:
         args = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in shared}
         args = {name: tuple(v) if isinstance(v, list) else v for name, v in args.items()}
         return MultiCropConfig(
-            global_size=self.image_size, local_size=self.image_size, n_global=self.num_views, n_local=0,
-            global_scale=tuple(self.scale), global_blur_p=(self.blur_p[0],) * k + (self.blur_p[1],) * k,
-            solarize_p=(self.solarize_p[0],) * k + (self.solarize_p[1],) * k, **args,
+            global_size=self.image_size,
+            local_size=self.image_size,
+            n_global=self.num_views,
+            n_local=0,
+            global_scale=tuple(self.scale),
+            global_blur_p=(self.blur_p[0],) * k + (self.blur_p[1],) * k,
+            solarize_p=(self.solarize_p[0],) * k + (self.solarize_p[1],) * k,
+            **args,
         )
 
     def layout(self, num_images):
@@ -214,11 +213,11 @@ def assemble_montages(images, sources, ratio):
         ::r, ::r]`` at rows ``(s // r) S/r ...`` and columns ``(s % r) S/r ...``.
     """
     r = int(ratio)
-    small = images[:, ::r, ::r, :]                       # nearest neighbour, no phase shift
-    tiles = tf.gather(small, sources)                    # [r^2 B, S/r, S/r, C]
+    small = images[:, ::r, ::r, :]  # nearest neighbour, no phase shift
+    tiles = tf.gather(small, sources)  # [r^2 B, S/r, S/r, C]
     h, w, c = small.shape[1], small.shape[2], small.shape[3]
-    grid = tf.reshape(tiles, [-1, r, r, h, w, c])        # [B, row, col, y, x, C]
-    grid = tf.transpose(grid, [0, 1, 3, 2, 4, 5])        # [B, row, y, col, x, C]
+    grid = tf.reshape(tiles, [-1, r, r, h, w, c])  # [B, row, col, y, x, C]
+    grid = tf.transpose(grid, [0, 1, 3, 2, 4, 5])  # [B, row, y, col, x, C]
     return tf.reshape(grid, [-1, r * h, r * w, c])
 
 
@@ -246,19 +245,15 @@ class Montage:
         if n is None:
             raise ValueError("Montage needs a static batch size: batch with drop_remainder=True.")
         if views.shape[1] != self.config.num_views:
-            raise ValueError(
-                f"Montage expects {self.config.num_views} views per image, got {views.shape[1]}."
-            )
+            raise ValueError(f"Montage expects {self.config.num_views} views per image, got {views.shape[1]}.")
         levels = self.config.layout(n)
-        seeds = tf.random.experimental.stateless_split(
-            tf.cast(seed, tf.int64), num=2 * len(levels))
-        out["full_images"] = tf.stack(
-            [views[:, levels[0].view_q], views[:, levels[0].view_k]], axis=1)
+        seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=2 * len(levels))
+        out["full_images"] = tf.stack([views[:, levels[0].view_q], views[:, levels[0].view_k]], axis=1)
         for j, lvl in enumerate(levels[1:], start=1):
             montages, sources = [], []
             for b, view in enumerate((lvl.view_q, lvl.view_k)):
                 u = tf.random.stateless_uniform([lvl.num_slots], seeds[2 * j + b])
-                src = tf.math.floormod(tf.argsort(u, stable=True), n)   # randperm(slots) % N
+                src = tf.math.floormod(tf.argsort(u, stable=True), n)  # randperm(slots) % N
                 src = tf.cast(src, tf.int32)
                 montages.append(assemble_montages(views[:, view], src, lvl.ratio))
                 sources.append(src)
@@ -335,10 +330,19 @@ def mcl_dataset(
         }
 
     ds, info = batched_examples(
-        data, transform, batch_size, shuffle=shuffle, seed=seed, repeat=repeat,
-        num_parallel_calls=num_parallel_calls, jit_compile=jit_compile,
-        source_kwargs=source_kwargs, select=views_only, epochs=epochs,
-        steps_per_epoch=steps_per_epoch, start=start,
+        data,
+        transform,
+        batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        repeat=repeat,
+        num_parallel_calls=num_parallel_calls,
+        jit_compile=jit_compile,
+        source_kwargs=source_kwargs,
+        select=views_only,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        start=start,
     )
     montage = Montage(config, keep_views=keep_views)
     # The stream's per-batch keys; batched_examples has checked these arguments already.

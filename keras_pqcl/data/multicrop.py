@@ -127,8 +127,7 @@ class MultiCropConfig:
                 )
         if not _is_int(self.n_global) or self.n_global < 1:
             raise ValueError(
-                f"MultiCropConfig.n_global must be an int >= 1, got "
-                f"{self.n_global!r}; DINO/iBOT/PQCL use n_global=2."
+                f"MultiCropConfig.n_global must be an int >= 1, got {self.n_global!r}; DINO/iBOT/PQCL use n_global=2."
             )
         if not _is_int(self.n_local) or self.n_local < 0:
             raise ValueError(
@@ -141,8 +140,7 @@ class MultiCropConfig:
         self.blur_sigma = self._range("blur_sigma", self.blur_sigma, None)
         for name in ("flip_p", "jitter_p", "grayscale_p", "local_blur_p"):
             setattr(self, name, self._prob(name, getattr(self, name)))
-        self.global_blur_p = self._per_global("global_blur_p",
-                                              self.global_blur_p)
+        self.global_blur_p = self._per_global("global_blur_p", self.global_blur_p)
         self.solarize_p = self._per_global("solarize_p", self.solarize_p)
         cj = tuple(self.color_jitter)
         if len(cj) != 4 or not all(_is_num(v) and v >= 0 for v in cj):
@@ -152,26 +150,18 @@ class MultiCropConfig:
                 "; DINO uses (0.4, 0.4, 0.2, 0.1)."
             )
         if cj[3] > 0.5:
-            raise ValueError(
-                f"MultiCropConfig.color_jitter hue strength must be <= 0.5 "
-                f"(a half turn), got {cj[3]!r}."
-            )
+            raise ValueError(f"MultiCropConfig.color_jitter hue strength must be <= 0.5 (a half turn), got {cj[3]!r}.")
         self.color_jitter = tuple(float(v) for v in cj)
         for name in ("mean", "std"):
             v = tuple(getattr(self, name))
             if len(v) != 3 or not all(_is_num(x) for x in v):
                 raise ValueError(
-                    f"MultiCropConfig.{name} must be 3 numbers (one per RGB "
-                    f"channel), got {getattr(self, name)!r}."
+                    f"MultiCropConfig.{name} must be 3 numbers (one per RGB channel), got {getattr(self, name)!r}."
                 )
             setattr(self, name, tuple(float(x) for x in v))
         if any(x <= 0 for x in self.std):
-            raise ValueError(
-                f"MultiCropConfig.std must be > 0 per channel, got {self.std!r}."
-            )
-        if not _is_num(self.solarize_threshold) or not (
-            0 <= self.solarize_threshold <= 256
-        ):
+            raise ValueError(f"MultiCropConfig.std must be > 0 per channel, got {self.std!r}.")
+        if not _is_num(self.solarize_threshold) or not (0 <= self.solarize_threshold <= 256):
             raise ValueError(
                 "MultiCropConfig.solarize_threshold is on the 0..255 scale; "
                 f"got {self.solarize_threshold!r} (DINO uses 128)."
@@ -181,10 +171,7 @@ class MultiCropConfig:
     @staticmethod
     def _prob(name, p):
         if not _is_num(p) or not (0.0 <= p <= 1.0):
-            raise ValueError(
-                f"MultiCropConfig.{name} must be a probability in [0, 1], "
-                f"got {p!r}."
-            )
+            raise ValueError(f"MultiCropConfig.{name} must be a probability in [0, 1], got {p!r}.")
         return float(p)
 
     @staticmethod
@@ -192,18 +179,13 @@ class MultiCropConfig:
         try:
             lo, hi = value
         except (TypeError, ValueError):
-            raise ValueError(
-                f"MultiCropConfig.{name} must be a (min, max) pair, got "
-                f"{value!r}."
-            ) from None
+            raise ValueError(f"MultiCropConfig.{name} must be a (min, max) pair, got {value!r}.") from None
         ok = _is_num(lo) and _is_num(hi) and 0 < lo <= hi
         if ok and upper is not None:
             ok = hi <= upper
         if not ok:
             bound = f"0 < min <= max <= {upper}" if upper else "0 < min <= max"
-            raise ValueError(
-                f"MultiCropConfig.{name} must satisfy {bound}, got {value!r}."
-            )
+            raise ValueError(f"MultiCropConfig.{name} must satisfy {bound}, got {value!r}.")
         return (float(lo), float(hi))
 
     def _per_global(self, name, value):
@@ -225,8 +207,7 @@ class MultiCropConfig:
         """Raises ValueError unless both crop sizes are multiples of
         ``patch_size`` (a ViT needs a whole number of patches)."""
         if not _is_int(patch_size) or patch_size <= 0:
-            raise ValueError(f"patch_size must be a positive int, got "
-                             f"{patch_size!r}.")
+            raise ValueError(f"patch_size must be a positive int, got {patch_size!r}.")
         for name in ("global_size", "local_size"):
             size = getattr(self, name)
             if size % patch_size:
@@ -288,8 +269,9 @@ class MultiCrop:
         random seed). Returns the dict described in the module docstring.
     """
 
-    def __init__(self, config=None, photometric=True, normalize=True,
-                 record_augmentations=False, masks=None, queries=None):
+    def __init__(
+        self, config=None, photometric=True, normalize=True, record_augmentations=False, masks=None, queries=None
+    ):
         self.config = cfg = config if config is not None else MultiCropConfig()
         self.photometric = photometric
         self.normalize = normalize
@@ -319,20 +301,31 @@ class MultiCrop:
                 )
         # Built eagerly here, never while tracing a map function.
         self._chain = (
-            aug.Photometric(cfg.color_jitter, cfg.jitter_p,
-                            cfg.jitter_random_order, cfg.grayscale_p,
-                            cfg.blur_sigma,
-                            aug.make_ops(cfg.use_keras_cv, cfg.solarize_threshold))
-            if photometric else None
+            aug.Photometric(
+                cfg.color_jitter,
+                cfg.jitter_p,
+                cfg.jitter_random_order,
+                cfg.grayscale_p,
+                cfg.blur_sigma,
+                aug.make_ops(cfg.use_keras_cv, cfg.solarize_threshold),
+            )
+            if photometric
+            else None
         )
 
     def _kinds(self):
         cfg = self.config
-        yield ("global", cfg.n_global, cfg.global_size, cfg.global_scale,
-               cfg.flip_p, cfg.global_blur_p, cfg.solarize_p)
+        yield ("global", cfg.n_global, cfg.global_size, cfg.global_scale, cfg.flip_p, cfg.global_blur_p, cfg.solarize_p)
         if cfg.n_local > 0:
-            yield ("local", cfg.n_local, cfg.local_size, cfg.local_scale,
-                   cfg.flip_p if cfg.flip_local else 0.0, cfg.local_blur_p, 0.0)
+            yield (
+                "local",
+                cfg.n_local,
+                cfg.local_size,
+                cfg.local_scale,
+                cfg.flip_p if cfg.flip_local else 0.0,
+                cfg.local_blur_p,
+                0.0,
+            )
 
     def sample(self, image, label=-1, seed=None):
         """Stage 1 for one image: geometry, raw crops and random choices.
@@ -345,20 +338,17 @@ class MultiCrop:
         cfg = self.config
         image = tf.convert_to_tensor(image)
         if image.shape.rank != 3:
-            raise ValueError(
-                f"MultiCrop expects one image [H, W, C], got shape {image.shape}"
-            )
+            raise ValueError(f"MultiCrop expects one image [H, W, C], got shape {image.shape}")
         if image.dtype not in (tf.uint8, tf.float16, tf.float32, tf.float64):
             image = tf.cast(image, tf.float32)
         if seed is None:
-            seed = tf.random.uniform([2], maxval=2 ** 62, dtype=tf.int64)
+            seed = tf.random.uniform([2], maxval=2**62, dtype=tf.int64)
         seeds = crops_lib.split_seed(seed, 8)
         height, width = tf.shape(image)[0], tf.shape(image)[1]
 
         out = {}
         for k, (kind, num, size, scale, flip_p, blur_p, sol_p) in enumerate(self._kinds()):
-            boxes = crops_lib.sample_crop_boxes(seeds[3 * k], height, width,
-                                                num, scale, cfg.ratio)
+            boxes = crops_lib.sample_crop_boxes(seeds[3 * k], height, width, num, scale, cfg.ratio)
             if flip_p > 0:
                 flips = tf.random.stateless_uniform([num], seeds[3 * k + 1]) < flip_p
             else:
@@ -366,23 +356,24 @@ class MultiCrop:
             # uint8 on the 0..255 scale for uint8 input: finish() scales
             # them in its compiled pass, which saves a pass over every pixel
             # here, and uint8 is a quarter of the bytes to batch.
-            out[f"{kind}_crops"] = crops_lib.crop_and_resize_many(
-                image, boxes, size, antialias=cfg.antialias)
+            out[f"{kind}_crops"] = crops_lib.crop_and_resize_many(image, boxes, size, antialias=cfg.antialias)
             out[f"{kind}_boxes"] = boxes
             out[f"{kind}_flips"] = tf.cast(flips, tf.int32)
             if self._chain is not None:
-                out[f"_{kind}_aug"] = self._chain.sample(
-                    seeds[3 * k + 2], num, blur_p=blur_p, solarize_p=sol_p)
+                out[f"_{kind}_aug"] = self._chain.sample(seeds[3 * k + 2], num, blur_p=blur_p, solarize_p=sol_p)
         if self.masks is not None:
-            out["global_masks"] = masks_lib.sample_masks(
-                seeds[6], self.masks, cfg.global_size, cfg.n_global)
+            out["global_masks"] = masks_lib.sample_masks(seeds[6], self.masks, cfg.global_size, cfg.n_global)
         if self.queries is not None:
             q = self.queries
             coords = queries_lib.query_coords(
-                out["global_boxes"], out["global_flips"],
-                out["local_boxes"], out["local_flips"],
-                cfg.global_size // q.patch_size, cfg.local_size // q.patch_size,
-                flip_correct=q.flip_correct)
+                out["global_boxes"],
+                out["global_flips"],
+                out["local_boxes"],
+                out["local_flips"],
+                cfg.global_size // q.patch_size,
+                cfg.local_size // q.patch_size,
+                flip_correct=q.flip_correct,
+            )
             out["query_coords"] = coords
             if q.embed_dim is not None:
                 out["query_tables"] = queries_lib.sincos_tables(coords, q.embed_dim)
@@ -413,8 +404,7 @@ class MultiCrop:
                 # the crop, while the reversed read fuses into the pass.
                 c = tf.where(flip > 0, tf.reverse(c, axis=[1]), c)
                 # uint8 crops (of a uint8 image) are on the 0..255 scale.
-                c = tf.cast(c, tf.float32) * (
-                    1.0 / 255.0 if c.dtype == tf.uint8 else 1.0)
+                c = tf.cast(c, tf.float32) * (1.0 / 255.0 if c.dtype == tf.uint8 else 1.0)
                 if clip:
                     # Bicubic overshoots the [0, 1] range a little; PIL
                     # saturates at 0/255 too. (Only raw float geometry
@@ -430,20 +420,18 @@ class MultiCrop:
             return post(pre(crop))
 
         for kind, *_ in self._kinds():
-            flips = out[f"{kind}_flips"]                            # [..., n]
+            flips = out[f"{kind}_flips"]  # [..., n]
             params = out.pop(f"_{kind}_aug", None) or {}
-            crops = out[f"{kind}_crops"]                   # [..., n, S, S, C]
+            crops = out[f"{kind}_crops"]  # [..., n, S, S, C]
             lead = flips.shape.rank
             flat = tf.reshape(crops, [-1] + crops.shape[lead:].as_list())
-            flat_params = {k: tf.reshape(v, [-1] + v.shape[lead:].as_list())
-                           for k, v in params.items()}
+            flat_params = {k: tf.reshape(v, [-1] + v.shape[lead:].as_list()) for k, v in params.items()}
             done = aug.map_crops(one, flat, (tf.reshape(flips, [-1]), flat_params))
             done = tf.reshape(done, tf.shape(crops))
             done.set_shape(crops.shape)
             out[f"{kind}_crops"] = done
             if self.record_augmentations:
-                out[f"{kind}_augs"] = aug.Photometric.applied(
-                    params, tf.shape(flips))
+                out[f"{kind}_augs"] = aug.Photometric.applied(params, tf.shape(flips))
         return out
 
     def __call__(self, image, label=-1, seed=None):

@@ -75,12 +75,9 @@ _BATCH_SALT = 0xBA7C
 def _as_source(data, shuffle, seed, source_kwargs):
     if isinstance(data, tf.data.Dataset):
         card = int(data.cardinality())
-        info = SourceInfo(name="tf.data.Dataset",
-                          num_examples=card if card >= 0 else None,
-                          class_names=None)
+        info = SourceInfo(name="tf.data.Dataset", num_examples=card if card >= 0 else None, class_names=None)
         if shuffle:
-            data = data.shuffle(_SHUFFLE_BUFFER, seed=seed,
-                                reshuffle_each_iteration=True)
+            data = data.shuffle(_SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=True)
         return data, info
     return load_source(data, shuffle=shuffle, seed=seed, **source_kwargs)
 
@@ -94,14 +91,12 @@ def _fold_in(seed, data):
     Philox is named rather than left to ``auto_select``, which may pick
     another algorithm on another device.
     """
-    return tf.random.experimental.stateless_fold_in(
-        seed, tf.cast(data, tf.int64), alg="philox")
+    return tf.random.experimental.stateless_fold_in(seed, tf.cast(data, tf.int64), alg="philox")
 
 
 def _to_key(seed):
     """One int64 scalar (full range) drawn from a stateless seed ``[2]``."""
-    return tf.random.stateless_uniform([], seed, minval=None, maxval=None,
-                                       dtype=tf.int64, alg="philox")
+    return tf.random.stateless_uniform([], seed, minval=None, maxval=None, dtype=tf.int64, alg="philox")
 
 
 def _is_int(x):
@@ -157,8 +152,8 @@ class StreamPlan:
         """Source index (int64 scalar) of example ``position`` of ``epoch``:
         entry ``position`` of a stateless permutation of ``0..n-1``."""
         return tf.random.experimental.index_shuffle(
-            position, self.epoch_seed(_PERMUTATION_SALT, epoch),
-            tf.constant(self.num_examples - 1, tf.int64))
+            position, self.epoch_seed(_PERMUTATION_SALT, epoch), tf.constant(self.num_examples - 1, tf.int64)
+        )
 
     def positions(self):
         """``Dataset`` of ``(epoch, position)`` int64 pairs, one per example of
@@ -179,11 +174,9 @@ class StreamPlan:
 
         @tf.autograph.experimental.do_not_convert
         def key(g):
-            return _to_key(_fold_in(self.epoch_seed(_BATCH_SALT, g // steps),
-                                    g % steps))
+            return _to_key(_fold_in(self.epoch_seed(_BATCH_SALT, g // steps), g % steps))
 
-        return tf.data.Dataset.range(self.first_step,
-                                     self.epochs * steps).map(key)
+        return tf.data.Dataset.range(self.first_step, self.epochs * steps).map(key)
 
 
 def _check_stream_args(seed, epochs, steps_per_epoch, start, repeat):
@@ -208,19 +201,13 @@ def _check_stream_args(seed, epochs, steps_per_epoch, start, repeat):
             "repeat=True and epochs=E exclude each other: the stream already "
             "holds every epoch (fit with epochs=E and no steps_per_epoch)."
         )
-    if steps_per_epoch is not None and (not _is_int(steps_per_epoch)
-                                        or steps_per_epoch < 1):
-        raise ValueError(
-            f"steps_per_epoch must be a positive int or None, got "
-            f"{steps_per_epoch!r}."
-        )
-    if (not isinstance(start, (tuple, list)) or len(start) != 2
-            or not all(_is_int(x) for x in start)):
+    if steps_per_epoch is not None and (not _is_int(steps_per_epoch) or steps_per_epoch < 1):
+        raise ValueError(f"steps_per_epoch must be a positive int or None, got {steps_per_epoch!r}.")
+    if not isinstance(start, (tuple, list)) or len(start) != 2 or not all(_is_int(x) for x in start):
         raise ValueError(f"start must be a pair (epoch, step) of ints, got {start!r}.")
 
 
-def plan_stream(seed, epochs, steps_per_epoch, start, num_examples,
-                batch_size):
+def plan_stream(seed, epochs, steps_per_epoch, start, num_examples, batch_size):
     """The :class:`StreamPlan` of the stream arguments, or None when ``epochs`` is None.
 
     ``S = steps_per_epoch``, or ``num_examples // batch_size`` when None.
@@ -236,10 +223,7 @@ def plan_stream(seed, epochs, steps_per_epoch, start, num_examples,
     full = None if num_examples is None else num_examples // batch_size
     if steps_per_epoch is None:
         if full is None:
-            raise ValueError(
-                "the source's number of examples is unknown; pass "
-                "steps_per_epoch=S with epochs=E."
-            )
+            raise ValueError("the source's number of examples is unknown; pass steps_per_epoch=S with epochs=E.")
         steps_per_epoch = full
     elif full is not None and steps_per_epoch > full:
         raise ValueError(
@@ -248,24 +232,36 @@ def plan_stream(seed, epochs, steps_per_epoch, start, num_examples,
             f"{batch_size}); an epoch never reuses an example."
         )
     if steps_per_epoch < 1:
-        raise ValueError(
-            f"an epoch of {num_examples} examples holds no full batch of "
-            f"{batch_size}."
-        )
+        raise ValueError(f"an epoch of {num_examples} examples holds no full batch of {batch_size}.")
     epoch, step = (int(x) for x in start)
     if not (0 <= epoch < epochs and 0 <= step < steps_per_epoch):
         raise ValueError(
             f"start={tuple(start)} is outside the stream: the epoch must lie "
             f"in [0, {epochs}) and the step in [0, {steps_per_epoch})."
         )
-    return StreamPlan(seed=int(seed), epochs=epochs,
-                      steps_per_epoch=steps_per_epoch, batch_size=batch_size,
-                      start=(epoch, step), num_examples=num_examples)
+    return StreamPlan(
+        seed=int(seed),
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        batch_size=batch_size,
+        start=(epoch, step),
+        num_examples=num_examples,
+    )
 
 
-def _stream_examples(data, per_example, batch_size, shuffle, seed, epochs,
-                     steps_per_epoch, start, source_kwargs,
-                     num_parallel_calls, shard):
+def _stream_examples(
+    data,
+    per_example,
+    batch_size,
+    shuffle,
+    seed,
+    epochs,
+    steps_per_epoch,
+    start,
+    source_kwargs,
+    num_parallel_calls,
+    shard,
+):
     """``(dataset, info, plan)``: ``per_example(example, seed [2])`` over the
     examples of the stream (of ``shard``'s part of each batch), in order (not
     batched)."""
@@ -273,34 +269,28 @@ def _stream_examples(data, per_example, batch_size, shuffle, seed, epochs,
     kwargs = dict(source_kwargs)
     # The stream must never run short: count a folder by decoding it.
     kwargs.setdefault("verify", "decode")
-    indexed = (None if isinstance(data, tf.data.Dataset)
-               else indexed_source(data, **kwargs))
+    indexed = None if isinstance(data, tf.data.Dataset) else indexed_source(data, **kwargs)
     if indexed is not None:
         fetch, info = indexed
         _check_count(info, batch_size)
-        plan = plan_stream(seed, epochs, steps_per_epoch, start,
-                           info.num_examples, batch_size)
+        plan = plan_stream(seed, epochs, steps_per_epoch, start, info.num_examples, batch_size)
 
         @tf.autograph.experimental.do_not_convert
         def one(epoch, position):
-            index = (plan.source_index(epoch, position) if shuffle
-                     else position)
+            index = plan.source_index(epoch, position) if shuffle else position
             return per_example(fetch(index), plan.example_seed(epoch, position))
 
         # Positions, not examples, are dropped: another shard's examples are
         # never read.
         ds = shard.select(plan.positions(), batch_size, lambda e, p: p)
-        ds = ds.apply(tf.data.experimental.assert_cardinality(
-            plan.num_batches * local))
-        ds = ds.map(one, num_parallel_calls=num_parallel_calls,
-                    deterministic=True)
+        ds = ds.apply(tf.data.experimental.assert_cardinality(plan.num_batches * local))
+        ds = ds.map(one, num_parallel_calls=num_parallel_calls, deterministic=True)
         return ds, info, plan
 
     # In-order sources: each epoch reads the source from its beginning.
     source, info = _as_source(data, False, seed, kwargs)
     _check_count(info, batch_size)
-    plan = plan_stream(seed, epochs, steps_per_epoch, start,
-                       info.num_examples, batch_size)
+    plan = plan_stream(seed, epochs, steps_per_epoch, start, info.num_examples, batch_size)
     per_epoch = plan.examples_per_epoch
     first_epoch, first_step = plan.start
 
@@ -312,29 +302,25 @@ def _stream_examples(data, per_example, batch_size, shuffle, seed, epochs,
         tf.compat.v1.get_default_graph().seed = None
         d = source
         if shuffle:
-            d = d.shuffle(_SHUFFLE_BUFFER,
-                          seed=_to_key(plan.epoch_seed(_PERMUTATION_SALT, epoch)),
-                          reshuffle_each_iteration=False)
-        skip = tf.where(epoch == first_epoch,
-                        tf.constant(first_step * batch_size, tf.int64),
-                        tf.constant(0, tf.int64))
+            d = d.shuffle(
+                _SHUFFLE_BUFFER, seed=_to_key(plan.epoch_seed(_PERMUTATION_SALT, epoch)), reshuffle_each_iteration=False
+            )
+        skip = tf.where(epoch == first_epoch, tf.constant(first_step * batch_size, tf.int64), tf.constant(0, tf.int64))
         # The skipped examples are read but never augmented.
         d = d.take(per_epoch).skip(skip)
         where = tf.data.Dataset.range(skip, per_epoch).map(
-            tf.autograph.experimental.do_not_convert(
-                lambda position: (epoch, position)))
+            tf.autograph.experimental.do_not_convert(lambda position: (epoch, position))
+        )
         return tf.data.Dataset.zip((d, where))
 
     ds = tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch_examples)
     # flat_map hides the count that Keras reads; a source shorter than
     # S B examples fails here at the end of the stream instead of silently
     # running short.
-    ds = ds.apply(tf.data.experimental.assert_cardinality(
-        plan.num_batches * batch_size))
+    ds = ds.apply(tf.data.experimental.assert_cardinality(plan.num_batches * batch_size))
     if shard.count > 1:
         ds = shard.select(ds, batch_size, lambda example, where: where[1])
-        ds = ds.apply(tf.data.experimental.assert_cardinality(
-            plan.num_batches * local))
+        ds = ds.apply(tf.data.experimental.assert_cardinality(plan.num_batches * local))
 
     @tf.autograph.experimental.do_not_convert
     def one(example, where):
@@ -441,26 +427,46 @@ def pretrain_dataset(
     """
     crops = crops if crops is not None else MultiCropConfig()
     if not isinstance(crops, MultiCropConfig):
-        raise TypeError(
-            f"crops must be a MultiCropConfig, got {type(crops).__name__}."
-        )
-    transform = MultiCrop(crops, photometric=photometric,
-                          record_augmentations=record_augmentations,
-                          masks=masks, queries=queries)
+        raise TypeError(f"crops must be a MultiCropConfig, got {type(crops).__name__}.")
+    transform = MultiCrop(
+        crops, photometric=photometric, record_augmentations=record_augmentations, masks=masks, queries=queries
+    )
     ds, info = batched_examples(
-        data, transform, batch_size, shuffle=shuffle, seed=seed, repeat=repeat,
-        num_parallel_calls=num_parallel_calls, jit_compile=jit_compile,
-        source_kwargs=source_kwargs, epochs=epochs,
-        steps_per_epoch=steps_per_epoch, start=start, shard=shard)
+        data,
+        transform,
+        batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        repeat=repeat,
+        num_parallel_calls=num_parallel_calls,
+        jit_compile=jit_compile,
+        source_kwargs=source_kwargs,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        start=start,
+        shard=shard,
+    )
     ds = finalize(ds, seed)
     return (ds, info) if return_info else ds
 
 
-def batched_examples(data, transform, batch_size, shuffle=True, seed=None,
-                     repeat=False, num_parallel_calls=tf.data.AUTOTUNE,
-                     jit_compile=True, source_kwargs=None, select=None, *,
-                     epochs=None, steps_per_epoch=None, start=(0, 0),
-                     shard=None):
+def batched_examples(
+    data,
+    transform,
+    batch_size,
+    shuffle=True,
+    seed=None,
+    repeat=False,
+    num_parallel_calls=tf.data.AUTOTUNE,
+    jit_compile=True,
+    source_kwargs=None,
+    select=None,
+    *,
+    epochs=None,
+    steps_per_epoch=None,
+    start=(0, 0),
+    shard=None,
+):
     """``(dataset, info)``: the source mapped through ``transform`` per example and batched.
 
     The front every pre-training pipeline shares (:func:`pretrain_dataset`, MCL's
@@ -480,16 +486,14 @@ def batched_examples(data, transform, batch_size, shuffle=True, seed=None,
     batch, ``B / N`` examples, each with the seed it has in the one-process
     pipeline. The examples are selected before they are augmented.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) \
-            or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
     _check_stream_args(seed, epochs, steps_per_epoch, start, repeat)
     source_kwargs = dict(source_kwargs or {})
     shard = shard if shard is not None else Shard()
     local = shard.local_batch(batch_size)
 
-    finish = tf.function(transform.finish, jit_compile=jit_compile,
-                         autograph=False)
+    finish = tf.function(transform.finish, jit_compile=jit_compile, autograph=False)
 
     # Plain TF ops with explicit tf.cond: skip autograph's (slow) conversion.
     @tf.autograph.experimental.do_not_convert
@@ -529,16 +533,24 @@ def batched_examples(data, transform, batch_size, shuffle=True, seed=None,
         ds = shard.select(tf.data.Dataset.zip((ds, keys)), batch_size)
         if count is not None:
             ds = ds.apply(tf.data.experimental.assert_cardinality(count))
-        ds = ds.map(keyed, num_parallel_calls=num_parallel_calls,
-                    deterministic=_deterministic(seed))
+        ds = ds.map(keyed, num_parallel_calls=num_parallel_calls, deterministic=_deterministic(seed))
     else:
         ds, info, _ = _stream_examples(
-            data, per_example, batch_size, shuffle, seed, epochs,
-            steps_per_epoch, start, source_kwargs, num_parallel_calls, shard)
+            data,
+            per_example,
+            batch_size,
+            shuffle,
+            seed,
+            epochs,
+            steps_per_epoch,
+            start,
+            source_kwargs,
+            num_parallel_calls,
+            shard,
+        )
     ds = ds.batch(local, drop_remainder=True)
     if jit_compile:
-        ds = ds.map(to_views, num_parallel_calls=num_parallel_calls,
-                    deterministic=_deterministic(seed))
+        ds = ds.map(to_views, num_parallel_calls=num_parallel_calls, deterministic=_deterministic(seed))
     return ds, info
 
 
@@ -576,7 +588,8 @@ def keyed_map(ds, fn, seed, num_parallel_calls=tf.data.AUTOTUNE, keys=None):
     if keys is None:
         keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
     return tf.data.Dataset.zip((ds, keys)).map(
-        fn, num_parallel_calls=num_parallel_calls, deterministic=_deterministic(seed))
+        fn, num_parallel_calls=num_parallel_calls, deterministic=_deterministic(seed)
+    )
 
 
 def _deterministic(seed):

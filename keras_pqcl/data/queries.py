@@ -67,22 +67,26 @@ class QueryConfig:
     embed_dim: Optional[int] = None
 
     def __post_init__(self):
-        if (not isinstance(self.patch_size, numbers.Integral)
-                or isinstance(self.patch_size, bool) or self.patch_size <= 0):
+        if (
+            not isinstance(self.patch_size, numbers.Integral)
+            or isinstance(self.patch_size, bool)
+            or self.patch_size <= 0
+        ):
             raise ValueError(
                 f"QueryConfig.patch_size must be a positive int, got "
-                f"{self.patch_size!r}; use the backbone's patch size (e.g. 16).")
+                f"{self.patch_size!r}; use the backbone's patch size (e.g. 16)."
+            )
         if self.embed_dim is not None and (
-                not isinstance(self.embed_dim, numbers.Integral)
-                or self.embed_dim <= 0 or self.embed_dim % 4):
+            not isinstance(self.embed_dim, numbers.Integral) or self.embed_dim <= 0 or self.embed_dim % 4
+        ):
             raise ValueError(
                 f"QueryConfig.embed_dim must be a positive multiple of 4 (the "
                 f"2-D sin-cos layout), got {self.embed_dim!r}; use the "
-                "backbone's embed_dim (384 for ViT-S) or None.")
+                "backbone's embed_dim (384 for ViT-S) or None."
+            )
 
 
-def query_coords(global_boxes, global_flips, local_boxes, local_flips,
-                 global_grid, local_grid, flip_correct=True):
+def query_coords(global_boxes, global_flips, local_boxes, local_flips, global_grid, local_grid, flip_correct=True):
     """Coordinates of every local-crop patch in every global view's grid.
 
     Args:
@@ -100,24 +104,24 @@ def query_coords(global_boxes, global_flips, local_boxes, local_flips,
         top-left corner of local patch ``a * L + b`` in units of global
         patches of view ``g``.
     """
-    gb = tf.cast(global_boxes, tf.float32)[:, None, :]      # [G, 1, 4]
-    lb = tf.cast(local_boxes, tf.float32)[None, :, :]       # [1, N, 4]
-    px_x = gb[..., 3] / global_grid                         # [G, 1]
+    gb = tf.cast(global_boxes, tf.float32)[:, None, :]  # [G, 1, 4]
+    lb = tf.cast(local_boxes, tf.float32)[None, :, :]  # [1, N, 4]
+    px_x = gb[..., 3] / global_grid  # [G, 1]
     px_y = gb[..., 2] / global_grid
-    dx = (lb[..., 1] - gb[..., 1]) / px_x                    # [G, N]
+    dx = (lb[..., 1] - gb[..., 1]) / px_x  # [G, N]
     dy = (lb[..., 0] - gb[..., 0]) / px_y
     sx = lb[..., 3] / local_grid / px_x
     sy = lb[..., 2] / local_grid / px_y
 
     steps = tf.range(local_grid, dtype=tf.float32)
-    cols = tf.tile(steps[None, :], [local_grid, 1])          # b of token a*L+b
-    rows = tf.tile(steps[:, None], [1, local_grid])          # a
+    cols = tf.tile(steps[None, :], [local_grid, 1])  # b of token a*L+b
+    rows = tf.tile(steps[:, None], [1, local_grid])  # a
     cols, rows = tf.reshape(cols, [-1]), tf.reshape(rows, [-1])
     if flip_correct:
         # A mirrored local crop shows its source columns right to left.
         lflip = tf.cast(local_flips, tf.bool)[None, :, None]  # [1, N, 1]
         cols = tf.where(lflip, local_grid - 1.0 - cols, cols)
-    x = dx[..., None] + cols * sx[..., None]                  # [G, N, L*L]
+    x = dx[..., None] + cols * sx[..., None]  # [G, N, L*L]
     y = dy[..., None] + rows * sy[..., None]
     if flip_correct:
         gflip = tf.cast(global_flips, tf.bool)[:, None, None]

@@ -72,7 +72,8 @@ def tune_input_pipeline(input_only=None, bfc_allocator=True):
             "keras_pqcl: TensorFlow had already run ops, so %s could not be set for the "
             "input pipeline (it stays correct, only slower). Call "
             "keras_pqcl.data.tune_input_pipeline() right after the imports.",
-            " and ".join(late))
+            " and ".join(late),
+        )
     threads = tf.config.threading.get_intra_op_parallelism_threads()
     return {"bfc_allocator": bfc, "intra_op_threads": threads or None}
 

@@ -51,9 +51,30 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 # extensions are reported by name instead of being silently left out of the
 # count (a folder of TIFFs would otherwise look like an empty folder).
 UNSUPPORTED_IMAGE_EXTENSIONS = (
-    ".tif", ".tiff", ".heic", ".heif", ".avif", ".jp2", ".j2k", ".jpx",
-    ".jxl", ".ico", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".psd", ".exr",
-    ".hdr", ".dng", ".cr2", ".nef", ".arw", ".raw", ".svg",
+    ".tif",
+    ".tiff",
+    ".heic",
+    ".heif",
+    ".avif",
+    ".jp2",
+    ".j2k",
+    ".jpx",
+    ".jxl",
+    ".ico",
+    ".ppm",
+    ".pgm",
+    ".pbm",
+    ".pnm",
+    ".tga",
+    ".psd",
+    ".exr",
+    ".hdr",
+    ".dng",
+    ".cr2",
+    ".nef",
+    ".arw",
+    ".raw",
+    ".svg",
 )
 
 # Names listed in one warning; the rest are counted ("and N more").
@@ -107,8 +128,7 @@ def _as_uint8_rgb(images):
         images = images[..., None]
     if images.ndim != 4:
         raise ValueError(
-            "images must be an array [N, H, W, 3] (or grayscale [N, H, W] / "
-            f"[N, H, W, 1]); got shape {images.shape}."
+            f"images must be an array [N, H, W, 3] (or grayscale [N, H, W] / [N, H, W, 1]); got shape {images.shape}."
         )
     channels = images.shape[-1]
     if channels not in (1, 3):
@@ -125,22 +145,16 @@ def _as_uint8_rgb(images):
         lo, hi = float(np.min(images)), float(np.max(images))
         if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0.0 or hi > 1.0 + 1e-6:
             raise ValueError(
-                "float images must lie in [0, 1]; got values in "
-                f"[{lo:g}, {hi:g}]. Divide by 255 or pass uint8 images."
+                f"float images must lie in [0, 1]; got values in [{lo:g}, {hi:g}]. Divide by 255 or pass uint8 images."
             )
         images = np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
     elif np.issubdtype(images.dtype, np.integer):
         lo, hi = int(np.min(images)), int(np.max(images))
         if lo < 0 or hi > 255:
-            raise ValueError(
-                f"integer images must lie in [0, 255]; got [{lo}, {hi}] "
-                f"(dtype {images.dtype})."
-            )
+            raise ValueError(f"integer images must lie in [0, 255]; got [{lo}, {hi}] (dtype {images.dtype}).")
         images = images.astype(np.uint8)
     else:
-        raise ValueError(
-            f"images must be uint8 or float in [0, 1]; got dtype {images.dtype}."
-        )
+        raise ValueError(f"images must be uint8 or float in [0, 1]; got dtype {images.dtype}.")
     if channels == 1:
         images = np.repeat(images, 3, axis=-1)
     return images
@@ -156,6 +170,7 @@ def _array_fetch(images, labels):
         def fetch(i):
             return tf.gather(images_t, i), tf.gather(labels_t, i)
     else:
+
         def _np_fetch(i):
             return images[i], labels[i]
 
@@ -164,6 +179,7 @@ def _array_fetch(images, labels):
             img.set_shape(images.shape[1:])
             lab.set_shape([])
             return img, lab
+
     return fetch
 
 
@@ -174,18 +190,12 @@ def _numpy_arrays(data):
         keys = set(data)
         img_key = "images" if "images" in keys else "image" if "image" in keys else None
         if img_key is None:
-            raise ValueError(
-                "a dict source needs an 'images' (or 'image') entry; got keys "
-                f"{sorted(keys)}."
-            )
+            raise ValueError(f"a dict source needs an 'images' (or 'image') entry; got keys {sorted(keys)}.")
         images = data[img_key]
         labels = data.get("labels", data.get("label"))
     elif isinstance(data, (tuple, list)):
         if not 1 <= len(data) <= 2:
-            raise ValueError(
-                "a tuple source must be (images,) or (images, labels); got "
-                f"{len(data)} entries."
-            )
+            raise ValueError(f"a tuple source must be (images,) or (images, labels); got {len(data)} entries.")
         images = data[0]
         labels = data[1] if len(data) == 2 else None
     else:
@@ -199,18 +209,11 @@ def _numpy_arrays(data):
         if labels.ndim == 2 and labels.shape[1] == 1:
             labels = labels[:, 0]
         if labels.shape != (n,):
-            raise ValueError(
-                f"labels must have shape [N] = [{n}]; got {labels.shape}."
-            )
+            raise ValueError(f"labels must have shape [N] = [{n}]; got {labels.shape}.")
         if not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(
-                f"labels must be integers; got dtype {labels.dtype}."
-            )
+            raise ValueError(f"labels must be integers; got dtype {labels.dtype}.")
         labels = labels.astype(np.int32)
     return images, labels
-
-
-
 
 
 # ---------------------------------------------------------------------------
@@ -322,8 +325,7 @@ def list_image_files(root):
 
 def _decode_file(path, label):
     raw = tf.io.read_file(path)
-    image = tf.io.decode_image(raw, channels=3, expand_animations=False,
-                               dtype=tf.uint8)
+    image = tf.io.decode_image(raw, channels=3, expand_animations=False, dtype=tf.uint8)
     image.set_shape([None, None, 3])
     return image, label
 
@@ -337,19 +339,16 @@ def _decode_failures(paths):
     files (order does not matter, hence ``deterministic=False``).
     """
     n = len(paths)
-    ds = tf.data.Dataset.from_tensor_slices(
-        (tf.range(n, dtype=tf.int64), tf.constant(paths, tf.string)))
+    ds = tf.data.Dataset.from_tensor_slices((tf.range(n, dtype=tf.int64), tf.constant(paths, tf.string)))
 
     @tf.autograph.experimental.do_not_convert
     def check(i, path):
-        image = tf.io.decode_image(tf.io.read_file(path), channels=3,
-                                   expand_animations=False)
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
         # Returning a value computed from the pixels keeps the decode from
         # being pruned as dead code; the shape is the cheapest such value.
         return i, tf.shape(image)
 
-    ds = ds.map(check, num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=False)
+    ds = ds.map(check, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
     ds = ds.ignore_errors(log_warning=False).map(lambda i, shape: i)
     decoded = np.zeros([n], bool)
     for index in ds.batch(4096).as_numpy_iterator():
@@ -377,23 +376,21 @@ def _folder_files(root, verify):
         raise FileNotFoundError(f"data folder not found: {root!r}")
     if not os.path.isdir(root):
         raise ValueError(
-            f"{root!r} is a file; pass a folder of images, 'synthetic_scenes', "
-            "'tfds:NAME' or numpy arrays."
+            f"{root!r} is a file; pass a folder of images, 'synthetic_scenes', 'tfds:NAME' or numpy arrays."
         )
     if verify not in ("header", "decode", "none"):
-        raise ValueError(
-            f"verify must be 'header', 'decode' or 'none'; got {verify!r}."
-        )
+        raise ValueError(f"verify must be 'header', 'decode' or 'none'; got {verify!r}.")
     paths, unsupported = _scan(root)
     if unsupported:
-        found = (f"{len(unsupported)} files in formats TensorFlow cannot "
-                 f"decode ({_name_list(unsupported, root)}); convert them to "
-                 "PNG or JPEG to use them")
+        found = (
+            f"{len(unsupported)} files in formats TensorFlow cannot "
+            f"decode ({_name_list(unsupported, root)}); convert them to "
+            "PNG or JPEG to use them"
+        )
     if not paths:
         raise ValueError(
             f"no image files found in folder {root!r} (searched recursively "
-            f"for extensions {', '.join(IMAGE_EXTENSIONS)})"
-            + (f"; found {found}." if unsupported else ".")
+            f"for extensions {', '.join(IMAGE_EXTENSIONS)})" + (f"; found {found}." if unsupported else ".")
         )
     if unsupported:
         warnings.warn(f"{root!r}: not using {found}.", stacklevel=4)
@@ -442,6 +439,7 @@ def _folder_fetch(paths, labels):
 
     def fetch(i):
         return _decode_file(tf.gather(paths_t, i), tf.gather(labels_t, i))
+
     return fetch
 
 
@@ -449,16 +447,13 @@ def _folder_fetch(paths, labels):
 # tensorflow_datasets
 # ---------------------------------------------------------------------------
 def _from_tfds(spec, shuffle, seed, split, data_dir):
-    name = spec[len("tfds:"):]
+    name = spec[len("tfds:") :]
     if not name:
         raise ValueError("use 'tfds:NAME' or 'tfds:NAME/CONFIG'.")
     try:
         import tensorflow_datasets as tfds  # lazy: optional dependency
     except ImportError as err:
-        raise ImportError(
-            f"{spec!r} needs tensorflow-datasets (pip install "
-            "tensorflow-datasets)."
-        ) from err
+        raise ImportError(f"{spec!r} needs tensorflow-datasets (pip install tensorflow-datasets).") from err
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as err:
@@ -485,14 +480,10 @@ def _from_tfds(spec, shuffle, seed, split, data_dir):
                 image_key = key
                 break
     if image_key is None:
-        raise ValueError(
-            f"TFDS dataset {name!r} has no image feature "
-            f"(features: {list(features)})."
-        )
+        raise ValueError(f"TFDS dataset {name!r} has no image feature (features: {list(features)}).")
     label_key = None
     class_names = None
-    if "label" in features and isinstance(features["label"],
-                                          tfds.features.ClassLabel):
+    if "label" in features and isinstance(features["label"], tfds.features.ClassLabel):
         label_key = "label"
         class_names = tuple(features["label"].names)
 
@@ -503,8 +494,7 @@ def _from_tfds(spec, shuffle, seed, split, data_dir):
         if image.shape.rank == 3 and image.shape[-1] == 1:
             image = tf.image.grayscale_to_rgb(image)
         image.set_shape([None, None, 3])
-        label = (tf.cast(ex[label_key], tf.int32) if label_key
-                 else tf.constant(-1, tf.int32))
+        label = tf.cast(ex[label_key], tf.int32) if label_key else tf.constant(-1, tf.int32)
         return image, label
 
     ds = ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
@@ -525,8 +515,7 @@ def _from_tfds(spec, shuffle, seed, split, data_dir):
 # ---------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------
-def load_source(data="synthetic_scenes", *, shuffle=False, seed=None,
-                verify="header", split="train", data_dir=None):
+def load_source(data="synthetic_scenes", *, shuffle=False, seed=None, verify="header", split="train", data_dir=None):
     """Opens a source of images (see module docstring for ``data`` forms).
 
     Args:
@@ -582,8 +571,7 @@ def _is_folder(data):
     return isinstance(data, str) and not _is_synthetic(data) and not data.startswith("tfds:")
 
 
-def indexed_source(data="synthetic_scenes", *, verify="header",
-                   split="train", data_dir=None):
+def indexed_source(data="synthetic_scenes", *, verify="header", split="train", data_dir=None):
     """Random-access form of a source: example ``i`` without reading ``0..i-1``.
 
     Streams that must start anywhere (``pretrain_dataset(..., epochs=E,
@@ -614,10 +602,8 @@ def indexed_source(data="synthetic_scenes", *, verify="header",
         return _folder_fetch(paths, labels), info
     if isinstance(data, (np.ndarray, tuple, list, dict)):
         images, labels = _numpy_arrays(data)
-        info = SourceInfo(name="numpy", num_examples=images.shape[0],
-                          class_names=None, verified=True)
+        info = SourceInfo(name="numpy", num_examples=images.shape[0], class_names=None, verified=True)
         return _array_fetch(images, labels), info
     raise TypeError(
-        "data must be 'synthetic_scenes[:N]', a folder path, 'tfds:NAME' or "
-        f"numpy arrays; got {type(data).__name__}."
+        f"data must be 'synthetic_scenes[:N]', a folder path, 'tfds:NAME' or numpy arrays; got {type(data).__name__}."
     )

@@ -39,8 +39,16 @@ import numpy as np
 __all__ = ["SYNTHETIC_CLASS_NAMES", "synthetic_scenes"]
 
 SYNTHETIC_CLASS_NAMES = (
-    "disc", "square", "triangle", "ring", "cross",
-    "diamond", "ellipse", "frame", "half_disc", "flower",
+    "disc",
+    "square",
+    "triangle",
+    "ring",
+    "cross",
+    "diamond",
+    "ellipse",
+    "frame",
+    "half_disc",
+    "flower",
 )
 
 _MAX_OBJECTS = 4
@@ -91,7 +99,7 @@ def _triangle(u, v):
 
 def _ring(u, v):
     r2 = u * u + v * v
-    return (r2 <= 1.0) & (r2 >= 0.55 ** 2)
+    return (r2 <= 1.0) & (r2 >= 0.55**2)
 
 
 def _cross(u, v):
@@ -121,8 +129,7 @@ def _flower(u, v):
     return r <= 0.6 + 0.35 * np.cos(5.0 * np.arctan2(v, u))
 
 
-_SHAPES = (_disc, _square, _triangle, _ring, _cross,
-           _diamond, _ellipse, _frame, _half_disc, _flower)
+_SHAPES = (_disc, _square, _triangle, _ring, _cross, _diamond, _ellipse, _frame, _half_disc, _flower)
 
 
 def _shape_areas():
@@ -155,9 +162,7 @@ def _texture(family, u, v, freq, phase, orient):
         a = np.floor(freq * u + phase) + np.floor(freq * v + phase)
         return np.mod(a, 2.0).astype(np.float32)
     if name == "dots":
-        return ((np.sin(2 * np.pi * freq * u + phase)
-                 * np.sin(2 * np.pi * freq * v + phase)) > 0.35
-                ).astype(np.float32)
+        return ((np.sin(2 * np.pi * freq * u + phase) * np.sin(2 * np.pi * freq * v + phase)) > 0.35).astype(np.float32)
     if name == "gradient":
         w = u * np.cos(orient) + v * np.sin(orient)
         return np.clip((w + 1.0) * 0.5, 0.0, 1.0)
@@ -174,10 +179,8 @@ def _upsample_bilinear(grid, size):
     i0 = np.floor(pos).astype(np.int64)
     i1 = np.minimum(i0 + 1, g - 1)
     f = (pos - i0).astype(np.float32)
-    rows = (grid[:, i0] * (1 - f)[None, :, None, None]
-            + grid[:, i1] * f[None, :, None, None])
-    return (rows[:, :, i0] * (1 - f)[None, None, :, None]
-            + rows[:, :, i1] * f[None, None, :, None])
+    rows = grid[:, i0] * (1 - f)[None, :, None, None] + grid[:, i1] * f[None, :, None, None]
+    return rows[:, :, i0] * (1 - f)[None, None, :, None] + rows[:, :, i1] * f[None, None, :, None]
 
 
 def _contrasting_pair(rng, shape):
@@ -216,10 +219,7 @@ def synthetic_scenes(num_images, image_size=64, num_classes=10, seed=0):
     if int(image_size) < 16:
         raise ValueError(f"image_size must be >= 16 pixels, got {image_size!r}.")
     if not 2 <= int(num_classes) <= len(SYNTHETIC_CLASS_NAMES):
-        raise ValueError(
-            f"num_classes must be in [2, {len(SYNTHETIC_CLASS_NAMES)}], got "
-            f"{num_classes!r}."
-        )
+        raise ValueError(f"num_classes must be in [2, {len(SYNTHETIC_CLASS_NAMES)}], got {num_classes!r}.")
     n, size, k = int(num_images), int(image_size), int(num_classes)
     rng = np.random.default_rng(seed)
     m = _MAX_OBJECTS
@@ -236,14 +236,18 @@ def synthetic_scenes(num_images, image_size=64, num_classes=10, seed=0):
     # slots 1-3 are smaller distractors of random classes painted on top.
     # A clearly dominant main object keeps the label learnable; the
     # distractors, occlusions and busy backgrounds keep it non-trivial.
-    radius = np.concatenate([
-        rng.uniform(*lay["main_radius"], (n, 1)),
-        -np.sort(-rng.uniform(*lay["distractor_radius"], (n, m - 1)), axis=1),
-    ], axis=1) * size
-    cy = np.concatenate([rng.uniform(*lay["main_centre"], (n, 1)),
-                         rng.uniform(0.1, 0.9, (n, m - 1))], axis=1) * size
-    cx = np.concatenate([rng.uniform(*lay["main_centre"], (n, 1)),
-                         rng.uniform(0.1, 0.9, (n, m - 1))], axis=1) * size
+    radius = (
+        np.concatenate(
+            [
+                rng.uniform(*lay["main_radius"], (n, 1)),
+                -np.sort(-rng.uniform(*lay["distractor_radius"], (n, m - 1)), axis=1),
+            ],
+            axis=1,
+        )
+        * size
+    )
+    cy = np.concatenate([rng.uniform(*lay["main_centre"], (n, 1)), rng.uniform(0.1, 0.9, (n, m - 1))], axis=1) * size
+    cx = np.concatenate([rng.uniform(*lay["main_centre"], (n, 1)), rng.uniform(0.1, 0.9, (n, m - 1))], axis=1) * size
     angle = rng.uniform(-0.35, 0.35, (n, m))
     stretch = rng.uniform(0.85, 1.15, (n, m, 2))
     freq = rng.uniform(*lay["texture_freq"], (n, m))
@@ -265,14 +269,13 @@ def synthetic_scenes(num_images, image_size=64, num_classes=10, seed=0):
     bg_period = rng.uniform(0.15, 0.4, n) * size
     bg_phase = rng.uniform(0, 2 * np.pi, n)
     bg_mix = rng.uniform(0.3, 0.7, n)  # stripes contrast
-    noise_seed = rng.integers(0, 2 ** 31 - 1)
+    noise_seed = rng.integers(0, 2**31 - 1)
 
     # float32 halves the work of the per-pixel maths below.
-    (radius, cy, cx, angle, stretch, freq, phase, orient, bg_orient,
-     bg_period, bg_phase, bg_mix) = (
-        a.astype(np.float32) for a in (
-            radius, cy, cx, angle, stretch, freq, phase, orient, bg_orient,
-            bg_period, bg_phase, bg_mix))
+    (radius, cy, cx, angle, stretch, freq, phase, orient, bg_orient, bg_period, bg_phase, bg_mix) = (
+        a.astype(np.float32)
+        for a in (radius, cy, cx, angle, stretch, freq, phase, orient, bg_orient, bg_period, bg_phase, bg_mix)
+    )
 
     active = np.arange(m)[None, :] < n_obj[:, None]
     object_classes = np.where(active, cls, -1).astype(np.int32)
@@ -303,16 +306,15 @@ def synthetic_scenes(num_images, image_size=64, num_classes=10, seed=0):
             w = xx * np.cos(o) + yy * np.sin(o)
             if kind == 1:
                 t = 0.5 + 0.5 * np.sin(
-                    2 * np.pi * w / bg_period[sl][sel][:, None, None]
-                    + bg_phase[sl][sel][:, None, None])
+                    2 * np.pi * w / bg_period[sl][sel][:, None, None] + bg_phase[sl][sel][:, None, None]
+                )
                 t = t * bg_mix[sl][sel][:, None, None]
             else:
                 lo = w.min(axis=(1, 2), keepdims=True)
                 hi = w.max(axis=(1, 2), keepdims=True)
                 t = (w - lo) / np.maximum(hi - lo, 1e-6)
             t = t[..., None].astype(np.float32)
-            img[sel] = (bg_c1[sl][sel][:, None, None] * (1 - t)
-                        + bg_c2[sl][sel][:, None, None] * t)
+            img[sel] = bg_c1[sl][sel][:, None, None] * (1 - t) + bg_c2[sl][sel][:, None, None] * t
 
         mask = np.zeros((c, size, size), np.uint8)
         inst = np.zeros((c, size, size), np.uint8)
@@ -333,13 +335,14 @@ def synthetic_scenes(num_images, image_size=64, num_classes=10, seed=0):
                 us, vs = u[sel], v[sel]
                 inside = _SHAPES[kk](us, vs)
                 t = _texture(
-                    _CLASS_TEXTURE[kk], us, vs,
+                    _CLASS_TEXTURE[kk],
+                    us,
+                    vs,
                     freq[sl, j][sel][:, None, None],
                     phase[sl, j][sel][:, None, None],
                     orient[sl, j][sel][:, None, None],
                 )[..., None].astype(np.float32)
-                colour = (obj_c1[sl, j][sel][:, None, None] * (1 - t)
-                          + obj_c2[sl, j][sel][:, None, None] * t)
+                colour = obj_c1[sl, j][sel][:, None, None] * (1 - t) + obj_c2[sl, j][sel][:, None, None] * t
                 img[sel] = np.where(inside[..., None], colour, img[sel])
                 mask[sel] = np.where(inside, kk + 1, mask[sel])
                 inst[sel] = np.where(inside, j + 1, inst[sel])
@@ -353,18 +356,14 @@ def synthetic_scenes(num_images, image_size=64, num_classes=10, seed=0):
         masks[sl] = mask
         inst_masks[sl] = inst
 
-    areas = np.stack(
-        [(inst_masks == j + 1).sum(axis=(1, 2)) for j in range(m)], axis=1
-    ).astype(np.int32)
+    areas = np.stack([(inst_masks == j + 1).sum(axis=(1, 2)) for j in range(m)], axis=1).astype(np.int32)
     if lay["repeat_main"]:
         # Instances of one class add up: visible pixels per class from the per-slot areas.
         per_class = np.stack([np.where(object_classes == kk, areas, 0).sum(axis=1) for kk in range(k)], axis=1)
         labels = np.argmax(per_class, axis=1).astype(np.int32)
     else:
         # argmax returns the first maximum: ties go to the earlier painted object.
-        labels = np.take_along_axis(
-            object_classes, np.argmax(areas, axis=1)[:, None], axis=1
-        )[:, 0].astype(np.int32)
+        labels = np.take_along_axis(object_classes, np.argmax(areas, axis=1)[:, None], axis=1)[:, 0].astype(np.int32)
     return {
         "images": images,
         "labels": labels,

@@ -276,8 +276,11 @@ def dense_probe(
 
     if image_size is None and preprocess:
         image_size = getattr(backbone, "image_size", None)
-    size = None if image_size is None else (
-        tuple(image_size) if isinstance(image_size, (tuple, list)) else (int(image_size), int(image_size)))
+    size = (
+        None
+        if image_size is None
+        else (tuple(image_size) if isinstance(image_size, (tuple, list)) else (int(image_size), int(image_size)))
+    )
     extractor = FeatureExtractor(backbone, output="patches")  # one compile for both splits
     feature_args = dict(batch_size=feature_batch_size, image_size=size, preprocess=preprocess)
     train_x = extractor.extract(train_images, **feature_args)
@@ -309,10 +312,16 @@ def dense_probe(
     confusion = np.zeros((num_classes, num_classes), np.int64)
     with inference_mode():
         for start in range(0, len(test_x), batch_size):
-            logits = classifier(test_x[start:start + batch_size], training=False)
+            logits = classifier(test_x[start : start + batch_size], training=False)
             pred = np.asarray(ops.convert_to_numpy(ops.argmax(logits, axis=-1)))
-            confusion += confusion_matrix(pred, test_masks[start:start + batch_size], num_classes, ignore_index)
+            confusion += confusion_matrix(pred, test_masks[start : start + batch_size], num_classes, ignore_index)
     scores = segmentation_scores(confusion)
-    scores.update(num_classes=int(num_classes), grid=tuple(int(g) for g in grid), epochs=int(epochs), lr=float(lr),
-                  num_train=len(train_x), num_test=len(test_x))
+    scores.update(
+        num_classes=int(num_classes),
+        grid=tuple(int(g) for g in grid),
+        epochs=int(epochs),
+        lr=float(lr),
+        num_train=len(train_x),
+        num_test=len(test_x),
+    )
     return scores

@@ -36,9 +36,7 @@ def check_channels_last(shape, what="images"):
     if getattr(shape, "rank", 0) is None:  # a dataset of unknown rank: the backbone checks later
         return
     if len(shape) not in (3, 4):
-        raise ValueError(
-            f"{what} must be (height, width, 3) or (batch, height, width, 3); got shape {tuple(shape)}."
-        )
+        raise ValueError(f"{what} must be (height, width, 3) or (batch, height, width, 3); got shape {tuple(shape)}.")
     channels = shape[-1]
     if channels is not None and channels != 3:
         hint = {
@@ -170,8 +168,9 @@ def _batches(data, batch_size, image_size, preprocess, crop_fraction, antialias)
         def prepare(*element):
             images, labels = split_element(element[0] if len(element) == 1 else element)
             if preprocess:
-                images = _preprocess_tf(images, image_size, crop_fraction, antialias,
-                                        augment.IMAGENET_MEAN, augment.IMAGENET_STD)
+                images = _preprocess_tf(
+                    images, image_size, crop_fraction, antialias, augment.IMAGENET_MEAN, augment.IMAGENET_STD
+                )
             else:
                 images = tf.cast(images, tf.float32)
             return (images,) if labels is None else (images, labels)
@@ -200,10 +199,10 @@ def _batches(data, batch_size, image_size, preprocess, crop_fraction, antialias)
     if labels is not None:
         labels = _as_labels(labels, len(images))
     for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
+        chunk = images[start : start + batch_size]
         if preprocess:
             chunk = eval_preprocess(chunk, image_size, crop_fraction, antialias)
-        yield np.asarray(chunk, np.float32), (None if labels is None else labels[start:start + batch_size])
+        yield np.asarray(chunk, np.float32), (None if labels is None else labels[start : start + batch_size])
 
 
 # ---------------------------------------------------------------------------------- features
@@ -232,7 +231,9 @@ class _Forward(keras.Model):
 
     def call(self, images):
         out = self.backbone.forward_features(
-            images, training=False, n_last_blocks=self.n_last_blocks,
+            images,
+            training=False,
+            n_last_blocks=self.n_last_blocks,
             return_attention=self.output_kind == "attention",
         )
         if self.output_kind == "pooled":
@@ -258,8 +259,7 @@ class FeatureExtractor:
             avgpool_patchtokens = 2 if avgpool_patchtokens else 0
         if avgpool_patchtokens not in AVGPOOL_MODES:
             raise ValueError(
-                "avgpool_patchtokens must be 0 (CLS), 1 (mean patch token) or 2 (both); "
-                f"got {avgpool_patchtokens!r}."
+                f"avgpool_patchtokens must be 0 (CLS), 1 (mean patch token) or 2 (both); got {avgpool_patchtokens!r}."
             )
         if int(n_last_blocks) < 1:
             raise ValueError(f"n_last_blocks must be >= 1; got {n_last_blocks}.")
@@ -305,8 +305,16 @@ class FeatureExtractor:
             value = value.reshape((value.shape[0],) + grid + (value.shape[-1],))
         return value
 
-    def extract(self, data, batch_size=64, image_size=None, preprocess=True, crop_fraction=1.0,
-                antialias=False, return_labels=False):
+    def extract(
+        self,
+        data,
+        batch_size=64,
+        image_size=None,
+        preprocess=True,
+        crop_fraction=1.0,
+        antialias=False,
+        return_labels=False,
+    ):
         """Features of every image of ``data``; arguments as :func:`extract_features`."""
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
@@ -378,5 +386,12 @@ def extract_features(
         ``h x w`` patch grid. With ``return_labels=True`` a tuple ``(features, labels (N,))``.
     """
     extractor = FeatureExtractor(backbone, n_last_blocks, avgpool_patchtokens, "patches" if patches else "pooled")
-    return extractor.extract(images_or_dataset, batch_size=batch_size, image_size=image_size, preprocess=preprocess,
-                             crop_fraction=crop_fraction, antialias=antialias, return_labels=return_labels)
+    return extractor.extract(
+        images_or_dataset,
+        batch_size=batch_size,
+        image_size=image_size,
+        preprocess=preprocess,
+        crop_fraction=crop_fraction,
+        antialias=antialias,
+        return_labels=return_labels,
+    )

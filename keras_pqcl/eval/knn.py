@@ -123,15 +123,15 @@ def knn_classify(
     top5 = np.zeros((len(test_x), top_n), np.int64)
     rows = np.arange(min(batch_size, max(len(test_x), 1)))
     for start in range(0, len(test_x), batch_size):
-        sim = test_x[start:start + batch_size] @ train_x.T  # (B, N_train)
+        sim = test_x[start : start + batch_size] @ train_x.T  # (B, N_train)
         idx = _top_k(sim, k)
         # float64 votes: sums of exp(1 / 0.07) ~ 1.6e6 terms lose ties to rounding in float32.
         weights = np.exp(np.take_along_axis(sim, idx, axis=1).astype(np.float64) / temperature)
         votes = np.zeros((len(sim), num_classes), np.float64)
         np.add.at(votes, (rows[: len(sim), None], train_y[idx]), weights)
         order = np.argsort(-votes, axis=1, kind="stable")[:, :top_n]
-        preds[start:start + batch_size] = order[:, 0]
-        top5[start:start + batch_size] = order
+        preds[start : start + batch_size] = order[:, 0]
+        top5[start : start + batch_size] = order
     return (preds, top5) if return_top5 else preds
 
 
@@ -162,16 +162,21 @@ def knn_accuracy(
     if test_y.size == 0:
         raise ValueError("test_features is empty: nothing to score.")
     preds, top5 = knn_classify(
-        train_features, train_labels, test_features, k=k, temperature=temperature,
-        num_classes=num_classes, batch_size=batch_size, return_top5=True,
+        train_features,
+        train_labels,
+        test_features,
+        k=k,
+        temperature=temperature,
+        num_classes=num_classes,
+        batch_size=batch_size,
+        return_top5=True,
     )
     top1 = float((preds == test_y).mean())
     in_top5 = float((top5 == test_y[:, None]).any(axis=1).mean())
     return {"top1": 100.0 * top1, "top5": 100.0 * in_top5}
 
 
-def knn_evaluate(backbone, train, test, k=20, temperature=0.07, num_classes=None, batch_size=256,
-                 **feature_kwargs):
+def knn_evaluate(backbone, train, test, k=20, temperature=0.07, num_classes=None, batch_size=256, **feature_kwargs):
     """k-NN accuracy of ``backbone``'s features: extract (labelled) train and test, then score.
 
     Args:
@@ -191,7 +196,14 @@ def knn_evaluate(backbone, train, test, k=20, temperature=0.07, num_classes=None
     extractor = FeatureExtractor(backbone, n_last_blocks, avgpool)  # one compile for both splits
     train_x, train_y = extractor.extract(train, batch_size=feature_batch, return_labels=True, **feature_kwargs)
     test_x, test_y = extractor.extract(test, batch_size=feature_batch, return_labels=True, **feature_kwargs)
-    scores = knn_accuracy(train_x, train_y, test_x, test_y, k=k, temperature=temperature,
-                          num_classes=num_classes, batch_size=batch_size)
-    return dict(scores, k=min(int(k), len(train_x)), temperature=float(temperature),
-                num_train=len(train_x), num_test=len(test_x), feature_dim=int(train_x.shape[1]))
+    scores = knn_accuracy(
+        train_x, train_y, test_x, test_y, k=k, temperature=temperature, num_classes=num_classes, batch_size=batch_size
+    )
+    return dict(
+        scores,
+        k=min(int(k), len(train_x)),
+        temperature=float(temperature),
+        num_train=len(train_x),
+        num_test=len(test_x),
+        feature_dim=int(train_x.shape[1]),
+    )

@@ -134,16 +134,26 @@ def train_linear_classifier(
             keras.metrics.SparseTopKCategoricalAccuracy(k=top_n, name="top5"),
         ],
     )
-    fit_args = dict(batch_size=batch_size, validation_data=(test_x, test_y), validation_batch_size=256,
-                    shuffle=True, verbose=verbose)
+    fit_args = dict(
+        batch_size=batch_size,
+        validation_data=(test_x, test_y),
+        validation_batch_size=256,
+        shuffle=True,
+        verbose=verbose,
+    )
     if train_features_per_epoch is None:
         history = classifier.fit(train_x, train_y, epochs=int(epochs), **fit_args).history
     else:
         history = {}
         for epoch in range(int(epochs)):
             x, y = train_features_per_epoch(epoch)
-            h = classifier.fit(np.asarray(x, np.float32), _check_labels(y, num_classes, "train_labels"),
-                               epochs=epoch + 1, initial_epoch=epoch, **fit_args).history
+            h = classifier.fit(
+                np.asarray(x, np.float32),
+                _check_labels(y, num_classes, "train_labels"),
+                epochs=epoch + 1,
+                initial_epoch=epoch,
+                **fit_args,
+            ).history
             for key, values in h.items():
                 history.setdefault(key, []).extend(values)
 
@@ -179,8 +189,9 @@ def _augmented_dataset(train, epoch, image_size, seed):
         if label is None:
             raise ValueError("the linear probe needs labelled train data.")
         crop_seed = tf.stack([tf.constant(seed * 100003 + epoch, tf.int64), tf.cast(index, tf.int64)])
-        crop, _, _ = random_resized_crop(augment_lib.to_float01(image), crop_seed, image_size,
-                                         scale=(0.08, 1.0), flip_p=0.5, antialias=False)
+        crop, _, _ = random_resized_crop(
+            augment_lib.to_float01(image), crop_seed, image_size, scale=(0.08, 1.0), flip_p=0.5, antialias=False
+        )
         crop = augment_lib.normalize(tf.clip_by_value(crop, 0.0, 1.0))
         return crop, label
 
@@ -234,8 +245,7 @@ def linear_probe(
     if not rates:
         raise ValueError("lr is an empty list: give one learning rate, None for the default rule, or a list of rates.")
     extractor = FeatureExtractor(backbone, n_last_blocks, avgpool_patchtokens)  # one compile for all
-    feature_args = dict(batch_size=feature_batch_size, image_size=image_size, preprocess=preprocess,
-                        return_labels=True)
+    feature_args = dict(batch_size=feature_batch_size, image_size=image_size, preprocess=preprocess, return_labels=True)
     train_x, train_y = extractor.extract(train, **feature_args)
     test_x, test_y = extractor.extract(test, **feature_args)
 
@@ -252,13 +262,26 @@ def linear_probe(
             return extractor.extract(_augmented_dataset(train, epoch, size, seed), **feature_args)
 
     result = max(
-        (train_linear_classifier(
-            train_x, train_y, test_x, test_y, num_classes=num_classes, epochs=epochs, lr=rate,
-            batch_size=batch_size, momentum=momentum, seed=seed, verbose=verbose,
-            train_features_per_epoch=per_epoch,
-        ) for rate in rates),
+        (
+            train_linear_classifier(
+                train_x,
+                train_y,
+                test_x,
+                test_y,
+                num_classes=num_classes,
+                epochs=epochs,
+                lr=rate,
+                batch_size=batch_size,
+                momentum=momentum,
+                seed=seed,
+                verbose=verbose,
+                train_features_per_epoch=per_epoch,
+            )
+            for rate in rates
+        ),
         key=lambda r: r["top1"],
     )
-    result.update(n_last_blocks=extractor.n_last_blocks, avgpool_patchtokens=extractor.avgpool_patchtokens,
-                  augment=bool(augment))
+    result.update(
+        n_last_blocks=extractor.n_last_blocks, avgpool_patchtokens=extractor.avgpool_patchtokens, augment=bool(augment)
+    )
     return result

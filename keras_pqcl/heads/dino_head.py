@@ -62,9 +62,7 @@ class DINOHead(keras.layers.Layer):
             for i, width in enumerate(widths)
         ]
         self.norms = [BatchStatNorm(dtype=policy, name=f"bn_{i}") for i in range(num_layers - 1)] if use_bn else []
-        self.last_layer = WeightNormDense(
-            out_dim, norm_last_layer=norm_last_layer, dtype=policy, name="last_layer"
-        )
+        self.last_layer = WeightNormDense(out_dim, norm_last_layer=norm_last_layer, dtype=policy, name="last_layer")
 
     def build(self, input_shape):
         width = input_shape[-1]

@@ -53,8 +53,9 @@ class MCLNeck(keras.layers.Layer):
     ``c2_msra_fill``), Dense layers N(0, 0.01) with zero biases.
     """
 
-    def __init__(self, num_convs=4, conv_dim=256, hidden_dim=2048, out_dim=256,
-                 bn_momentum=0.9, bn_epsilon=1e-5, **kwargs):
+    def __init__(
+        self, num_convs=4, conv_dim=256, hidden_dim=2048, out_dim=256, bn_momentum=0.9, bn_epsilon=1e-5, **kwargs
+    ):
         super().__init__(**kwargs)
         self.num_convs = int(num_convs)
         self.conv_dim = int(conv_dim)
@@ -67,9 +68,17 @@ class MCLNeck(keras.layers.Layer):
         init = kaiming_fan_out()
         self.convs, self.conv_norms = [], []
         for i in range(self.num_convs):
-            self.convs.append(keras.layers.Conv2D(
-                self.conv_dim, 3, padding="same", use_bias=False, kernel_initializer=init,
-                dtype=policy, name=f"conv{i + 1}"))
+            self.convs.append(
+                keras.layers.Conv2D(
+                    self.conv_dim,
+                    3,
+                    padding="same",
+                    use_bias=False,
+                    kernel_initializer=init,
+                    dtype=policy,
+                    name=f"conv{i + 1}",
+                )
+            )
             self.conv_norms.append(_batch_norm(f"conv{i + 1}_bn", **bn))
         self.fc1 = keras.layers.Dense(self.hidden_dim, dtype=policy, name="fc1", **_linear_init())
         self.fc1_norm = _batch_norm("fc1_bn", **bn)
@@ -93,7 +102,7 @@ class MCLNeck(keras.layers.Layer):
         x = tiles
         for conv, norm in zip(self.convs, self.conv_norms):
             x = ops.relu(norm(conv(x), training=training))
-        x = ops.mean(x, axis=(1, 2))        # the 7x7 average pool: one vector per region
+        x = ops.mean(x, axis=(1, 2))  # the 7x7 average pool: one vector per region
         x = ops.relu(self.fc1_norm(self.fc1(x), training=training))
         return self.fc2_norm(self.fc2(x), training=training)
 

@@ -38,8 +38,13 @@ SUPPORT = {
     f"does not support; {_TF}",
 }
 #: Pairs that export with free height and width; the others take one fixed --image-size.
-DYNAMIC_SIZE = {("tensorflow", "saved_model"), ("tensorflow", "onnx"), ("tensorflow", "litert"),
-                ("jax", "saved_model"), ("torch", "onnx")}
+DYNAMIC_SIZE = {
+    ("tensorflow", "saved_model"),
+    ("tensorflow", "onnx"),
+    ("tensorflow", "litert"),
+    ("jax", "saved_model"),
+    ("torch", "onnx"),
+}
 
 
 def check_support(backend, format, dynamic_size=False):
@@ -51,12 +56,15 @@ def check_support(backend, format, dynamic_size=False):
         raise ValueError(f"cannot export {format} on the {backend} backend: {reason}.")
     if dynamic_size and (backend, format) not in DYNAMIC_SIZE:
         works = sorted(f"{b}/{f}" for b, f in DYNAMIC_SIZE)
-        raise ValueError(f"--dynamic-size is not supported for {format} on the {backend} backend; export one "
-                         f"file per --image-size, or use one of: {', '.join(works)}.")
+        raise ValueError(
+            f"--dynamic-size is not supported for {format} on the {backend} backend; export one "
+            f"file per --image-size, or use one of: {', '.join(works)}."
+        )
 
 
-def export_backbone(path_or_backbone, output, format="saved_model", image_size=None, dynamic_size=False,
-                    use=None, verbose=False):
+def export_backbone(
+    path_or_backbone, output, format="saved_model", image_size=None, dynamic_size=False, use=None, verbose=False
+):
     """Write the backbone's serving function (``"cls"`` and ``"patches"`` outputs) to ``output``.
 
     Built on ``keras.Model.export``; on the torch backend ONNX is written with
@@ -89,16 +97,17 @@ def export_backbone(path_or_backbone, output, format="saved_model", image_size=N
         raise ValueError("pass either --image-size or --dynamic-size, not both.")
     backbone = _backbone(path_or_backbone, use)
     if backbone.compute_dtype != "float32":
-        raise ValueError(f"the backbone computes in {backbone.compute_dtype}; export needs float32: rebuild it "
-                         "with dtype='float32' and copy the weights (model.set_weights(old.get_weights())).")
+        raise ValueError(
+            f"the backbone computes in {backbone.compute_dtype}; export needs float32: rebuild it "
+            "with dtype='float32' and copy the weights (model.set_weights(old.get_weights()))."
+        )
     patch = int(backbone.patch_size)
     size = image_size if image_size is not None else getattr(backbone, "image_size", None)
     if size is None:
         raise ValueError(f"{type(backbone).__name__} has no image_size; pass --image-size (a multiple of {patch}).")
     if size <= 0 or size % patch:
         lo, hi = max(size // patch, 1) * patch, (max(size, 0) // patch + 1) * patch
-        raise ValueError(f"--image-size {size} is not a positive multiple of the patch size {patch}; use {lo} "
-                         f"or {hi}.")
+        raise ValueError(f"--image-size {size} is not a positive multiple of the patch size {patch}; use {lo} or {hi}.")
     output = os.fspath(output)
     parent = os.path.dirname(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
@@ -118,8 +127,7 @@ def export_backbone(path_or_backbone, output, format="saved_model", image_size=N
             # (its shape checks of the strided patch convolution are inconclusive otherwise).
             shapes = f"(batch, {patch} * grid_h, {patch} * grid_w, 3)"
             options["jax2tf_kwargs"] = {"polymorphic_shapes": [shapes]}
-        serving.export(output, format=_KERAS_FORMATS[format], input_signature=signature, verbose=verbose,
-                       **options)
+        serving.export(output, format=_KERAS_FORMATS[format], input_signature=signature, verbose=verbose, **options)
     return output
 
 
@@ -129,8 +137,10 @@ def _backbone(path_or_backbone, use):
 
     if not isinstance(path_or_backbone, (str, os.PathLike)):
         if not hasattr(path_or_backbone, "forward_features"):
-            raise ValueError(f"{type(path_or_backbone).__name__} is not a keras_pqcl backbone (no forward_features); "
-                             "pass a ViT or ResNet backbone or its .keras file.")
+            raise ValueError(
+                f"{type(path_or_backbone).__name__} is not a keras_pqcl backbone (no forward_features); "
+                "pass a ViT or ResNet backbone or its .keras file."
+            )
         return path_or_backbone
     path = os.fspath(path_or_backbone)
     check_archive(path)
@@ -191,15 +201,24 @@ def _torch_onnx(serving, output, size, dynamic_size, verbose):
     axes = {0: torch.export.Dim("batch", min=1, max=65536)}
     if dynamic_size:
         if not isinstance(serving.backbone, VisionTransformer):
-            raise ValueError("--dynamic-size on the torch backend is supported for ViT backbones only; export one "
-                             "file per --image-size.")
+            raise ValueError(
+                "--dynamic-size on the torch backend is supported for ViT backbones only; export one "
+                "file per --image-size."
+            )
         # Height and width as (grid side) x (patch), so torch.export knows they divide evenly.
         axes[1] = patch * torch.export.Dim("grid_h", min=1, max=1024)
         axes[2] = patch * torch.export.Dim("grid_w", min=1, max=1024)
     sample = torch.as_tensor(np.zeros((2, size, size, 3), "float32"))
     # The Keras model's forward takes *args, so the shapes are nested one level deeper.
-    program = torch.onnx.export(serving, (sample,), dynamo=True, input_names=["images"],
-                                output_names=["cls", "patches"], dynamic_shapes=((axes,),), verbose=verbose)
+    program = torch.onnx.export(
+        serving,
+        (sample,),
+        dynamo=True,
+        input_names=["images"],
+        output_names=["cls", "patches"],
+        dynamic_shapes=((axes,),),
+        verbose=verbose,
+    )
     program.optimize()
     program.save(output)
 
@@ -219,8 +238,10 @@ def _register_erfc():
         from tf2onnx import utils
         from tf2onnx.handler import tf_op
     except ImportError:
-        raise ValueError("onnx export on the TensorFlow backend needs tf2onnx and onnx: pip install "
-                         "'keras-pqcl[test]' (or pip install tf2onnx onnx).") from None
+        raise ValueError(
+            "onnx export on the TensorFlow backend needs tf2onnx and onnx: pip install "
+            "'keras-pqcl[test]' (or pip install tf2onnx onnx)."
+        ) from None
 
     @tf_op("Erfc")
     class Erfc:
@@ -229,8 +250,9 @@ def _register_erfc():
             x = node.input[0]
             dtype = ctx.get_dtype(x)
             erf = ctx.make_node("Erf", [x], shapes=[ctx.get_shape(x)], dtypes=[dtype]).output[0]
-            one = ctx.make_const(utils.make_name("erfc_one"),
-                                 np.array(1, dtype=utils.map_onnx_to_numpy_type(dtype))).output[0]
+            one = ctx.make_const(
+                utils.make_name("erfc_one"), np.array(1, dtype=utils.map_onnx_to_numpy_type(dtype))
+            ).output[0]
             node.type = "Sub"
             ctx.replace_inputs(node, [one, erf])
 

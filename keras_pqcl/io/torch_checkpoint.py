@@ -91,9 +91,7 @@ _BLOCK_PARAMS = (
 # backbones still carry their weights. They are dropped by these exact root-level names only:
 # ``blocks.{i}.norm2.*`` is each block's own (used) second LayerNorm, and any other unknown key
 # stays an error under strict=True.
-_PQCL_UNUSED_KEYS = frozenset(
-    ["norm2.weight", "norm2.bias"] + [f"query_block.{param}" for param in _BLOCK_PARAMS]
-)
+_PQCL_UNUSED_KEYS = frozenset(["norm2.weight", "norm2.bias"] + [f"query_block.{param}" for param in _BLOCK_PARAMS])
 # Backbone arguments that come from the checkpoint and ``arch``, not from ``**kwargs``.
 _DERIVED_ARGS = (
     "patch_size",
@@ -301,8 +299,7 @@ def _read(source, weights_only):
         return source
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(
-            "load_torch_checkpoint expects a path to a .pth/.pt file or a dict of arrays, got "
-            f"{type(source).__name__}."
+            f"load_torch_checkpoint expects a path to a .pth/.pt file or a dict of arrays, got {type(source).__name__}."
         )
     path = os.fspath(source)
     if not os.path.isfile(path):
@@ -328,8 +325,7 @@ def _read(source, weights_only):
             checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, ...
         hint = (
-            " The file holds Python objects the safe loader refuses; if you trust it, pass "
-            "weights_only=False."
+            " The file holds Python objects the safe loader refuses; if you trust it, pass weights_only=False."
             if weights_only
             else ""
         )
@@ -526,8 +522,7 @@ def _geometry(state):
         patch_shape = tuple(state["patch_embed.proj.weight"].shape)
         if len(patch_shape) != 4 or patch_shape[2] != patch_shape[3] or patch_shape[1] != 3:
             raise ValueError(
-                f"patch_embed.proj.weight has shape {patch_shape}; expected a square RGB "
-                "Conv2d kernel (D, 3, p, p)."
+                f"patch_embed.proj.weight has shape {patch_shape}; expected a square RGB Conv2d kernel (D, 3, p, p)."
             )
         patch = patch_shape[-1]
 
@@ -648,10 +643,7 @@ def _resolve_arch(arch, dim, depth):
         config = dict(arch)
         unknown = sorted(set(config) - {"embed_dim", "depth", "num_heads"})
         if unknown or "num_heads" not in config:
-            raise ValueError(
-                "arch as a dict takes num_heads (required), embed_dim and depth; got "
-                f"{sorted(config)}."
-            )
+            raise ValueError(f"arch as a dict takes num_heads (required), embed_dim and depth; got {sorted(config)}.")
         config.setdefault("embed_dim", dim)
         config.setdefault("depth", depth)
         name = "vit"
@@ -839,8 +831,5 @@ def _assign(backbone, state, dim, patch, hidden):
             # from Keras only by leading unit axes in some forks.
             value = value.reshape(variable.shape)
         else:
-            raise ValueError(
-                f"{name} has shape {tuple(value.shape)}; the backbone needs "
-                f"{tuple(variable.shape)}."
-            )
+            raise ValueError(f"{name} has shape {tuple(value.shape)}; the backbone needs {tuple(variable.shape)}.")
         variable.assign(value.astype(np.float32))

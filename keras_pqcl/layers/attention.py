@@ -38,9 +38,7 @@ class Attention(keras.layers.Layer):
         self.head_dim = dim // num_heads
         self.qkv_bias = qkv_bias
         self.scale = self.head_dim**-0.5
-        self.qkv = Dense(
-            3 * dim, use_bias=qkv_bias, dtype=self.dtype_policy, name="qkv", **linear_init()
-        )
+        self.qkv = Dense(3 * dim, use_bias=qkv_bias, dtype=self.dtype_policy, name="qkv", **linear_init())
         self.proj = Dense(dim, dtype=self.dtype_policy, name="proj", **linear_init())
 
     def build(self, input_shape=None):

@@ -62,13 +62,9 @@ class Block(keras.layers.Layer):
         self.layer_scale_init = layer_scale_init
         self.ffn = ffn
         policy = self.dtype_policy
-        self.norm1 = keras.layers.LayerNormalization(
-            epsilon=layer_norm_epsilon, dtype=policy, name="norm1"
-        )
+        self.norm1 = keras.layers.LayerNormalization(epsilon=layer_norm_epsilon, dtype=policy, name="norm1")
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, dtype=policy, name="attn")
-        self.norm2 = keras.layers.LayerNormalization(
-            epsilon=layer_norm_epsilon, dtype=policy, name="norm2"
-        )
+        self.norm2 = keras.layers.LayerNormalization(epsilon=layer_norm_epsilon, dtype=policy, name="norm2")
         hidden = int(dim * mlp_ratio)
         if ffn == "swiglu":
             self.mlp = SwiGLU(dim, swiglu_hidden_dim(hidden), dtype=policy, name="mlp")

@@ -21,9 +21,7 @@ class Mlp(keras.layers.Layer):
         super().__init__(**kwargs)
         self.dim = dim
         self.hidden_dim = hidden_dim
-        self.fc1 = Dense(
-            hidden_dim, activation="gelu", dtype=self.dtype_policy, name="fc1", **linear_init()
-        )
+        self.fc1 = Dense(hidden_dim, activation="gelu", dtype=self.dtype_policy, name="fc1", **linear_init())
         self.fc2 = Dense(dim, dtype=self.dtype_policy, name="fc2", **linear_init())
 
     def build(self, input_shape=None):

@@ -49,7 +49,5 @@ class PatchEmbed(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            patch_size=self.patch_size, embed_dim=self.embed_dim, in_channels=self.in_channels
-        )
+        config.update(patch_size=self.patch_size, embed_dim=self.embed_dim, in_channels=self.in_channels)
         return config

@@ -33,9 +33,7 @@ class DINOLoss(CenteredTeacherLoss):
         n_global = teacher_logits.shape[0]
         n_crops = student_logits.shape[0]
         if n_crops < n_global:
-            raise ValueError(
-                f"The student must see at least the {n_global} global crops; got {n_crops} crops."
-            )
+            raise ValueError(f"The student must see at least the {n_global} global crops; got {n_crops} crops.")
         log_q = self.student_log_probs(student_logits)
         p = self.teacher_probs(teacher_logits, teacher_temp)
         batch = ops.cast(ops.shape(p)[1], "float32")

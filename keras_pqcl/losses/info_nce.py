@@ -86,9 +86,7 @@ class Queue(keras.layers.Layer):
         keys = cross_replica_concat(keys)
         n = keys.shape[0]
         if n is not None and n > self.size:
-            raise ValueError(
-                f"A global batch of {n} keys does not fit a queue of {self.size}; use a larger queue."
-            )
+            raise ValueError(f"A global batch of {n} keys does not fit a queue of {self.size}; use a larger queue.")
         n = ops.shape(keys)[0]
         rows = (ops.cast(self.pointer, "int32") + ops.arange(n, dtype="int32")) % self.size
         self.entries.assign(ops.scatter_update(self.entries, ops.expand_dims(rows, -1), keys))

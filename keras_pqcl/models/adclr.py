@@ -39,11 +39,33 @@ class ADCLR(NamedMethod):
     cross-view target and the loss weight are a reconstruction from the abstract and that code.
     """
 
-    def __init__(self, backbone, base="dino", query_position="crop", target="cross_view", out_dim=None,
-                 hidden_dim=2048, bottleneck_dim=256, head_layers=3, norm_last_layer=True, student_temp=0.1,
-                 warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_patch_temp=0.04, teacher_patch_temp=0.07,
-                 warmup_teacher_query_temp=0.04, teacher_query_temp=0.07, warmup_teacher_temp_epochs=30, lambda1=1.0,
-                 lambda2=1.0, lambda3=1.0, pred_start_epoch=0, local_cls_terms=True, center_momentum=0.9, **kwargs):
+    def __init__(
+        self,
+        backbone,
+        base="dino",
+        query_position="crop",
+        target="cross_view",
+        out_dim=None,
+        hidden_dim=2048,
+        bottleneck_dim=256,
+        head_layers=3,
+        norm_last_layer=True,
+        student_temp=0.1,
+        warmup_teacher_temp=0.04,
+        teacher_temp=0.07,
+        warmup_teacher_patch_temp=0.04,
+        teacher_patch_temp=0.07,
+        warmup_teacher_query_temp=0.04,
+        teacher_query_temp=0.07,
+        warmup_teacher_temp_epochs=30,
+        lambda1=1.0,
+        lambda2=1.0,
+        lambda3=1.0,
+        pred_start_epoch=0,
+        local_cls_terms=True,
+        center_momentum=0.9,
+        **kwargs,
+    ):
         arguments = dict(locals())
         if out_dim is None:
             arguments["out_dim"] = 65536 if base == "dino" else 8192
@@ -53,7 +75,14 @@ class ADCLR(NamedMethod):
     def make_terms(args):
         out_dim = args.out_dim or (65536 if args.base == "dino" else 8192)
         args = type(args)(**{**vars(args), "out_dim": out_dim})
-        return base_terms(args, args.local_cls_terms) + [QueryCrops(
-            out_dim, query_position=args.query_position, target=args.target, student_temp=args.student_temp,
-            teacher_temp=ramp(args, "teacher_query_temp", args.pred_start_epoch),
-            center_momentum=args.center_momentum, weight=args.lambda3)]
+        return base_terms(args, args.local_cls_terms) + [
+            QueryCrops(
+                out_dim,
+                query_position=args.query_position,
+                target=args.target,
+                student_temp=args.student_temp,
+                teacher_temp=ramp(args, "teacher_query_temp", args.pred_start_epoch),
+                center_momentum=args.center_momentum,
+                weight=args.lambda3,
+            )
+        ]

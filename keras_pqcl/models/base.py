@@ -78,8 +78,11 @@ class SelfSupervisedModel(TrainStep, keras.Model):
 
         def scalar(name, value):
             return self.add_weight(
-                name=name, shape=(), initializer=keras.initializers.Constant(value),
-                trainable=False, dtype="float32",
+                name=name,
+                shape=(),
+                initializer=keras.initializers.Constant(value),
+                trainable=False,
+                dtype="float32",
             )
 
         # Filled in by fit(); kept as variables so compiled steps read the current values
@@ -220,8 +223,19 @@ class SelfSupervisedModel(TrainStep, keras.Model):
         """``data[key]``, or a ValueError naming the key, this model and ``hint``."""
         return require(data, key, type(self).__name__, hint)
 
-    def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callbacks=None, steps_per_epoch=None,
-            run_epochs=None, epoch_steps=None, **kwargs):
+    def fit(
+        self,
+        x=None,
+        y=None,
+        batch_size=None,
+        epochs=1,
+        verbose="auto",
+        callbacks=None,
+        steps_per_epoch=None,
+        run_epochs=None,
+        epoch_steps=None,
+        **kwargs,
+    ):
         """``keras.Model.fit`` that first sets the schedules' clock.
 
         The number of steps per epoch is read from the dataset's cardinality unless
@@ -252,8 +266,14 @@ class SelfSupervisedModel(TrainStep, keras.Model):
             kwargs.setdefault("shuffle", False)  # tf.data shuffles itself; avoids Keras' warning
             x = distributable(x, self)
         return super().fit(
-            x, y, batch_size=batch_size, epochs=epochs, verbose=verbose, callbacks=callbacks,
-            steps_per_epoch=steps_per_epoch, **kwargs,
+            x,
+            y,
+            batch_size=batch_size,
+            epochs=epochs,
+            verbose=verbose,
+            callbacks=callbacks,
+            steps_per_epoch=steps_per_epoch,
+            **kwargs,
         )
 
     def get_config(self):

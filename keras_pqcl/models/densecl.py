@@ -240,9 +240,12 @@ class DenseCL(SelfSupervisedModel):
 
     def ssl_forward(self, data, step, training=True):
         crops = require(
-            data, "global_crops", "DenseCL",
+            data,
+            "global_crops",
+            "DenseCL",
             "Batches are dicts with 'global_crops' (B, 2, H, W, 3); use keras_pqcl.data.pretrain_dataset "
-            "with crops=keras_pqcl.data.views.densecl_crops().")
+            "with crops=keras_pqcl.data.views.densecl_crops().",
+        )
         if len(crops.shape) != 5 or crops.shape[1] != 2:
             raise ValueError(
                 f"DenseCL needs two views per image, 'global_crops' of shape (B, 2, H, W, 3); got "
@@ -296,4 +299,3 @@ class DenseCL(SelfSupervisedModel):
             seed=self.seed,
         )
         return config
-

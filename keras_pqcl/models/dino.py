@@ -34,9 +34,21 @@ class DINO(NamedMethod):
         means collapse to one prototype, near ``ln K`` uniform collapse).
     """
 
-    def __init__(self, backbone, out_dim=65536, hidden_dim=2048, bottleneck_dim=256, head_layers=3,
-                 norm_last_layer=True, student_temp=0.1, warmup_teacher_temp=0.04, teacher_temp=0.07,
-                 warmup_teacher_temp_epochs=30, center_momentum=0.9, **kwargs):
+    def __init__(
+        self,
+        backbone,
+        out_dim=65536,
+        hidden_dim=2048,
+        bottleneck_dim=256,
+        head_layers=3,
+        norm_last_layer=True,
+        student_temp=0.1,
+        warmup_teacher_temp=0.04,
+        teacher_temp=0.07,
+        warmup_teacher_temp_epochs=30,
+        center_momentum=0.9,
+        **kwargs,
+    ):
         self._setup(locals(), kwargs)
 
     @staticmethod

@@ -39,20 +39,42 @@ class IBOT(NamedMethod):
         ``teacher_patch_temp``, ``teacher_entropy``, ``masked_fraction`` and the schedules.
     """
 
-    def __init__(self, backbone, out_dim=8192, patch_out_dim=None, shared_head=True, hidden_dim=2048,
-                 bottleneck_dim=256, head_layers=3, norm_last_layer=True, student_temp=0.1, warmup_teacher_temp=0.04,
-                 teacher_temp=0.07, warmup_teacher_patch_temp=0.04, teacher_patch_temp=0.07,
-                 warmup_teacher_temp_epochs=30, lambda1=1.0, lambda2=1.0, pred_start_epoch=0, center_momentum=0.9,
-                 **kwargs):
+    def __init__(
+        self,
+        backbone,
+        out_dim=8192,
+        patch_out_dim=None,
+        shared_head=True,
+        hidden_dim=2048,
+        bottleneck_dim=256,
+        head_layers=3,
+        norm_last_layer=True,
+        student_temp=0.1,
+        warmup_teacher_temp=0.04,
+        teacher_temp=0.07,
+        warmup_teacher_patch_temp=0.04,
+        teacher_patch_temp=0.07,
+        warmup_teacher_temp_epochs=30,
+        lambda1=1.0,
+        lambda2=1.0,
+        pred_start_epoch=0,
+        center_momentum=0.9,
+        **kwargs,
+    ):
         self._setup(locals(), kwargs)
 
     @staticmethod
     def make_terms(args):
         return [
-            CLSDistillation(args.out_dim, args.student_temp, ramp(args, "teacher_temp"), args.center_momentum,
-                            weight=args.lambda1),
+            CLSDistillation(
+                args.out_dim, args.student_temp, ramp(args, "teacher_temp"), args.center_momentum, weight=args.lambda1
+            ),
             MaskedPatchDistillation(
-                args.patch_out_dim or args.out_dim, args.student_temp,
-                ramp(args, "teacher_patch_temp", args.pred_start_epoch), args.center_momentum,
-                start_epoch=args.pred_start_epoch, weight=args.lambda2),
+                args.patch_out_dim or args.out_dim,
+                args.student_temp,
+                ramp(args, "teacher_patch_temp", args.pred_start_epoch),
+                args.center_momentum,
+                start_epoch=args.pred_start_epoch,
+                weight=args.lambda2,
+            ),
         ]

@@ -57,7 +57,7 @@ def region_tiles(feature_map, tile):
     if h % tile or w % tile:
         raise ValueError(f"A {h}x{w} feature map does not split into {tile}x{tile} tiles.")
     x = ops.reshape(feature_map, (-1, h // tile, tile, w // tile, tile, c))
-    x = ops.transpose(x, (0, 1, 3, 2, 4, 5))          # (B, rows, cols, y, x, C)
+    x = ops.transpose(x, (0, 1, 3, 2, 4, 5))  # (B, rows, cols, y, x, C)
     return ops.reshape(x, (-1, tile, tile, c))
 
 
@@ -214,14 +214,17 @@ class MCL(SelfSupervisedModel):
     def _levels(self, data):
         """``[(level, count, labels or None, inputs)]`` of one batch, level 0 first."""
         full = require(
-            data, "full_images", "MCL",
-            "Batches are dicts with 'full_images' (N, 2, S, S, 3) and the montages; use "
-            "keras_pqcl.data.mcl_dataset.")
-        ratios = sorted(int(k[len("montages_r"):]) for k in data if k.startswith("montages_r"))
+            data,
+            "full_images",
+            "MCL",
+            "Batches are dicts with 'full_images' (N, 2, S, S, 3) and the montages; use keras_pqcl.data.mcl_dataset.",
+        )
+        ratios = sorted(int(k[len("montages_r") :]) for k in data if k.startswith("montages_r"))
         if ratios and not self.use_fpn:
             raise ValueError(
                 f"MCL(fpn=False) uses C5 only, so it cannot place montages of ratios {ratios}; "
-                "build the data with MontageConfig(ratios=()) or use fpn=True.")
+                "build the data with MontageConfig(ratios=()) or use fpn=True."
+            )
         levels = [(0, full.shape[0], None, full)]
         for r in ratios:
             if r not in (2, 4, 8):
@@ -261,7 +264,7 @@ class MCL(SelfSupervisedModel):
             online = self._pyramid(self.student_backbone, student_fpn, images, training)
             per_level, start = [], 0
             for level, count, _, _ in levels:
-                fmap = online[f"P{5 - level}"][start:start + count]
+                fmap = online[f"P{5 - level}"][start : start + count]
                 z = self.student_neck(region_tiles(fmap, tile), training=training)
                 per_level.append(self.predictors[level](z, training=training))
                 start += count
@@ -275,7 +278,8 @@ class MCL(SelfSupervisedModel):
             for (level, _, sources, _), pred in zip(levels, predictions[branch]):
                 labels = own if sources is None else sources[:, branch]
                 term, cos = contrastive_level_loss(
-                    pred, targets[1 - branch], labels, self.temperature, self.level_weights[level])
+                    pred, targets[1 - branch], labels, self.temperature, self.level_weights[level]
+                )
                 name = f"level_{level}"
                 logs[name] = logs[name] + term if name in logs else term
                 loss = loss + term

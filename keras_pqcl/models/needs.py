@@ -63,8 +63,11 @@ def combine(needs):
     if len(tables) > 1:
         raise ValueError(f"The loss terms need different position tables: {sorted(tables)}.")
     return Needs(
-        backbone="vit", mask_token=any(n.mask_token for n in needs), pos_embed=tables.pop() if tables else None,
-        masks=any(n.masks for n in needs), queries=any(n.queries for n in needs),
+        backbone="vit",
+        mask_token=any(n.mask_token for n in needs),
+        pos_embed=tables.pop() if tables else None,
+        masks=any(n.masks for n in needs),
+        queries=any(n.queries for n in needs),
     )
 
 

@@ -13,12 +13,27 @@ def base_terms(args, local_crops):
     one shared head (``K`` prototypes for every token)."""
     if args.base not in BASES:
         raise ValueError(f"base must be one of {BASES}, got {args.base!r}.")
-    terms = [CLSDistillation(args.out_dim, args.student_temp, ramp(args, "teacher_temp"), args.center_momentum,
-                             local_crops=local_crops, weight=args.lambda1)]
+    terms = [
+        CLSDistillation(
+            args.out_dim,
+            args.student_temp,
+            ramp(args, "teacher_temp"),
+            args.center_momentum,
+            local_crops=local_crops,
+            weight=args.lambda1,
+        )
+    ]
     if args.base == "ibot":
-        terms.append(MaskedPatchDistillation(
-            args.out_dim, args.student_temp, ramp(args, "teacher_patch_temp", args.pred_start_epoch),
-            args.center_momentum, start_epoch=args.pred_start_epoch, weight=args.lambda2))
+        terms.append(
+            MaskedPatchDistillation(
+                args.out_dim,
+                args.student_temp,
+                ramp(args, "teacher_patch_temp", args.pred_start_epoch),
+                args.center_momentum,
+                start_epoch=args.pred_start_epoch,
+                weight=args.lambda2,
+            )
+        )
     return terms
 
 
@@ -62,15 +77,41 @@ class PQCL(NamedMethod):
     Official code: github.com/Sherrylone/PQCL.
     """
 
-    def __init__(self, backbone, base="ibot", out_dim=8192, hidden_dim=2048, bottleneck_dim=256, head_layers=3,
-                 norm_last_layer=True, student_temp=0.1, warmup_teacher_temp=0.04, teacher_temp=0.07,
-                 warmup_teacher_patch_temp=0.04, teacher_patch_temp=0.07, warmup_teacher_query_temp=0.04,
-                 teacher_query_temp=0.07, warmup_teacher_temp_epochs=30, lambda1=1.0, lambda2=1.0, lambda3=1.0,
-                 pred_start_epoch=0, local_cls_terms=False, center_momentum=0.9, **kwargs):
+    def __init__(
+        self,
+        backbone,
+        base="ibot",
+        out_dim=8192,
+        hidden_dim=2048,
+        bottleneck_dim=256,
+        head_layers=3,
+        norm_last_layer=True,
+        student_temp=0.1,
+        warmup_teacher_temp=0.04,
+        teacher_temp=0.07,
+        warmup_teacher_patch_temp=0.04,
+        teacher_patch_temp=0.07,
+        warmup_teacher_query_temp=0.04,
+        teacher_query_temp=0.07,
+        warmup_teacher_temp_epochs=30,
+        lambda1=1.0,
+        lambda2=1.0,
+        lambda3=1.0,
+        pred_start_epoch=0,
+        local_cls_terms=False,
+        center_momentum=0.9,
+        **kwargs,
+    ):
         self._setup(locals(), kwargs)
 
     @staticmethod
     def make_terms(args):
-        return base_terms(args, args.local_cls_terms) + [PositionalQueries(
-            args.out_dim, args.student_temp, ramp(args, "teacher_query_temp", args.pred_start_epoch),
-            args.center_momentum, weight=args.lambda3)]
+        return base_terms(args, args.local_cls_terms) + [
+            PositionalQueries(
+                args.out_dim,
+                args.student_temp,
+                ramp(args, "teacher_query_temp", args.pred_start_epoch),
+                args.center_momentum,
+                weight=args.lambda3,
+            )
+        ]

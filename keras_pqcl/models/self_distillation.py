@@ -29,8 +29,15 @@ GLOBAL_HINT = (
 )
 
 #: the head's arguments; the rest of a method's arguments shape its terms.
-HEAD_ARGS = ("out_dim", "patch_out_dim", "shared_head", "hidden_dim", "bottleneck_dim", "head_layers",
-             "norm_last_layer")
+HEAD_ARGS = (
+    "out_dim",
+    "patch_out_dim",
+    "shared_head",
+    "hidden_dim",
+    "bottleneck_dim",
+    "head_layers",
+    "norm_last_layer",
+)
 
 
 def resolve_terms(terms, out_dim=None):
@@ -117,9 +124,22 @@ class SelfDistillation(SelfSupervisedModel):
         temperature, ``teacher_momentum``, ``learning_rate``, ``weight_decay``.
     """
 
-    def __init__(self, backbone, terms=None, out_dim=65536, patch_out_dim=None, shared_head=True, hidden_dim=2048,
-                 bottleneck_dim=256, head_layers=3, norm_last_layer=True, use_bn_in_head=False, extra_terms=(),
-                 _arguments=None, **kwargs):
+    def __init__(
+        self,
+        backbone,
+        terms=None,
+        out_dim=65536,
+        patch_out_dim=None,
+        shared_head=True,
+        hidden_dim=2048,
+        bottleneck_dim=256,
+        head_layers=3,
+        norm_last_layer=True,
+        use_bn_in_head=False,
+        extra_terms=(),
+        _arguments=None,
+        **kwargs,
+    ):
         extra = resolve_terms(extra_terms, out_dim)
         terms = resolve_terms(terms, out_dim) + extra
         for role in ("student_masks", "query_tokens"):
@@ -131,9 +151,15 @@ class SelfDistillation(SelfSupervisedModel):
         check_backbone(backbone, needs, type(self).__name__, reasons)
         super().__init__(**kwargs)
         self._arguments = _arguments
-        self.head_args = dict(out_dim=out_dim, patch_out_dim=patch_out_dim, shared_head=shared_head,
-                              hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim, head_layers=head_layers,
-                              norm_last_layer=norm_last_layer)
+        self.head_args = dict(
+            out_dim=out_dim,
+            patch_out_dim=patch_out_dim,
+            shared_head=shared_head,
+            hidden_dim=hidden_dim,
+            bottleneck_dim=bottleneck_dim,
+            head_layers=head_layers,
+            norm_last_layer=norm_last_layer,
+        )
         self.out_dim, self.use_bn_in_head = out_dim, use_bn_in_head
         self._n_extra = len(extra)
 
@@ -144,10 +170,16 @@ class SelfDistillation(SelfSupervisedModel):
         if backbone.has_mask_token and not needs.mask_token:
             # No term reads it: frozen, it draws no "gradients do not exist" warnings.
             backbone.mask_token.trainable = False
-        tokens = any(t.student_patches or t.teacher_patches or type(t).query_tokens is not Term.query_tokens
-                     for t in terms)
-        args = dict(out_dim=out_dim, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim, num_layers=head_layers,
-                    use_bn=use_bn_in_head)
+        tokens = any(
+            t.student_patches or t.teacher_patches or type(t).query_tokens is not Term.query_tokens for t in terms
+        )
+        args = dict(
+            out_dim=out_dim,
+            hidden_dim=hidden_dim,
+            bottleneck_dim=bottleneck_dim,
+            num_layers=head_layers,
+            use_bn=use_bn_in_head,
+        )
         if tokens:
             head, args = iBOTHead, dict(args, patch_out_dim=patch_out_dim or out_dim, shared_head=shared_head)
         else:
@@ -176,7 +208,8 @@ class SelfDistillation(SelfSupervisedModel):
         else:
             known = inspect.signature(cls.__init__).parameters
             bound = inspect.signature(cls.__init__).bind_partial(
-                None, None, **{k: v for k, v in method_args.items() if k in known})
+                None, None, **{k: v for k, v in method_args.items() if k in known}
+            )
             bound.apply_defaults()
             args = {k: v for k, v in bound.arguments.items() if k not in ("self", "backbone", "kwargs")}
             terms = cls.make_terms(types.SimpleNamespace(**args))
@@ -231,8 +264,13 @@ class SelfDistillation(SelfSupervisedModel):
             if queries is not None:
                 student_queries, teacher_queries = queries
 
-        out.teacher = encode(self.teacher_backbone, self.teacher_head, images, queries=teacher_queries,
-                             patches=any(t.teacher_patches for t in self.terms))
+        out.teacher = encode(
+            self.teacher_backbone,
+            self.teacher_head,
+            images,
+            queries=teacher_queries,
+            patches=any(t.teacher_patches for t in self.terms),
+        )
         out.teacher = {k: ops.stop_gradient(v) for k, v in out.teacher.items()}
         if any(t.teacher_local_patches for t in self.terms):
             out.teacher_local_patches = self.teacher_local_patches(data["local_crops"])
@@ -241,8 +279,15 @@ class SelfDistillation(SelfSupervisedModel):
         local = local if local is not None and local.shape[1] else None
         patches = any(t.student_patches for t in self.terms)
         if patches or student_queries is not None:
-            out.student = encode(self.student_backbone, self.student_head, images, masks=out.masks,
-                                 queries=student_queries, patches=patches, training=training)
+            out.student = encode(
+                self.student_backbone,
+                self.student_head,
+                images,
+                masks=out.masks,
+                queries=student_queries,
+                patches=patches,
+                training=training,
+            )
             if local is not None:
                 features = self.student_backbone(crop_major(local), training=training)
                 out.student_local_cls = self.student_head.token_logits(features["cls"])
@@ -302,13 +347,19 @@ class NamedMethod(SelfDistillation):
         args = {k: v for k, v in arguments.items() if k not in ("self", "backbone", "kwargs", "__class__")}
         head = {k: v for k, v in args.items() if k in HEAD_ARGS}
         SelfDistillation.__init__(
-            self, arguments["backbone"], terms=self.make_terms(types.SimpleNamespace(**args)), _arguments=args,
-            **head, **kwargs)
+            self,
+            arguments["backbone"],
+            terms=self.make_terms(types.SimpleNamespace(**args)),
+            _arguments=args,
+            **head,
+            **kwargs,
+        )
 
 
 def ramp(args, prefix, start_epoch=0):
     """The teacher temperature ``<prefix>`` of a method's arguments as an
     :class:`~keras_pqcl.schedules.EpochRamp`: ``warmup_<prefix>`` -> ``<prefix>`` over
     ``warmup_teacher_temp_epochs``."""
-    return EpochRamp(getattr(args, "warmup_" + prefix), getattr(args, prefix), args.warmup_teacher_temp_epochs,
-                     start_epoch)
+    return EpochRamp(
+        getattr(args, "warmup_" + prefix), getattr(args, prefix), args.warmup_teacher_temp_epochs, start_epoch
+    )

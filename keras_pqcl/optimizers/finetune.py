@@ -46,8 +46,13 @@ class WarmupPoly(keras.optimizers.schedules.LearningRateSchedule):
         return value
 
     def get_config(self):
-        return dict(start=self.start, end=self.end, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
-                    power=self.power)
+        return dict(
+            start=self.start,
+            end=self.end,
+            total_steps=self.total_steps,
+            warmup_steps=self.warmup_steps,
+            power=self.power,
+        )
 
 
 @keras.saving.register_keras_serializable(package="keras_pqcl")
@@ -129,8 +134,19 @@ def layer_decay_multipliers(model, layer_decay):
     return {path: float(layer_decay) ** (num_layers + 1 - i) for path, i in ids.items()}
 
 
-def finetune_adamw(model, lr, layer_decay=0.65, weight_decay=0.05, warmup_steps=0, total_steps=None,
-                   schedule="poly", min_lr=0.0, power=1.0, beta_2=0.999, clip_per_tensor=None):
+def finetune_adamw(
+    model,
+    lr,
+    layer_decay=0.65,
+    weight_decay=0.05,
+    warmup_steps=0,
+    total_steps=None,
+    schedule="poly",
+    min_lr=0.0,
+    power=1.0,
+    beta_2=0.999,
+    clip_per_tensor=None,
+):
     """AdamW for fine-tuning ``model`` (a :class:`~keras_pqcl.tasks.SemanticSegmenter` or a
     bare backbone) with layer-wise learning-rate decay.
 
@@ -150,8 +166,9 @@ def finetune_adamw(model, lr, layer_decay=0.65, weight_decay=0.05, warmup_steps=
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}; got {schedule!r}.")
     if total_steps is None or int(total_steps) <= 0:
-        raise ValueError(f"total_steps must be a positive number of steps (epochs x steps per epoch); got "
-                         f"{total_steps!r}.")
+        raise ValueError(
+            f"total_steps must be a positive number of steps (epochs x steps per epoch); got {total_steps!r}."
+        )
     if not 0.0 < float(layer_decay) <= 1.0 or math.isnan(float(layer_decay)):
         raise ValueError(f"layer_decay must lie in (0, 1]; got {layer_decay!r}.")
     if int(warmup_steps) >= int(total_steps):
@@ -161,5 +178,10 @@ def finetune_adamw(model, lr, layer_decay=0.65, weight_decay=0.05, warmup_steps=
     else:
         rate = WarmupCosine(lr, min_lr, total_steps, warmup_steps=warmup_steps)
     multipliers = layer_decay_multipliers(model, layer_decay) if float(layer_decay) != 1.0 else {}
-    return LayerDecayAdamW(lr_multipliers=multipliers, learning_rate=rate, weight_decay=weight_decay,
-                           beta_2=beta_2, clip_per_tensor=clip_per_tensor)
+    return LayerDecayAdamW(
+        lr_multipliers=multipliers,
+        learning_rate=rate,
+        weight_decay=weight_decay,
+        beta_2=beta_2,
+        clip_per_tensor=clip_per_tensor,
+    )

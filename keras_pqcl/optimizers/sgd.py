@@ -54,8 +54,9 @@ class SGD(keras.optimizers.Optimizer):
         return config
 
 
-def moco_sgd(batch_size, epochs, steps_per_epoch, base_lr=0.03, min_lr=0.0, warmup_epochs=0,
-             momentum=0.9, weight_decay=1e-4):
+def moco_sgd(
+    batch_size, epochs, steps_per_epoch, base_lr=0.03, min_lr=0.0, warmup_epochs=0, momentum=0.9, weight_decay=1e-4
+):
     """The MoCo-v2/DenseCL optimizer: :class:`SGD` with ``lr = base_lr * batch_size / 256``,
     an optional linear warm-up, then cosine to ``min_lr`` over the run."""
     total = int(epochs * steps_per_epoch)

@@ -63,8 +63,19 @@ def fused_adamw_step(optimizer, grads, variables, learning_rate):
     decay = float(_value(optimizer.current_weight_decay())) if optimizer.decay else 0.0
     for decayed, (params, gs, ms, vs, steps) in groups.items():
         torch._fused_adamw_(
-            params, gs, ms, vs, [], steps, lr=lr, beta1=optimizer.beta_1, beta2=optimizer.beta_2,
-            weight_decay=decay if decayed else 0.0, eps=optimizer.epsilon, amsgrad=False, maximize=False,
+            params,
+            gs,
+            ms,
+            vs,
+            [],
+            steps,
+            lr=lr,
+            beta1=optimizer.beta_1,
+            beta2=optimizer.beta_2,
+            weight_decay=decay if decayed else 0.0,
+            eps=optimizer.epsilon,
+            amsgrad=False,
+            maximize=False,
         )
 
 

@@ -32,6 +32,7 @@ def check_masks(images, masks, num_classes, ignore_index=255, names=None):
     ``[0, num_classes)`` or equal to ``ignore_index``. ``names`` (file names) make the message
     point at the file; otherwise samples are named by index.
     """
+
     def name(i):
         return repr(names[i]) if names is not None else f"sample {i}"
 
@@ -95,8 +96,18 @@ def _photometric(image, seed):
     return tf.clip_by_value(image, 0.0, 1.0)
 
 
-def augment_pair(image, mask, seed, crop_size, scale_range=(0.5, 2.0), flip=True, photometric=True,
-                 ignore_index=255, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+def augment_pair(
+    image,
+    mask,
+    seed,
+    crop_size,
+    scale_range=(0.5, 2.0),
+    flip=True,
+    photometric=True,
+    ignore_index=255,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+):
     """One training sample: ``image`` float [0, 1] ``(H, W, 3)``, ``mask`` int ``(H, W)``,
     ``seed`` int ``(2,)`` -> normalised ``(crop, crop, 3)`` float32 and ``(crop, crop)`` int32."""
     seeds = tf.random.experimental.stateless_split(seed, 4)
@@ -122,9 +133,22 @@ def augment_pair(image, mask, seed, crop_size, scale_range=(0.5, 2.0), flip=True
     return stacked[..., :3], tf.cast(tf.round(stacked[..., 3]), tf.int32)
 
 
-def segmentation_dataset(images, masks, num_classes, batch_size=8, training=True, crop_size=None,
-                         scale_range=(0.5, 2.0), flip=True, photometric=True, ignore_index=255, shuffle=True,
-                         seed=0, names=None, drop_remainder=None):
+def segmentation_dataset(
+    images,
+    masks,
+    num_classes,
+    batch_size=8,
+    training=True,
+    crop_size=None,
+    scale_range=(0.5, 2.0),
+    flip=True,
+    photometric=True,
+    ignore_index=255,
+    shuffle=True,
+    seed=0,
+    names=None,
+    drop_remainder=None,
+):
     """Batches of ``(images (B, S, S, 3) float32 normalised, masks (B, S, S) int32)``.
 
     Args:

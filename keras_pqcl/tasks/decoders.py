@@ -62,8 +62,9 @@ class ConvBNReLU(keras.layers.Layer):
         super().__init__(**kwargs)
         self.filters, self.kernel_size = int(filters), int(kernel_size)
         policy = self.dtype_policy
-        self.conv = keras.layers.Conv2D(self.filters, self.kernel_size, padding="same", use_bias=False,
-                                        dtype=policy, name="conv")
+        self.conv = keras.layers.Conv2D(
+            self.filters, self.kernel_size, padding="same", use_bias=False, dtype=policy, name="conv"
+        )
         self.bn = keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9, dtype=policy, name="bn")
 
     def build(self, input_shape):
@@ -107,8 +108,12 @@ class _Decoder(keras.layers.Layer):
         return self.classifier(self.dropout(x, training=training))
 
     def get_config(self):
-        return {**super().get_config(), "num_classes": self.num_classes, "channels": self.channels,
-                "dropout": self.dropout_rate}
+        return {
+            **super().get_config(),
+            "num_classes": self.num_classes,
+            "channels": self.channels,
+            "dropout": self.dropout_rate,
+        }
 
 
 @keras.saving.register_keras_serializable(package="keras_pqcl")
@@ -209,8 +214,9 @@ class UperNetDecoder(_Decoder):
     def call(self, features, training=None):
         self._check(features)
         top = features[LEVELS[-1]]
-        pooled = [resize_to(conv(adaptive_avg_pool(top, b), training=training), top)
-                  for conv, b in zip(self.ppm, PPM_BINS)]
+        pooled = [
+            resize_to(conv(adaptive_avg_pool(top, b), training=training), top) for conv, b in zip(self.ppm, PPM_BINS)
+        ]
         laterals = [conv(features[lvl], training=training) for conv, lvl in zip(self.laterals, LEVELS)]
         laterals.append(self.psp_bottleneck(ops.concatenate([top] + pooled, axis=-1), training=training))
         for i in range(len(laterals) - 1, 0, -1):

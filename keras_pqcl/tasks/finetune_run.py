@@ -30,9 +30,26 @@ def save_predictions_png(path, images, masks, preds):
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)
 
 
-def finetune_segmentation(backbone, train, val, num_classes, output, decoder="upernet", epochs=10, batch_size=8,
-                          lr=1e-4, layer_decay=0.65, weight_decay=0.05, warmup_epochs=1, crop_size=None,
-                          freeze_backbone=False, channels=256, seed=0, verbose=2, num_predictions=4):
+def finetune_segmentation(
+    backbone,
+    train,
+    val,
+    num_classes,
+    output,
+    decoder="upernet",
+    epochs=10,
+    batch_size=8,
+    lr=1e-4,
+    layer_decay=0.65,
+    weight_decay=0.05,
+    warmup_epochs=1,
+    crop_size=None,
+    freeze_backbone=False,
+    channels=256,
+    seed=0,
+    verbose=2,
+    num_predictions=4,
+):
     """Fine-tune ``backbone`` on ``train`` and score it on ``val``.
 
     Args:
@@ -56,21 +73,42 @@ def finetune_segmentation(backbone, train, val, num_classes, output, decoder="up
     start = time.time()
     os.makedirs(output, exist_ok=True)
     crop = int(crop_size or train["images"].shape[1])
-    train_ds = segmentation_dataset(train["images"], train["masks"], num_classes, batch_size=batch_size,
-                                    crop_size=crop, seed=seed, names=train.get("names"))
-    val_ds = segmentation_dataset(val["images"], val["masks"], num_classes, batch_size=batch_size, training=False,
-                                  names=val.get("names"))
+    train_ds = segmentation_dataset(
+        train["images"],
+        train["masks"],
+        num_classes,
+        batch_size=batch_size,
+        crop_size=crop,
+        seed=seed,
+        names=train.get("names"),
+    )
+    val_ds = segmentation_dataset(
+        val["images"], val["masks"], num_classes, batch_size=batch_size, training=False, names=val.get("names")
+    )
     steps = len(train_ds)
     if steps == 0:
         raise ValueError(f"{len(train['images'])} training images make no batch of {batch_size}; lower --batch-size.")
-    seg = SemanticSegmenter(backbone, num_classes, decoder=decoder, freeze_backbone=freeze_backbone,
-                            channels=channels)
+    seg = SemanticSegmenter(backbone, num_classes, decoder=decoder, freeze_backbone=freeze_backbone, channels=channels)
     total = int(epochs) * steps
-    seg.compile(optimizer=finetune_adamw(seg, lr=lr, layer_decay=layer_decay, weight_decay=weight_decay,
-                                         warmup_steps=min(int(warmup_epochs) * steps, total - 1), total_steps=total))
+    seg.compile(
+        optimizer=finetune_adamw(
+            seg,
+            lr=lr,
+            layer_decay=layer_decay,
+            weight_decay=weight_decay,
+            warmup_steps=min(int(warmup_epochs) * steps, total - 1),
+            total_steps=total,
+        )
+    )
     # The dataset reshuffles itself every epoch.
-    seg.fit(train_ds, validation_data=val_ds, epochs=int(epochs), verbose=verbose, shuffle=False,
-            callbacks=[keras.callbacks.CSVLogger(os.path.join(output, "log.csv"))])
+    seg.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=int(epochs),
+        verbose=verbose,
+        shuffle=False,
+        callbacks=[keras.callbacks.CSVLogger(os.path.join(output, "log.csv"))],
+    )
     scores = seg.evaluate(val_ds, verbose=0, return_dict=True)
     seg.save(os.path.join(output, "segmenter.keras"))
 
@@ -79,12 +117,22 @@ def finetune_segmentation(backbone, train, val, num_classes, output, decoder="up
     preds = seg.segment(np.asarray(normalised))
     save_predictions_png(os.path.join(output, "predictions.png"), val["images"][shown], val["masks"][shown], preds)
     summary = {
-        "backend": keras.backend.backend(), "decoder": decoder, "num_classes": int(num_classes),
-        "epochs": int(epochs), "steps_per_epoch": steps, "batch_size": int(batch_size), "lr": float(lr),
-        "channels": int(channels), "layer_decay": float(layer_decay), "weight_decay": float(weight_decay),
+        "backend": keras.backend.backend(),
+        "decoder": decoder,
+        "num_classes": int(num_classes),
+        "epochs": int(epochs),
+        "steps_per_epoch": steps,
+        "batch_size": int(batch_size),
+        "lr": float(lr),
+        "channels": int(channels),
+        "layer_decay": float(layer_decay),
+        "weight_decay": float(weight_decay),
         "crop_size": crop,
-        "freeze_backbone": bool(freeze_backbone), "num_train": len(train["images"]), "num_val": len(val["images"]),
-        "val": {k: float(v) for k, v in scores.items()}, "seconds": round(time.time() - start, 1),
+        "freeze_backbone": bool(freeze_backbone),
+        "num_train": len(train["images"]),
+        "num_val": len(val["images"]),
+        "val": {k: float(v) for k, v in scores.items()},
+        "seconds": round(time.time() - start, 1),
     }
     with open(os.path.join(output, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

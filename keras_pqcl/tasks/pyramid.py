@@ -127,13 +127,9 @@ class FeaturePyramid(keras.layers.Layer):
                 if k:
                     layers.append(keras.layers.LayerNormalization(epsilon=1e-6, dtype=policy, name=f"{lvl}_norm{k}"))
                     layers.append(keras.layers.Activation("gelu", dtype=policy, name=f"{lvl}_gelu{k}"))
-                layers.append(
-                    keras.layers.Conv2DTranspose(dim, 2, strides=2, dtype=policy, name=f"{lvl}_deconv{k}")
-                )
+                layers.append(keras.layers.Conv2DTranspose(dim, 2, strides=2, dtype=policy, name=f"{lvl}_deconv{k}"))
             if steps < 0:
-                layers.append(
-                    keras.layers.MaxPooling2D(2 ** -steps, padding="same", dtype=policy, name=f"{lvl}_pool")
-                )
+                layers.append(keras.layers.MaxPooling2D(2**-steps, padding="same", dtype=policy, name=f"{lvl}_pool"))
             self.ops[lvl] = layers
 
     def _vit_maps(self, images, training):

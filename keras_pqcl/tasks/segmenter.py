@@ -58,8 +58,19 @@ class SemanticSegmenter(keras.Model):
     (1, 64, 96, 5)
     """
 
-    def __init__(self, backbone, num_classes, decoder="upernet", ignore_index=255, freeze_backbone=False,
-                 channels=256, dropout=0.1, pyramid="last", block_indices=None, **kwargs):
+    def __init__(
+        self,
+        backbone,
+        num_classes,
+        decoder="upernet",
+        ignore_index=255,
+        freeze_backbone=False,
+        channels=256,
+        dropout=0.1,
+        pyramid="last",
+        block_indices=None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         num_classes = int(num_classes)
         if num_classes < 2:
@@ -80,10 +91,17 @@ class SemanticSegmenter(keras.Model):
         self.pyramid_source = pyramid
         patch = int(getattr(backbone, "patch_size", 32))
         level = f"P{int(round(math.log2(patch)))}" if patch > 0 else "P4"
-        self.decoder = build_decoder(decoder, num_classes, channels=self.channels, dropout=self.dropout, level=level,
-                                     dtype=self.dtype_policy)
-        self.pyramid = FeaturePyramid(backbone, levels=self.decoder.levels, source=pyramid,
-                                      block_indices=block_indices, dtype=self.dtype_policy, name="pyramid")
+        self.decoder = build_decoder(
+            decoder, num_classes, channels=self.channels, dropout=self.dropout, level=level, dtype=self.dtype_policy
+        )
+        self.pyramid = FeaturePyramid(
+            backbone,
+            levels=self.decoder.levels,
+            source=pyramid,
+            block_indices=block_indices,
+            dtype=self.dtype_policy,
+            name="pyramid",
+        )
         self.block_indices = self.pyramid.block_indices
         mask_token = getattr(backbone, "mask_token", None)
         if mask_token is not None:
@@ -145,7 +163,9 @@ class SemanticSegmenter(keras.Model):
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be (N, H, W, 3); got shape {images.shape}.")
         if window is None:
-            return np.concatenate([self._forward(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+            return np.concatenate(
+                [self._forward(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+            )
         n, height, width, _ = images.shape
         wh, ww = (int(window), int(window)) if np.isscalar(window) else (int(window[0]), int(window[1]))
         if stride is None:
@@ -161,7 +181,7 @@ class SemanticSegmenter(keras.Model):
         counts = np.zeros((1, height, width, 1), np.float32)
         crops = [(i, box) for i in range(n) for box in boxes]
         for start in range(0, len(crops), batch_size):
-            chunk = crops[start:start + batch_size]
+            chunk = crops[start : start + batch_size]
             batch = np.stack([images[i, y1:y2, x1:x2] for i, (y1, y2, x1, x2) in chunk])
             out = self._forward(batch)
             for k, (i, (y1, y2, x1, x2)) in enumerate(chunk):

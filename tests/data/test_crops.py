@@ -14,8 +14,11 @@ def _boxes(height, width, scale, ratio, n=2000, salt=7):
     """n boxes with seeds (i, salt), drawn in one tf.data pass (fast)."""
     ds = tf.data.Dataset.range(n).map(
         lambda i: C.sample_crop_box(
-            tf.stack([i, tf.constant(salt, tf.int64)]), height, width,
-            scale=scale, ratio=ratio,
+            tf.stack([i, tf.constant(salt, tf.int64)]),
+            height,
+            width,
+            scale=scale,
+            ratio=ratio,
         )
     )
     return next(iter(ds.batch(n))).numpy()
@@ -136,9 +139,7 @@ def test_random_resized_crop_pixels_agree_with_box_and_flip():
     img = tf.constant(_coord_image(40, 48))
     seen_flip = {False: 0, True: 0}
     for i in range(24):
-        crop, box, flipped = C.random_resized_crop(
-            img, tf.constant([i, 11]), 32, scale=(0.25, 1.0)
-        )
+        crop, box, flipped = C.random_resized_crop(img, tf.constant([i, 11]), 32, scale=(0.25, 1.0))
         assert crop.shape == (32, 32, 3)
         seen_flip[bool(flipped)] += 1
         _check_crop_matches_box(crop.numpy(), box.numpy(), bool(flipped))
@@ -146,8 +147,9 @@ def test_random_resized_crop_pixels_agree_with_box_and_flip():
 
 
 def test_multicrop_geometry_without_photometric():
-    cfg = MultiCropConfig(global_size=24, local_size=12, n_global=2, n_local=3,
-                          global_scale=(0.3, 1.0), local_scale=(0.05, 0.3))
+    cfg = MultiCropConfig(
+        global_size=24, local_size=12, n_global=2, n_local=3, global_scale=(0.3, 1.0), local_scale=(0.05, 0.3)
+    )
     mc = MultiCrop(cfg, photometric=False, normalize=False)
     img = _coord_image(36, 30)
     for s in range(4):
@@ -163,13 +165,10 @@ def test_multicrop_geometry_without_photometric():
 
 
 def test_flip_rate_and_flip_local_false():
-    cfg = MultiCropConfig(global_size=8, local_size=8, n_global=2, n_local=4,
-                          flip_local=False)
+    cfg = MultiCropConfig(global_size=8, local_size=8, n_global=2, n_local=4, flip_local=False)
     mc = MultiCrop(cfg, photometric=False)
     img = tf.zeros([20, 20, 3], tf.uint8)
-    ds = tf.data.Dataset.range(200).map(
-        lambda i: mc(img, -1, tf.stack([i, tf.constant(1, tf.int64)]))
-    )
+    ds = tf.data.Dataset.range(200).map(lambda i: mc(img, -1, tf.stack([i, tf.constant(1, tf.int64)])))
     out = next(iter(ds.batch(200)))
     rate = out["global_flips"].numpy().mean()
     assert abs(rate - 0.5) < 0.08
@@ -209,17 +208,15 @@ def test_crop_and_resize_many_matches_tf_and_numpy_bicubic(dtype):
     rng = np.random.default_rng(3)
     img = rng.integers(0, 256, (57, 71, 3)).astype(dtype)
     # Shrinking, enlarging, same size, a 1-pixel-wide box and a whole-image one.
-    boxes = np.array([[3, 5, 40, 52], [10, 20, 7, 9], [0, 0, 24, 24],
-                      [30, 70, 20, 1], [0, 0, 57, 71]], np.float32)
+    boxes = np.array([[3, 5, 40, 52], [10, 20, 7, 9], [0, 0, 24, 24], [30, 70, 20, 1], [0, 0, 57, 71]], np.float32)
     out = C.crop_and_resize_many(img, tf.constant(boxes), 24, antialias=False)
     # uint8 in, uint8 out (rounded and saturated, as PIL resizes uint8 images).
     assert out.shape == (5, 24, 24, 3) and out.dtype == tf.as_dtype(dtype)
     for got, (top, left, h, w) in zip(out.numpy(), boxes.astype(int)):
-        crop = img[top:top + h, left:left + w]
+        crop = img[top : top + h, left : left + w]
         ref = tf.image.resize(crop, (24, 24), method="bicubic").numpy()
         exact = _numpy_bicubic(crop, 24)
-        one = C.crop_and_resize(img, tf.constant([top, left, h, w], tf.float32),
-                                24, antialias=False).numpy()
+        one = C.crop_and_resize(img, tf.constant([top, left, h, w], tf.float32), 24, antialias=False).numpy()
         if dtype == np.uint8:
             np.testing.assert_array_equal(got, np.clip(np.floor(ref + np.float32(0.5)), 0, 255))
             assert np.abs(got - np.clip(exact, 0, 255)).max() <= 0.5 + 1e-3

@@ -25,8 +25,8 @@ def folder(tmp_path):
     jpg = (tmp_path / "ref.jpg").read_bytes()
     os.remove(tmp_path / "ref.jpg")
     garbage = np.random.default_rng(0).integers(0, 256, 300, np.uint8).tobytes()
-    (tmp_path / "bad.png").write_bytes(png[:16] + garbage)     # signature + IHDR start
-    (tmp_path / "bad.jpg").write_bytes(jpg[:20] + garbage)     # SOI + APP0 start
+    (tmp_path / "bad.png").write_bytes(png[:16] + garbage)  # signature + IHDR start
+    (tmp_path / "bad.jpg").write_bytes(jpg[:20] + garbage)  # SOI + APP0 start
     _save(tmp_path / "scan.tif", 90, fmt="TIFF")
     (tmp_path / "notes.txt").write_text("not an image")
     return tmp_path
@@ -43,8 +43,7 @@ def test_decode_verification_names_every_bad_file(folder):
     ds, info, msgs = _load(folder, verify="decode")
     assert info.num_examples == 3 and info.verified
     assert info.num_skipped == 2
-    assert sorted(os.path.basename(p) for p in info.skipped_files) == [
-        "bad.jpg", "bad.png"]
+    assert sorted(os.path.basename(p) for p in info.skipped_files) == ["bad.jpg", "bad.png"]
     skipped = [m for m in msgs if "skipped" in m]
     assert len(skipped) == 1 and "skipped 2 of 5" in skipped[0]
     assert "bad.png" in skipped[0] and "bad.jpg" in skipped[0]
@@ -58,7 +57,7 @@ def test_decode_verification_names_every_bad_file(folder):
 
 
 def test_header_mode_counts_headers_and_drops_at_decode(folder):
-    ds, info, msgs = _load(folder)                     # verify="header"
+    ds, info, msgs = _load(folder)  # verify="header"
     # Both corrupt files have valid signatures: counted, not verified ...
     assert info.num_examples == 5 and not info.verified
     assert info.skipped_files == () and info.num_skipped == 0
@@ -87,8 +86,15 @@ def test_unsupported_only_and_too_few_images(tmp_path):
         load_source(str(tmp_path))
     _save(tmp_path / "c.png", 0)
     # One usable image, batch 2: no full batch, the stream cannot have 0 steps.
-    with pytest.warns(UserWarning, match="a.tif"), \
-            pytest.raises(ValueError, match=rf"{tmp_path}.*1 examples.*batch_size=2"):
-        pretrain_dataset(str(tmp_path), MultiCropConfig(
-            global_size=16, local_size=8, n_local=0, use_keras_cv=False),
-            batch_size=2, seed=0, epochs=1, photometric=False)
+    with (
+        pytest.warns(UserWarning, match="a.tif"),
+        pytest.raises(ValueError, match=rf"{tmp_path}.*1 examples.*batch_size=2"),
+    ):
+        pretrain_dataset(
+            str(tmp_path),
+            MultiCropConfig(global_size=16, local_size=8, n_local=0, use_keras_cv=False),
+            batch_size=2,
+            seed=0,
+            epochs=1,
+            photometric=False,
+        )

@@ -15,8 +15,7 @@ def _seed(i, salt=11):
 
 def _map(fn, n, salt=11):
     """fn(seed) for seeds (i, salt), i < n, in one tf.data pass (graph mode)."""
-    ds = tf.data.Dataset.range(n).map(
-        lambda i: fn(tf.stack([i, tf.constant(salt, tf.int64)])))
+    ds = tf.data.Dataset.range(n).map(lambda i: fn(tf.stack([i, tf.constant(salt, tf.int64)])))
     return next(iter(ds.batch(n))).numpy()
 
 
@@ -44,9 +43,9 @@ def _reference_block(draws, H, W, ratio, min_aspect=0.3, min_area=None):
             if h < H and w < W:
                 top = min(int(u_top * (H - h + 1)), H - h)
                 left = min(int(u_left * (W - w + 1)), W - w)
-                new = h * w - mask[top:top + h, left:left + w].sum()
+                new = h * w - mask[top : top + h, left : left + w].sum()
                 if 0 < new <= budget:
-                    mask[top:top + h, left:left + w] = True
+                    mask[top : top + h, left : left + w] = True
                     added = new
                     sizes.append((h, w))
             if added > 0:
@@ -60,12 +59,10 @@ def _reference_block(draws, H, W, ratio, min_aspect=0.3, min_area=None):
 
 @pytest.mark.parametrize(
     "H,W,min_aspect,min_area",
-    [(14, 14, 0.3, None), (6, 6, 0.3, None), (8, 20, 0.3, None),
-     (14, 14, 0.5, 4), (14, 14, 0.3, 30)],
+    [(14, 14, 0.3, None), (6, 6, 0.3, None), (8, 20, 0.3, None), (14, 14, 0.5, 4), (14, 14, 0.3, 30)],
 )
 def test_block_mask_matches_python_reference(H, W, min_aspect, min_area):
-    fn = tf.function(lambda s, r: (
-        M.block_mask(s, H, W, r, min_aspect, min_area), M.block_draws(s, H, W, r)))
+    fn = tf.function(lambda s, r: (M.block_mask(s, H, W, r, min_aspect, min_area), M.block_draws(s, H, W, r)))
     rng = np.random.default_rng(H * W)
     for i in range(12):
         # A batch of masks: each must evolve as if alone (finished ones frozen).
@@ -73,10 +70,8 @@ def test_block_mask_matches_python_reference(H, W, min_aspect, min_area):
         masks, draws = fn(_seed(i), tf.constant(ratios, tf.float64))
         assert masks.shape == (3, H, W) and draws.shape[1:] == (3, 10, 4)
         for b, ratio in enumerate(ratios):
-            ref, sizes = _reference_block(draws.numpy()[:, b], H, W, float(ratio),
-                                          min_aspect, min_area)
-            np.testing.assert_array_equal(masks[b].numpy(), ref,
-                                          err_msg=f"seed {i}, mask {b}")
+            ref, sizes = _reference_block(draws.numpy()[:, b], H, W, float(ratio), min_aspect, min_area)
+            np.testing.assert_array_equal(masks[b].numpy(), ref, err_msg=f"seed {i}, mask {b}")
             assert ref.sum() <= ratio * H * W
             for h, w in sizes:  # rounding moves the aspect by <= half a patch
                 assert (h + 0.5) / (w - 0.5) >= min_aspect - 1e-9
@@ -107,9 +102,7 @@ def test_block_mask_statistics():
 
     # Same distribution as the reference loop fed by an independent RNG.
     rng = np.random.default_rng(0)
-    ref = np.stack([
-        _reference_block(rng.random((H * W + 1, 10, 4)), H, W, ratio)[0]
-        for _ in range(n)])
+    ref = np.stack([_reference_block(rng.random((H * W + 1, 10, 4)), H, W, ratio)[0] for _ in range(n)])
     assert abs(ref.reshape(n, -1).sum(1).mean() - counts.mean()) < 1.0
     np.testing.assert_allclose(rows, ref.mean((0, 2)), atol=0.06)
     np.testing.assert_allclose(cols, ref.mean((0, 1)), atol=0.06)
@@ -144,15 +137,13 @@ def test_ratio_sampling_recipe_statistics():
     assert r1.min() >= 0.2 and r1.max() <= 0.4 and r1.std() > 0.04
     assert np.all(_map(lambda s: M.sample_mask_ratio(s, 0.25, 0.0), 50) == 0.25)
     r3 = _map(lambda s: M.sample_mask_ratio(s, (0.1, 0.2, 0.4), 0.0), 900)
-    np.testing.assert_allclose(
-        [np.mean(np.isclose(r3, v)) for v in (0.1, 0.2, 0.4)], 1 / 3, atol=0.06)
+    np.testing.assert_allclose([np.mean(np.isclose(r3, v)) for v in (0.1, 0.2, 0.4)], 1 / 3, atol=0.06)
 
 
 @pytest.mark.parametrize("H,W,ratio", [(14, 14, 0.3), (6, 6, 0.5), (7, 9, 0.999)])
 def test_random_mask_exact_count(H, W, ratio):
     masks = _map(lambda s: M.random_mask(s, H, W, ratio), 200)
-    np.testing.assert_array_equal(masks.reshape(200, -1).sum(1),
-                                  math.floor(ratio * H * W))
+    np.testing.assert_array_equal(masks.reshape(200, -1).sum(1), math.floor(ratio * H * W))
     n = math.floor(ratio * H * W)
     assert len({m.tobytes() for m in masks}) >= min(150, math.comb(H * W, n) // 2)
     assert masks.mean(0).min() > 0  # every position can be picked
@@ -166,8 +157,7 @@ def test_in_tf_data_and_tf_function():
 
     def fn(i):
         s = tf.stack([i, tf.constant(5, tf.int64)])
-        return {"g": M.sample_masks(s, cfg, 224, 2),
-                "l": M.sample_masks(s, cfg, 96, 8)}
+        return {"g": M.sample_masks(s, cfg, 224, 2), "l": M.sample_masks(s, cfg, 96, 8)}
 
     ds = tf.data.Dataset.range(6).map(fn)
     assert ds.element_spec["g"].shape == (2, 14, 14)
@@ -195,8 +185,7 @@ def test_crops_are_independent():
 
 def test_config_defaults_and_grid():
     cfg = M.MaskConfig()
-    assert (cfg.patch_size, cfg.ratio, cfg.ratio_var, cfg.shape) == (
-        16, (0.0, 0.3), (0.0, 0.2), "block")
+    assert (cfg.patch_size, cfg.ratio, cfg.ratio_var, cfg.shape) == (16, (0.0, 0.3), (0.0, 0.2), "block")
     assert cfg.min_aspect == 0.3 and cfg.min_area is None
     assert cfg.grid(224) == (14, 14) and cfg.grid((224, 96)) == (14, 6)
     c = M.MaskConfig(ratio=(0.1, 0.3), ratio_var=0.05)

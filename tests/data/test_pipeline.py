@@ -79,16 +79,14 @@ def small_images():
 
 
 def _small_pipeline(data, seed, **kw):
-    return pretrain_dataset(data, MultiCropConfig(**SMALL), batch_size=4,
-                            seed=seed, **kw)
+    return pretrain_dataset(data, MultiCropConfig(**SMALL), batch_size=4, seed=seed, **kw)
 
 
 @pytest.fixture(scope="module")
 def seeded(small_images):
     """Two pipelines with seed 3 and one with seed 4 (built once: building
     a pipeline costs seconds of tracing on a small CPU)."""
-    return (_small_pipeline(small_images, 3), _small_pipeline(small_images, 3),
-            _small_pipeline(small_images, 4))
+    return (_small_pipeline(small_images, 3), _small_pipeline(small_images, 3), _small_pipeline(small_images, 4))
 
 
 def test_batch_dict_keys_shapes_dtypes(small_images, seeded):
@@ -145,10 +143,8 @@ def test_seed_determinism(seeded):
 
 
 def test_geometry_only_no_local_crops(small_images):
-    cfg = MultiCropConfig(global_size=16, local_size=8, n_local=0,
-                          use_keras_cv=False)
-    ds = pretrain_dataset(small_images[0], cfg, batch_size=4, shuffle=False,
-                          photometric=False)
+    cfg = MultiCropConfig(global_size=16, local_size=8, n_local=0, use_keras_cv=False)
+    ds = pretrain_dataset(small_images[0], cfg, batch_size=4, shuffle=False, photometric=False)
     spec = ds.element_spec
     assert "local_crops" not in spec and "local_boxes" not in spec
     assert spec["global_crops"].shape.as_list() == [4, 2, 16, 16, 3]
@@ -162,11 +158,10 @@ def test_too_few_examples_for_batch(small_images):
 
 
 def test_synthetic_source_and_repeat():
-    cfg = MultiCropConfig(global_size=16, local_size=8, n_local=1,
-                          use_keras_cv=False)
-    ds, info = pretrain_dataset("synthetic_scenes:24:32", cfg, batch_size=8,
-                                repeat=True, seed=0, return_info=True,
-                                photometric=False)
+    cfg = MultiCropConfig(global_size=16, local_size=8, n_local=1, use_keras_cv=False)
+    ds, info = pretrain_dataset(
+        "synthetic_scenes:24:32", cfg, batch_size=8, repeat=True, seed=0, return_info=True, photometric=False
+    )
     assert steps_per_epoch(ds) is None  # infinite
     assert info.num_examples == 24 and len(info.class_names) == 10
     batches = list(ds.take(4))  # more than one epoch
@@ -179,12 +174,9 @@ def test_synthetic_source_and_repeat():
 # ---------------------------------------------------------------------------
 def test_augmentation_probabilities():
     n = 400
-    cfg = MultiCropConfig(global_size=12, local_size=8, n_global=2, n_local=2,
-                          use_keras_cv=False)
+    cfg = MultiCropConfig(global_size=12, local_size=8, n_global=2, n_local=2, use_keras_cv=False)
     mc = MultiCrop(cfg, record_augmentations=True)
-    colourful = tf.constant(
-        np.random.default_rng(1).integers(0, 256, (16, 16, 3), np.uint8)
-    )
+    colourful = tf.constant(np.random.default_rng(1).integers(0, 256, (16, 16, 3), np.uint8))
     ds = tf.data.Dataset.range(n).map(
         lambda i: mc(colourful, -1, tf.stack([i, tf.constant(9, tf.int64)])),
         num_parallel_calls=2,
@@ -225,8 +217,7 @@ def _direct_jitter(x, order, factors):
 
 
 def test_color_jitter_is_a_permutation_of_torchvision_ops():
-    img = tf.constant(np.random.default_rng(2).uniform(size=(6, 6, 3)),
-                      tf.float32)
+    img = tf.constant(np.random.default_rng(2).uniform(size=(6, 6, 3)), tf.float32)
     # Strong factors and clipping make the orders distinguishable.
     strengths = (0.9, 0.9, 0.9, 0.3)
     chain = A.Photometric(strengths, jitter_p=1.0, grayscale_p=0.0)
@@ -285,7 +276,7 @@ def test_gaussian_blur_matches_numpy_formula():
     def blur_1d(x, sigma, axis):
         n = x.shape[axis]
         d = np.arange(n)[:, None] - np.arange(n)[None, :]
-        m = np.exp(-d ** 2 / (2 * sigma ** 2)) * (np.abs(d) <= 6)
+        m = np.exp(-(d**2) / (2 * sigma**2)) * (np.abs(d) <= 6)
         m /= m.sum(1, keepdims=True)
         return np.moveaxis(np.tensordot(m, np.moveaxis(x, axis, 0), 1), 0, axis)
 
@@ -299,17 +290,16 @@ def test_adjust_hue_matches_tf_image():
     img = tf.constant(np.random.default_rng(9).uniform(size=(8, 8, 3)), tf.float32)
     for delta in (-0.3, 0.07, 0.5):
         ref = tf.clip_by_value(tf.image.adjust_hue(img, delta), 0.0, 1.0)
-        np.testing.assert_allclose(A.adjust_hue(img, delta).numpy(), ref.numpy(),
-                                   atol=1e-5)
+        np.testing.assert_allclose(A.adjust_hue(img, delta).numpy(), ref.numpy(), atol=1e-5)
 
 
 def test_adjust_hue_matches_hsv_round_trip_per_image():
     # One delta per image, gray pixels (no hue) and ties between channels.
     rng = np.random.default_rng(12)
     img = rng.uniform(size=(3, 6, 7, 3)).astype(np.float32)
-    img[0, 0, :] = 0.4                                   # gray
-    img[1, 1, :, :2] = img[1, 1, :, 2:3]                 # r == g == b
-    img[2, 2, :, 0] = img[2, 2, :, 1]                    # r == g
+    img[0, 0, :] = 0.4  # gray
+    img[1, 1, :, :2] = img[1, 1, :, 2:3]  # r == g == b
+    img[2, 2, :, 0] = img[2, 2, :, 1]  # r == g
     deltas = np.array([-0.5, 0.03, 0.45], np.float32)
     ours = A.adjust_hue(tf.constant(img), tf.constant(deltas)).numpy()
     hsv = tf.image.rgb_to_hsv(img)
@@ -320,8 +310,7 @@ def test_adjust_hue_matches_hsv_round_trip_per_image():
 
 
 def test_map_crops_is_a_loop_over_crops():
-    crops = tf.constant(np.random.default_rng(13).uniform(size=(4, 5, 6, 3)),
-                        tf.float32)
+    crops = tf.constant(np.random.default_rng(13).uniform(size=(4, 5, 6, 3)), tf.float32)
     scale = tf.constant([1.0, 2.0, 3.0, 4.0])
     out = A.map_crops(lambda c, s: c * s, crops, scale).numpy()
     np.testing.assert_allclose(out, crops.numpy() * np.arange(1, 5)[:, None, None, None])
@@ -336,9 +325,9 @@ def test_apply_one_pre_post_equal_composition():
     params = chain.sample(tf.constant([5, 6]), 6, blur_p=0.5, solarize_p=0.5)
     pre = lambda x: tf.clip_by_value(tf.reverse(x, [-2]) * 1.3, 0.0, 1.0)
     post = lambda x: A.normalize(x)
-    run = tf.function(lambda x, p: A.map_crops(
-        lambda c, q: chain.apply_one(c, q, pre=pre, post=post), x, p),
-        jit_compile=True)
+    run = tf.function(
+        lambda x, p: A.map_crops(lambda c, q: chain.apply_one(c, q, pre=pre, post=post), x, p), jit_compile=True
+    )
     out = run(imgs, params).numpy()
     ref = post(chain.apply(pre(imgs), params)).numpy()
     np.testing.assert_allclose(out, ref, atol=1e-5)
@@ -353,9 +342,9 @@ def test_finish_on_a_batch_equals_per_example(small_images):
     batch = tf.nest.map_structure(lambda *t: tf.stack(t), *samples)
     batched = tf.function(mc.finish, jit_compile=True)(batch)
     for key in batched:
-        np.testing.assert_allclose(batched[key].numpy(),
-                                   np.stack([s[key].numpy() for s in single]),
-                                   atol=1e-5, err_msg=key)
+        np.testing.assert_allclose(
+            batched[key].numpy(), np.stack([s[key].numpy() for s in single]), atol=1e-5, err_msg=key
+        )
 
 
 def test_photometric_primitives():
@@ -363,18 +352,15 @@ def test_photometric_primitives():
     img = tf.constant(rng.uniform(size=(20, 20, 3)), tf.float32)
     # Solarize: invert pixels >= 128 / 255.
     x = tf.constant([[[0.2, 0.5, 0.9]]])
-    np.testing.assert_allclose(A.solarize(x).numpy(), [[[0.2, 0.5, 0.1]]],
-                               atol=1e-6)
+    np.testing.assert_allclose(A.solarize(x).numpy(), [[[0.2, 0.5, 0.1]]], atol=1e-6)
     g = A.to_grayscale(img).numpy()
     assert g.shape == (20, 20, 3) and np.allclose(g[..., 0], g[..., 2])
     # Blur keeps constants (no dark borders) and the mean, and smooths.
     const = tf.fill([20, 20, 3], 0.7)
-    np.testing.assert_allclose(A.gaussian_blur(const, 2.0).numpy(), 0.7,
-                               atol=1e-5)
+    np.testing.assert_allclose(A.gaussian_blur(const, 2.0).numpy(), 0.7, atol=1e-5)
     blurred = A.gaussian_blur(img, 2.0).numpy()
     assert blurred.std() < 0.5 * img.numpy().std()
-    np.testing.assert_allclose(A.gaussian_blur(img, 0.1).numpy(), img.numpy(),
-                               atol=1e-4)
+    np.testing.assert_allclose(A.gaussian_blur(img, 0.1).numpy(), img.numpy(), atol=1e-4)
     norm = A.normalize(tf.constant([[[0.485, 0.456, 0.406]]]))
     np.testing.assert_allclose(norm.numpy(), 0.0, atol=1e-6)
 
@@ -397,8 +383,7 @@ def test_photometric_ops_match_pil():
     same(A.adjust_brightness(x, 1.3), ImageEnhance.Brightness(pil).enhance(1.3))
     same(A.adjust_saturation(x, 0.7), ImageEnhance.Color(pil).enhance(0.7))
     # PIL rounds the mean luma to an integer first.
-    same(A.adjust_contrast(x, 1.4), ImageEnhance.Contrast(pil).enhance(1.4),
-         tol=2.5)
+    same(A.adjust_contrast(x, 1.4), ImageEnhance.Contrast(pil).enhance(1.4), tol=2.5)
     same(A.solarize(x), ImageOps.solarize(pil, 128), tol=0)
     gray = np.asarray(pil.convert("L"))[..., None].repeat(3, -1)
     same(A.to_grayscale(x), gray)
@@ -406,20 +391,16 @@ def test_photometric_ops_match_pil():
 
 def test_keras_cv_ops_match_tf_ops():
     pytest.importorskip("keras_cv")
-    img = tf.constant(np.random.default_rng(4).uniform(size=(8, 8, 3)),
-                      tf.float32)
+    img = tf.constant(np.random.default_rng(4).uniform(size=(8, 8, 3)), tf.float32)
     kcv, ref = A.make_ops(True), A.make_ops(False)
     assert kcv["impl"] == "keras_cv"
-    np.testing.assert_allclose(kcv["grayscale"](img).numpy(),
-                               ref["grayscale"](img).numpy(), atol=1e-5)
-    np.testing.assert_allclose(kcv["solarize"](img).numpy(),
-                               ref["solarize"](img).numpy(), atol=1e-5)
+    np.testing.assert_allclose(kcv["grayscale"](img).numpy(), ref["grayscale"](img).numpy(), atol=1e-5)
+    np.testing.assert_allclose(kcv["solarize"](img).numpy(), ref["solarize"](img).numpy(), atol=1e-5)
     # And inside tf.data with the default config (keras-cv on).
-    cfg = MultiCropConfig(global_size=16, local_size=8, n_local=1,
-                          solarize_p=(1.0, 1.0), global_blur_p=0.0,
-                          jitter_p=0.0, grayscale_p=1.0)
-    a = _np(next(iter(pretrain_dataset(
-        (np.full((2, 20, 20, 3), 200, np.uint8),), cfg, batch_size=2, seed=0))))
+    cfg = MultiCropConfig(
+        global_size=16, local_size=8, n_local=1, solarize_p=(1.0, 1.0), global_blur_p=0.0, jitter_p=0.0, grayscale_p=1.0
+    )
+    a = _np(next(iter(pretrain_dataset((np.full((2, 20, 20, 3), 200, np.uint8),), cfg, batch_size=2, seed=0))))
     rgb = a["global_crops"] * np.array(cfg.std) + np.array(cfg.mean)
     # 200/255 (gray) is solarized to 55/255.
     np.testing.assert_allclose(rgb, 55 / 255, atol=1e-3)
@@ -450,14 +431,11 @@ def test_folder_with_classes_and_corrupt_file(tmp_path):
     assert info.class_names == ("cats", "dogs")
     items = [(im.numpy(), int(lab)) for im, lab in ds]
     assert sorted(lab for _, lab in items) == [0, 0, 0, 1, 1]
-    assert all(im.shape == (10, 12, 3) and im.dtype == np.uint8
-               for im, _ in items)
+    assert all(im.shape == (10, 12, 3) and im.dtype == np.uint8 for im, _ in items)
     # Through the whole pipeline (folder of 5 images, batch 2).
-    cfg = MultiCropConfig(global_size=8, local_size=8, n_local=0,
-                          use_keras_cv=False)
+    cfg = MultiCropConfig(global_size=8, local_size=8, n_local=0, use_keras_cv=False)
     with pytest.warns(UserWarning, match="skipped 1 of 6"):
-        ds = pretrain_dataset(str(tmp_path), cfg, batch_size=2, seed=0,
-                              photometric=False)
+        ds = pretrain_dataset(str(tmp_path), cfg, batch_size=2, seed=0, photometric=False)
     assert steps_per_epoch(ds) is None  # files may still fail at decode
     batches = list(ds)
     assert len(batches) == 2

@@ -41,18 +41,14 @@ def _spec_coords(gbox, gflip, lbox, lflip, G, L, flip_correct):
 def test_query_coords_match_spec_formula_with_and_without_flips():
     rng = np.random.default_rng(0)
     gboxes = np.array([[10, 20, 150, 180], [0, 5, 200, 160]], np.float32)
-    lboxes = np.array([[40, 60, 50, 70], [100, 0, 64, 48], [5, 170, 30, 30]],
-                      np.float32)
-    for gflips, lflips in [([0, 0], [0, 0, 0]), ([1, 0], [0, 1, 0]),
-                           ([1, 1], [1, 1, 1])]:
+    lboxes = np.array([[40, 60, 50, 70], [100, 0, 64, 48], [5, 170, 30, 30]], np.float32)
+    for gflips, lflips in [([0, 0], [0, 0, 0]), ([1, 0], [0, 1, 0]), ([1, 1], [1, 1, 1])]:
         for flip_correct in (True, False):
-            ours = query_coords(gboxes, gflips, lboxes, lflips, 14, 6,
-                                flip_correct).numpy()
+            ours = query_coords(gboxes, gflips, lboxes, lflips, 14, 6, flip_correct).numpy()
             assert ours.shape == (2, 3, 36, 2)
             for g in range(2):
                 for l in range(3):
-                    ref = _spec_coords(gboxes[g], gflips[g], lboxes[l],
-                                       lflips[l], 14, 6, flip_correct)
+                    ref = _spec_coords(gboxes[g], gflips[g], lboxes[l], lflips[l], 14, 6, flip_correct)
                     np.testing.assert_allclose(ours[g, l], ref, atol=1e-4)
     # Unflipped, the official and the corrected coordinates agree.
     a = query_coords(gboxes, [0, 0], lboxes, [0, 0, 0], 14, 6, True)
@@ -107,17 +103,21 @@ def test_queries_point_at_the_pixels_of_their_local_patch(flip_correct):
     patch = 8
     # Uncorrected (official) coordinates come with unflipped local crops, as in
     # the official pipeline; global views are flipped either way.
-    cfg = MultiCropConfig(global_size=64, local_size=32, n_global=2, n_local=3,
-                          global_scale=(0.5, 1.0), local_scale=(0.1, 0.3),
-                          flip_local=flip_correct)
-    mc = MultiCrop(cfg, photometric=False, normalize=False,
-                   queries=QueryConfig(patch, flip_correct=flip_correct))
+    cfg = MultiCropConfig(
+        global_size=64,
+        local_size=32,
+        n_global=2,
+        n_local=3,
+        global_scale=(0.5, 1.0),
+        local_scale=(0.1, 0.3),
+        flip_local=flip_correct,
+    )
+    mc = MultiCrop(cfg, photometric=False, normalize=False, queries=QueryConfig(patch, flip_correct=flip_correct))
     img = _coord_image(120, 100)
     G, L = 64 // patch, 32 // patch
     errors = {True: [], False: []}
     for s in range(12):
-        out = {k: v.numpy() for k, v in
-               mc(img, -1, tf.constant([s, 1])).items()}
+        out = {k: v.numpy() for k, v in mc(img, -1, tf.constant([s, 1])).items()}
         coords = out["query_coords"]
         for g in range(2):
             flipped = bool(out["global_flips"][g] or out["local_flips"].any())
@@ -126,8 +126,7 @@ def test_queries_point_at_the_pixels_of_their_local_patch(flip_correct):
                 local = out["local_crops"][l]
                 for q in range(L * L):
                     a, b = divmod(q, L)
-                    want = local[a * patch:(a + 1) * patch,
-                                 b * patch:(b + 1) * patch, :2].mean((0, 1))
+                    want = local[a * patch : (a + 1) * patch, b * patch : (b + 1) * patch, :2].mean((0, 1))
                     x, y = coords[g, l, q]
                     lb, gb = out["local_boxes"][l], out["global_boxes"][g]
                     sx = (lb[3] / L) / (gb[3] / G)
@@ -151,11 +150,15 @@ def test_queries_point_at_the_pixels_of_their_local_patch(flip_correct):
 
 def test_pipeline_emits_masks_and_queries():
     images = np.random.default_rng(3).integers(0, 256, (8, 48, 40, 3), np.uint8)
-    cfg = MultiCropConfig(global_size=32, local_size=16, n_local=2,
-                          flip_local=False, use_keras_cv=False)
-    ds = pretrain_dataset(images, cfg, batch_size=4, seed=0,
-                          masks=MaskConfig(patch_size=8, ratio=0.3, ratio_var=0.0),
-                          queries=QueryConfig(patch_size=8, embed_dim=16))
+    cfg = MultiCropConfig(global_size=32, local_size=16, n_local=2, flip_local=False, use_keras_cv=False)
+    ds = pretrain_dataset(
+        images,
+        cfg,
+        batch_size=4,
+        seed=0,
+        masks=MaskConfig(patch_size=8, ratio=0.3, ratio_var=0.0),
+        queries=QueryConfig(patch_size=8, embed_dim=16),
+    )
     spec = ds.element_spec
     assert spec["global_masks"].shape.as_list() == [4, 2, 4, 4]
     assert spec["global_masks"].dtype == tf.bool
@@ -164,9 +167,7 @@ def test_pipeline_emits_masks_and_queries():
     b = next(iter(ds))
     assert int(tf.reduce_sum(tf.cast(b["global_masks"], tf.int32))) > 0
     # The tables are the sin-cos of the coordinates.
-    np.testing.assert_allclose(b["query_tables"].numpy(),
-                               sincos_tables(b["query_coords"], 16).numpy(),
-                               atol=1e-5)
+    np.testing.assert_allclose(b["query_tables"].numpy(), sincos_tables(b["query_coords"], 16).numpy(), atol=1e-5)
     assert not any(k.startswith("_") for k in spec)
 
 
@@ -189,13 +190,13 @@ def test_uncorrected_queries_need_unflipped_local_crops():
     with pytest.raises(ValueError, match=r"flip_local=False.*flip_correct=True"):
         MultiCrop(MultiCropConfig(**small), queries=official)  # flip_local=True
     with pytest.raises(ValueError, match="flip_local=False"):
-        pretrain_dataset(np.zeros((4, 40, 40, 3), np.uint8), MultiCropConfig(**small),
-                         batch_size=2, queries=official)
+        pretrain_dataset(np.zeros((4, 40, 40, 3), np.uint8), MultiCropConfig(**small), batch_size=2, queries=official)
     # Unflipped local crops (or no flips at all) are fine, and so is the
     # corrected geometry with flipped local crops.
     MultiCrop(MultiCropConfig(**small, flip_local=False), queries=official)
     MultiCrop(MultiCropConfig(**small, flip_p=0.0), queries=official)
     MultiCrop(MultiCropConfig(**small), queries=QueryConfig(patch_size=8))
     out = MultiCrop(MultiCropConfig(**small, flip_local=False), queries=official)(
-        np.zeros((40, 40, 3), np.uint8), -1, tf.constant([0, 1]))
+        np.zeros((40, 40, 3), np.uint8), -1, tf.constant([0, 1])
+    )
     assert not out["local_flips"].numpy().any()

@@ -12,8 +12,9 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
-                                reason="process settings; runs in the TensorFlow leg")
+pytestmark = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="process settings; runs in the TensorFlow leg"
+)
 
 _SCRIPT = """
 import json, logging, sys
@@ -29,12 +30,20 @@ print(json.dumps(dict(applied, threads=tf.config.threading.get_intra_op_parallel
 
 
 def _run(when, input_only, **env):
-    environ = {k: v for k, v in os.environ.items()
-               if k not in ("TF_CPU_ALLOCATOR_USE_BFC", "TF_NUM_INTRAOP_THREADS")}
-    environ.update(env, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=os.pathsep.join(
-        p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, when, "1" if input_only else "0"],
-                          env=environ, capture_output=True, text=True, timeout=300)
+    environ = {k: v for k, v in os.environ.items() if k not in ("TF_CPU_ALLOCATOR_USE_BFC", "TF_NUM_INTRAOP_THREADS")}
+    environ.update(
+        env,
+        KERAS_BACKEND="jax",
+        TF_CPP_MIN_LOG_LEVEL="3",
+        PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, when, "1" if input_only else "0"],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
@@ -60,8 +69,7 @@ def test_too_late_says_what_was_not_set_and_carries_on():
 
 
 def test_the_users_own_settings_win():
-    applied, err = _run("early", input_only=True, TF_CPU_ALLOCATOR_USE_BFC="false",
-                        TF_NUM_INTRAOP_THREADS="2")
+    applied, err = _run("early", input_only=True, TF_CPU_ALLOCATOR_USE_BFC="false", TF_NUM_INTRAOP_THREADS="2")
     assert applied["bfc_allocator"] is False
     assert applied["threads"] == 0  # the variable is read by the runtime, not the config API
     assert "could not be set" not in err

@@ -36,12 +36,8 @@ def test_masks_and_labels_agree_with_objects(scenes):
     inst = scenes["instance_masks"].astype(np.int64)
     classes = scenes["object_classes"]
     # Class mask = class of the topmost object (via the instance mask).
-    lookup = np.concatenate(
-        [np.zeros((len(classes), 1), np.int64), classes + 1], axis=1
-    )
-    expected = np.take_along_axis(
-        lookup, inst.reshape(len(inst), -1), axis=1
-    ).reshape(inst.shape)
+    lookup = np.concatenate([np.zeros((len(classes), 1), np.int64), classes + 1], axis=1)
+    expected = np.take_along_axis(lookup, inst.reshape(len(inst), -1), axis=1).reshape(inst.shape)
     np.testing.assert_array_equal(scenes["masks"], expected)
     # Instances only use drawn slots; 1-4 objects per image.
     n_obj = (classes >= 0).sum(1)
@@ -51,9 +47,7 @@ def test_masks_and_labels_agree_with_objects(scenes):
     areas = np.stack([(inst == j + 1).sum((1, 2)) for j in range(4)], 1)
     np.testing.assert_array_equal(areas, scenes["object_areas"])
     largest = np.argmax(areas, axis=1)
-    np.testing.assert_array_equal(
-        scenes["labels"], classes[np.arange(len(classes)), largest]
-    )
+    np.testing.assert_array_equal(scenes["labels"], classes[np.arange(len(classes)), largest])
     # The labelled object covers a real part of the image.
     assert np.median(areas.max(1)) > 0.05 * 32 * 32
 

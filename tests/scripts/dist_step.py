@@ -144,9 +144,7 @@ def main(out_path, workdir):
             out[f"replica{r}/{i}"] = copy
     out["dist_loss"] = np.array(history.history["loss"])
     out["replicas"] = np.array(replicas)
-    out["iterations"] = np.array(
-        [int(ops.convert_to_numpy(m.optimizer.iterations)) for m in (single, dist)]
-    )
+    out["iterations"] = np.array([int(ops.convert_to_numpy(m.optimizer.iterations)) for m in (single, dist)])
     np.savez(out_path, **out)
 
 

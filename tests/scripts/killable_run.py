@@ -28,7 +28,7 @@ import os
 import signal
 import sys
 
-RECIPE = '''
+RECIPE = """
 from keras_pqcl.recipe import Recipe
 
 def get_recipe():
@@ -41,7 +41,7 @@ def get_recipe():
         masks=dict(ratio=0.3, ratio_var=0.0),
         batch_size=8, epochs=3, warmup_epochs=1, knn_every=2, checkpoint_every_steps=3,
     )
-'''
+"""
 
 
 def write_recipe(folder, method="dino"):
@@ -76,7 +76,8 @@ def main(output, kill="-", *extra):
     training.KNN_SYNTHETIC_IMAGES = (64, 32)  # small held-out splits: a test, not a score
 
     step_hit, save_hit, saved_hit, log_hit, knn_hit = (
-        _die_at(kill, p) for p in ("step", "save", "saved", "log", "knn"))
+        _die_at(kill, p) for p in ("step", "save", "saved", "log", "knn")
+    )
 
     guard_end = checkpoint.NaNGuard.on_train_batch_end
     nan_at = int(os.environ.get("KILLABLE_NAN_AT_STEP", 0))

@@ -78,8 +78,13 @@ def local_dataset():
     if METHOD == "pqcl":
         extra = dict(masks=MaskConfig(PATCH), queries=QueryConfig(PATCH))
     ds = kp.data.pretrain_dataset(
-        "synthetic_scenes:8:32", crops=crops, batch_size=BATCH, seed=0, photometric=False,
-        shard=backend.process_shard(), **extra,
+        "synthetic_scenes:8:32",
+        crops=crops,
+        batch_size=BATCH,
+        seed=0,
+        photometric=False,
+        shard=backend.process_shard(),
+        **extra,
     )
     batch = {k: v.numpy() for k, v in next(iter(ds)).items() if k in KEYS}
     return batch, tf.data.Dataset.from_tensors(batch)
@@ -93,8 +98,15 @@ def build():
     kwargs = dict(HEAD, teacher_momentum=0.9, freeze_last_layer=0)
     if METHOD == "pqcl":
         net = kp.backbones.vit(
-            "vit_tiny", patch_size=PATCH, image_size=16, embed_dim=32, depth=1, num_heads=2,
-            drop_path_rate=0.0, pos_embed="sincos", use_mask_token=True,
+            "vit_tiny",
+            patch_size=PATCH,
+            image_size=16,
+            embed_dim=32,
+            depth=1,
+            num_heads=2,
+            drop_path_rate=0.0,
+            pos_embed="sincos",
+            use_mask_token=True,
         )
         return kp.models.PQCL(net, base="ibot", **kwargs)
     net = kp.backbones.vit(
@@ -132,7 +144,7 @@ def queue_check(rank, world, strategy):
     keys = np.random.default_rng(1).normal(size=(STEPS, 6, 4)).astype("float32")
     share = 6 // world
     for k in keys:
-        local = k[rank * share:(rank + 1) * share]
+        local = k[rank * share : (rank + 1) * share]
         if world == 1:
             queue.enqueue(local)
         elif MODE == "jax":

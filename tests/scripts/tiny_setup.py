@@ -68,8 +68,14 @@ def pqcl(drop_path_rate=0.0, **kwargs):
     import keras_pqcl as kp
 
     net = kp.backbones.vit_tiny(
-        8, depth=2, embed_dim=32, num_heads=2, image_size=GLOBAL_SIZE, drop_path_rate=drop_path_rate,
-        pos_embed="sincos", use_mask_token=True,
+        8,
+        depth=2,
+        embed_dim=32,
+        num_heads=2,
+        image_size=GLOBAL_SIZE,
+        drop_path_rate=drop_path_rate,
+        pos_embed="sincos",
+        use_mask_token=True,
     )
     return kp.models.PQCL(net, base="ibot", **{**HEAD, **kwargs})
 

@@ -64,8 +64,15 @@ def build():
     kwargs = dict(HEAD, teacher_momentum=0.9, freeze_last_layer=0)
     if METHOD == "pqcl":
         net = kp.backbones.vit(
-            "vit_tiny", patch_size=PATCH, image_size=16, embed_dim=32, depth=1, num_heads=2,
-            drop_path_rate=0.0, pos_embed="sincos", use_mask_token=True,
+            "vit_tiny",
+            patch_size=PATCH,
+            image_size=16,
+            embed_dim=32,
+            depth=1,
+            num_heads=2,
+            drop_path_rate=0.0,
+            pos_embed="sincos",
+            use_mask_token=True,
         )
         return kp.models.PQCL(net, base="ibot", **kwargs)
     net = kp.backbones.vit(
@@ -91,7 +98,7 @@ def queue_check(rank, world):
     keys = np.random.default_rng(1).normal(size=(STEPS, 6, 4)).astype("float32")
     share = 6 // world
     for k in keys:
-        queue.enqueue(ops.convert_to_tensor(k[rank * share:(rank + 1) * share]))
+        queue.enqueue(ops.convert_to_tensor(k[rank * share : (rank + 1) * share]))
     return np.array(ops.convert_to_numpy(queue.entries)), np.array(ops.convert_to_numpy(queue.pointer))
 
 
@@ -100,7 +107,7 @@ def main():
     data = global_batch()
     batch_sum = np.array([float(np.asarray(v, "float64").sum()) for v in data.values()])
     share = BATCH // world
-    local = {k: v[rank * share:(rank + 1) * share] for k, v in data.items()}
+    local = {k: v[rank * share : (rank + 1) * share] for k, v in data.items()}
 
     model = build()
     compile_model(model)

@@ -130,8 +130,9 @@ class DistillationTerm(Term):
         if teacher_temp is None:
             teacher_temp = EpochRamp(0.04, 0.07, 30)
         self.teacher_temp = EpochRamp(**teacher_temp) if isinstance(teacher_temp, dict) else teacher_temp
-        self.distillation = self.loss_class(out_dim, student_temp=student_temp, center_momentum=center_momentum,
-                                            name=self.loss_name)
+        self.distillation = self.loss_class(
+            out_dim, student_temp=student_temp, center_momentum=center_momentum, name=self.loss_name
+        )
 
     @property
     def center(self):
@@ -146,6 +147,10 @@ class DistillationTerm(Term):
 
     def get_config(self):
         config = super().get_config()
-        config.update(out_dim=self.out_dim, student_temp=self.distillation.student_temp,
-                      teacher_temp=self.teacher_temp.get_config(), center_momentum=self.distillation.center_momentum)
+        config.update(
+            out_dim=self.out_dim,
+            student_temp=self.distillation.student_temp,
+            teacher_temp=self.teacher_temp.get_config(),
+            center_momentum=self.distillation.center_momentum,
+        )
         return config

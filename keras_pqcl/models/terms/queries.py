@@ -228,8 +228,7 @@ class QueryCrops(_QueryTerm):
             self.distillation.agreement(student[v : v + 1], teacher[a], teacher_temp=temp) for a, v in pairs
         ) / len(pairs)
         value = sum(
-            self.distillation(student[v : v + 1], teacher[a], teacher_temp=temp, update_center=False)
-            for a, v in pairs
+            self.distillation(student[v : v + 1], teacher[a], teacher_temp=temp, update_center=False) for a, v in pairs
         ) / len(pairs)
         self.distillation.update_center(teacher, axes=(0, 1, 2))
         return value, {self.log_name: value, "query_agreement": agreement}
