@@ -17,6 +17,8 @@ import keras
 import numpy as np
 import pytest
 
+from tests import multiprocess as mp
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 SCRIPT = os.path.join(HERE, "scripts", "torch_ddp_step.py")
@@ -94,39 +96,8 @@ def run_ranks(method, tmp_path, world=2):
 
 
 def check_equal(single, ranks):
-    """Every rank holds the one-process values (atol 1e-5) and the same values as rank 0."""
-    assert int(single["world"]) == 1 and [int(r["world"]) for r in ranks] == [2, 2]
-    assert int(single["iterations"]) == 3 and all(int(r["iterations"]) == 3 for r in ranks)
-    for r in ranks:
-        # Every process built the same global batch and the same initial weights.
-        np.testing.assert_array_equal(r["batch_sum"], single["batch_sum"])
-    names = [str(n) for n in single["names"]]
-    centers = [n for n in names if n.startswith("center")]
-    assert centers and any(n.startswith("teacher/") for n in names)
-    for r in ranks:
-        assert [str(n) for n in r["names"]] == names
-    for i, name in enumerate(names):
-        for r in ranks:
-            np.testing.assert_array_equal(r[f"init/{i}"], single[f"init/{i}"], err_msg=f"{name}: initial")
-            # Identical gradients and centers give bitwise-identical steps on every rank.
-            np.testing.assert_array_equal(r[f"final/{i}"], ranks[0][f"final/{i}"], err_msg=f"{name}: ranks differ")
-        np.testing.assert_allclose(ranks[0][f"final/{i}"], single[f"final/{i}"], rtol=0, atol=1e-5, err_msg=name)
-    # The logged loss is the global-batch mean on every rank (the ranks average their
-    # per-rank means in the step), so it is the one-process loss, step by step.
-    for r in ranks:
-        np.testing.assert_allclose(r["loss"], single["loss"], rtol=0, atol=1e-5)
-    # The steps moved student, teacher and every center, so the comparison is not trivial.
-    for prefix in ("student/", "teacher/", *centers):
-        moved = max(
-            np.abs(single[f"final/{i}"] - single[f"init/{i}"]).max()
-            for i, name in enumerate(names)
-            if (name.startswith(prefix) if prefix.endswith("/") else name == prefix)
-        )
-        assert moved > 1e-4, prefix
-    # DenseCL's queue receives the global batch of keys, in rank order.
-    for r in ranks:
-        np.testing.assert_array_equal(r["queue_entries"], single["queue_entries"])
-        np.testing.assert_array_equal(r["queue_pointer"], single["queue_pointer"])
+    """The shared N-vs-1 check; each rank built the whole global batch (the step splits it)."""
+    mp.check_equal(single, ranks, shares=False)
 
 
 def test_dino_two_ranks_match_one_process(tmp_path):
