@@ -96,3 +96,24 @@ def test_global_query_crops_need_their_positions():
     crops = np.zeros((2, 1, 8, 8, 3), "float32")
     with pytest.raises(ValueError, match="query_position='global' needs the queries' positions"):
         term.tokens(_tiny_vit(pos_embed="sincos"), crops, n_views=1)
+
+
+def test_a_checkpoint_of_the_old_layout_says_so(tmp_path):
+    """A 0.1 whole-model checkpoint of a self-distillation method (no layout 2 in its record)
+    that Keras cannot load is named as such, with the backbone file to use instead."""
+    import json
+    import zipfile
+
+    from keras_pqcl.io.load import load_backbone
+
+    model = kp.models.DINO(_tiny_vit(), out_dim=32, hidden_dim=16, bottleneck_dim=8)
+    saved = str(tmp_path / "model.keras")
+    model.save(saved)
+    old = str(tmp_path / "checkpoint-e00001-s0000000.keras")
+    with zipfile.ZipFile(saved) as src, zipfile.ZipFile(old, "w") as dst:
+        for name in src.namelist():
+            if not name.endswith(".h5"):  # weights Keras cannot match
+                dst.writestr(name, src.read(name))
+        dst.writestr("keras_pqcl_progress.json", json.dumps({"epoch": 1, "step": 0, "steps_per_epoch": 1}))
+    with pytest.raises(ValueError, match="written by keras_pqcl 0.1.*teacher_backbone.keras"):
+        load_backbone(old, use="teacher")

@@ -7,6 +7,7 @@ intercepted, so :func:`load_backbone` is the entry point that registers the clas
 says what is wrong with the file.
 """
 
+import json
 import os
 import re
 import zipfile
@@ -49,6 +50,11 @@ def load_backbone(path, use="teacher"):
     try:
         model = keras.saving.load_model(path)
     except Exception as error:  # a zip/JSON/class error: the file, not the code, is at fault
+        if _is_old_layout(path):
+            raise ValueError(
+                f"{path!r} is a whole-model checkpoint written by keras_pqcl 0.1, whose model layout this version no "
+                f"longer reads; use that run's {use}_backbone.keras instead (0.1 backbones load unchanged)."
+            ) from None
         reason = f"{type(error).__name__}: {_one_line(error)}"
         raise ValueError(f"could not load {path!r} as a Keras model: {reason}") from None
     if hasattr(model, "forward_features"):
@@ -60,6 +66,24 @@ def load_backbone(path, use="teacher"):
             f"{use}_backbone; pass the teacher_backbone.keras that `keras-pqcl pretrain` writes."
         )
     return backbone
+
+
+#: The self-distillation models, whose whole-model layout changed in 0.2 (loss terms).
+_TERM_MODELS = ("DINO", "IBOT", "PQCL", "ADCLR")
+
+
+def _is_old_layout(path):
+    """A checkpoint of one of :data:`_TERM_MODELS` written before the loss-term layout (its
+    progress record has no ``layout`` 2, or it has none: 0.1's ``checkpoint.keras``)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if json.loads(archive.read("config.json")).get("class_name") not in _TERM_MODELS:
+                return False
+            if "keras_pqcl_progress.json" not in archive.namelist():
+                return True
+            return int(json.loads(archive.read("keras_pqcl_progress.json")).get("layout", 1)) < 2
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile):
+        return False
 
 
 def check_archive(path):
