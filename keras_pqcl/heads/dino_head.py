@@ -63,6 +63,9 @@ class DINOHead(keras.layers.Layer):
         ]
         self.norms = [BatchStatNorm(dtype=policy, name=f"bn_{i}") for i in range(num_layers - 1)] if use_bn else []
         self.last_layer = WeightNormDense(out_dim, norm_last_layer=norm_last_layer, dtype=policy, name="last_layer")
+        # iBOTHead's separate patch layer; an instance attribute, not a class one: on torch a
+        # class attribute would hide the sub-module registered under the same name.
+        self.last_layer2 = None
 
     def build(self, input_shape):
         width = input_shape[-1]
@@ -85,9 +88,6 @@ class DINOHead(keras.layers.Layer):
         x32 = ops.cast(x, "float32")
         norm = ops.sqrt(ops.sum(ops.square(x32), axis=-1, keepdims=True))
         return ops.cast(x32 / ops.maximum(norm, 1e-12), x.dtype)
-
-    #: a separate last layer for patch tokens (:class:`~keras_pqcl.heads.iBOTHead`'s option).
-    last_layer2 = None
 
     @property
     def last_layers(self):

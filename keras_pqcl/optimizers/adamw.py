@@ -78,7 +78,9 @@ class AdamW(keras.optimizers.Optimizer):
         return decay
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        if keras.backend.backend() != "torch":
+        # A subclass that changes the per-variable update (per-variable learning rates) keeps
+        # the per-variable loop, which calls its update_step.
+        if keras.backend.backend() != "torch" or type(self).update_step is not AdamW.update_step:
             return super()._backend_update_step(grads, trainable_variables, learning_rate)
         # Eager torch: the update of ``update_step`` as one fused kernel (see torch_fused).
         from keras_pqcl.optimizers.torch_fused import fused_adamw_step
