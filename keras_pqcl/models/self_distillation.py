@@ -290,7 +290,8 @@ class SelfDistillation(SelfSupervisedModel):
             )
             if local is not None:
                 features = self.student_backbone(crop_major(local), training=training)
-                out.student_local_cls = self.student_head.token_logits(features["cls"])
+                local_cls = self.student_head.token_logits(features["cls"])
+                out.student_crops_cls = ops.concatenate([out.student["cls"], local_cls], axis=0)
         else:
             # CLS only (DINO): same-size crops through the backbone together, one head call
             # for every crop, so a BatchNorm in the head sees all of them.
@@ -301,7 +302,7 @@ class SelfDistillation(SelfSupervisedModel):
             n = ops.shape(features[0])[0]
             out.student = {"cls": logits[:n], "cls_features": features[0]}
             if local is not None:
-                out.student_local_cls = logits[n:]
+                out.student_crops_cls = logits  # already every crop, globals first: no split and re-join
 
         values = self.schedule_values(step)
         loss, logs = 0.0, dict(values)

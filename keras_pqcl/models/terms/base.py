@@ -37,7 +37,9 @@ class StepOutputs:
             CLS before the head), and, when asked for, ``"patches"`` ``(G B, N, K_p)`` and
             ``"queries"`` ``(G B, T, K)``.
         teacher: ``"cls"`` and, when asked for, ``"patches"`` and ``"queries"``; no gradient.
-        student_local_cls: ``(n B, K)`` or None.
+        student_crops_cls: ``((G + n) B, K)``, the CLS logits of every crop the student
+            encoded, the global views first, then the local crops; None when it encoded no
+            local crop.
         teacher_local_patches: ``(B, T, K)``: each local crop encoded on its own, crops
             concatenated along the tokens; or None.
         masks: bool ``(G B, N)`` of the student's masked patches, or None.
@@ -46,7 +48,7 @@ class StepOutputs:
     def __init__(self, data, step, n_global, batch):
         self.data, self.step, self.n_global, self.batch = data, step, n_global, batch
         self.student, self.teacher = {}, {}
-        self.student_local_cls = self.teacher_local_patches = self.masks = None
+        self.student_crops_cls = self.teacher_local_patches = self.masks = None
 
 
 class Term(keras.layers.Layer):

@@ -44,13 +44,12 @@ class CLSDistillation(DistillationTerm):
 
     def loss(self, outputs, values):
         n_global, batch, k = outputs.n_global, outputs.batch, self.out_dim
-        student = [outputs.student["cls"]]
-        if self.local_crops and outputs.student_local_cls is not None:
-            student.append(outputs.student_local_cls)
+        crops = outputs.student_crops_cls
+        student = crops if self.local_crops and crops is not None else outputs.student["cls"]
         temp = values[self.temperature_name]
         teacher = outputs.teacher["cls"]
         value = self.distillation(
-            ops.reshape(ops.concatenate(student, axis=0), (-1, batch, k)),
+            ops.reshape(student, (-1, batch, k)),
             ops.reshape(teacher, (n_global, batch, k)),
             teacher_temp=temp,
         )
