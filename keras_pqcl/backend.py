@@ -9,6 +9,8 @@ process; if ``torch.distributed`` is initialised (:func:`init_torch_distributed`
 of ``loss / world_size`` over the processes, as TensorFlow's replicas do.
 """
 
+import contextlib
+
 import keras
 
 BACKEND = keras.backend.backend()
@@ -76,6 +78,26 @@ def cross_replica_concat(x):
 # of one per tensor (a ViT-S has ~150 parameter tensors), without a second full copy of every
 # gradient in one buffer. 25 MB is also DDP's default bucket size.
 _BUCKET_BYTES = 25 * 2**20
+
+
+def distribution_scope():
+    """Spread the batch over every local accelerator: MirroredStrategy (TF), DataParallel (JAX).
+
+    Returns a context manager under which the model must be created.
+    """
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        if len(jax.devices()) > 1:
+            keras.distribution.set_distribution(keras.distribution.DataParallel())
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_logical_devices("GPU")
+        if len(gpus) > 1:
+            return tf.distribute.MirroredStrategy().scope()
+    return contextlib.nullcontext()
 
 
 def init_torch_distributed(timeout_s=1800.0):
@@ -604,7 +626,13 @@ class _JaxTrainStep:
 
         grad_fn = jax.value_and_grad(forward, has_aux=True)
         (_, (loss, logs, ntv)), grads = grad_fn(tv, ntv)
-        tv, new_ov = self.optimizer.stateless_apply(ov, grads, tv)
+        # optimizer.stateless_apply, with the model's non-trainable state mapped too: the
+        # learning-rate and weight-decay schedules read the run length from the model's clock.
+        mapping = [*zip(trainable, tv), *zip(optimizer_vars, ov), *zip(non_trainable, ntv)]
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            self.optimizer.apply(grads)
+        tv = [_current(scope, v, x) for v, x in zip(trainable, tv)]
+        new_ov = [_current(scope, v, x) for v, x in zip(optimizer_vars, ov)]
         # Old optimizer state is mapped so that ``iterations`` still reads this step's index.
         mapping = [*zip(trainable, tv), *zip(non_trainable, ntv), *zip(optimizer_vars, ov), *zip(metric_vars, mv)]
         with keras.StatelessScope(state_mapping=mapping) as scope:
@@ -613,6 +641,11 @@ class _JaxTrainStep:
         ntv = [scope.get_current_value(v) for v in non_trainable]
         mv = [scope.get_current_value(v) for v in metric_vars]
         return logs, (tv, ntv, new_ov, mv)
+
+
+def _current(scope, variable, old):
+    value = scope.get_current_value(variable)
+    return old if value is None else value
 
 
 def _tf_multi_worker():

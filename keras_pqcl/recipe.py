@@ -130,6 +130,74 @@ class Recipe:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
 
+#: Recipe fields a resumed run may change; every other field fixes the data, the model or
+#: the schedules the checkpoint was trained with.
+RESUMABLE_FIELDS = frozenset(
+    {
+        "name",
+        "description",
+        "epochs",
+        "knn_every",
+        "knn_data",
+        "checkpoint_every",
+        "checkpoint_every_steps",
+        "checkpoint_every_minutes",
+        "keep_checkpoints",
+        "stop_on_collapse",
+        "jit_compile",
+    }
+)
+
+
+def check_resume(previous, recipe):
+    """Raise a ValueError naming every field of ``recipe`` that differs from ``previous``
+    (the resumed run's ``recipe.json`` dict) but cannot change on resume."""
+    current = json.loads(recipe.to_json())
+    changed = [
+        f"{key} (was {previous[key]!r}, now {value!r})"
+        for key, value in current.items()
+        if key not in RESUMABLE_FIELDS and key in previous and previous[key] != value
+    ]
+    if changed:
+        raise ValueError(
+            "--resume cannot change " + "; ".join(changed) + ": the checkpoint was trained with the old "
+            "value. Drop the change, or start a new run with another --output."
+        )
+
+
+def check_recipe(recipe):
+    """One clear error for a recipe value no run can use."""
+    if recipe.precision not in ("float32", "mixed_bfloat16"):
+        raise ValueError(f"precision must be 'float32' or 'mixed_bfloat16', got {recipe.precision!r}.")
+    for key in ("epochs", "batch_size", "checkpoint_every", "keep_checkpoints"):
+        value = getattr(recipe, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be a whole number >= 1, got {value!r}.")
+    for key in ("steps_per_epoch", "checkpoint_every_steps"):
+        value = getattr(recipe, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{key} must be a whole number >= 1 (or unset), got {value!r}.")
+    if recipe.checkpoint_every_minutes is not None and not recipe.checkpoint_every_minutes > 0:
+        raise ValueError(f"checkpoint_every_minutes must be > 0 (or unset), got {recipe.checkpoint_every_minutes!r}.")
+    if recipe.knn_every < 0:
+        raise ValueError(f"knn_every must be >= 0 (0: off), got {recipe.knn_every!r}.")
+    knn_splits(recipe)  # a wrong --knn-data fails now, not after the data is built
+
+
+def knn_splits(recipe):
+    """``(train, test)`` folders of ``recipe.knn_data``, or None when it is unset."""
+    if not (recipe.knn_every and recipe.knn_data):
+        return None
+    splits = [os.path.join(recipe.knn_data, split) for split in ("train", "val")]
+    missing = [path for path in splits if not os.path.isdir(path)]
+    if missing:
+        raise ValueError(
+            f"knn_data={recipe.knn_data!r} needs train/ and val/ sub-folders of class folders; "
+            f"missing: {', '.join(missing)}."
+        )
+    return splits
+
+
 def recipes_dir():
     """The ``recipes/`` folder of a source checkout (None when installed without it)."""
     here = os.path.dirname(os.path.abspath(__file__))

@@ -7,19 +7,20 @@ Used by ``keras-pqcl pretrain``; importable for scripts and notebooks::
     pretrain(load_recipe("tiny"), "runs/tiny")
 """
 
-import contextlib
 import dataclasses
 import json
-import os
 import time
 from typing import Callable
 
 import keras
 
 from keras_pqcl import backbones, callbacks, models, optimizers
-from keras_pqcl.callbacks.epoch_log import read_rows
+from keras_pqcl.backend import distribution_scope
+from keras_pqcl.callbacks.epoch_log import read_log
 from keras_pqcl.io.files import atomic_write, atomic_write_text
 from keras_pqcl.io.init_from import check_init_from
+from keras_pqcl.plots import plot_log
+from keras_pqcl.recipe import check_recipe, check_resume, knn_splits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,94 +230,6 @@ def build_model(recipe, steps_per_epoch, image_size):
     return model
 
 
-def distribution_scope():
-    """Spread the batch over every local accelerator: MirroredStrategy (TF), DataParallel (JAX).
-
-    Returns a context manager under which the model must be created.
-    """
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        if len(jax.devices()) > 1:
-            keras.distribution.set_distribution(keras.distribution.DataParallel())
-    elif backend == "tensorflow":
-        import tensorflow as tf
-
-        gpus = tf.config.list_logical_devices("GPU")
-        if len(gpus) > 1:
-            return tf.distribute.MirroredStrategy().scope()
-    return contextlib.nullcontext()
-
-
-#: Recipe fields a resumed run may change; every other field fixes the data, the model or
-#: the schedules the checkpoint was trained with.
-RESUMABLE_FIELDS = frozenset(
-    {
-        "name",
-        "description",
-        "epochs",
-        "knn_every",
-        "knn_data",
-        "checkpoint_every",
-        "checkpoint_every_steps",
-        "checkpoint_every_minutes",
-        "keep_checkpoints",
-        "stop_on_collapse",
-        "jit_compile",
-    }
-)
-
-
-def check_resume(previous, recipe):
-    """Raise a ValueError naming every field of ``recipe`` that differs from ``previous``
-    (the resumed run's ``recipe.json`` dict) but cannot change on resume."""
-    current = json.loads(recipe.to_json())
-    changed = [
-        f"{key} (was {previous[key]!r}, now {value!r})"
-        for key, value in current.items()
-        if key not in RESUMABLE_FIELDS and key in previous and previous[key] != value
-    ]
-    if changed:
-        raise ValueError(
-            "--resume cannot change " + "; ".join(changed) + ": the checkpoint was trained with the old "
-            "value. Drop the change, or start a new run with another --output."
-        )
-
-
-def check_recipe(recipe):
-    """One clear error for a recipe value no run can use."""
-    if recipe.precision not in ("float32", "mixed_bfloat16"):
-        raise ValueError(f"precision must be 'float32' or 'mixed_bfloat16', got {recipe.precision!r}.")
-    for key in ("epochs", "batch_size", "checkpoint_every", "keep_checkpoints"):
-        value = getattr(recipe, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{key} must be a whole number >= 1, got {value!r}.")
-    for key in ("steps_per_epoch", "checkpoint_every_steps"):
-        value = getattr(recipe, key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{key} must be a whole number >= 1 (or unset), got {value!r}.")
-    if recipe.checkpoint_every_minutes is not None and not recipe.checkpoint_every_minutes > 0:
-        raise ValueError(f"checkpoint_every_minutes must be > 0 (or unset), got {recipe.checkpoint_every_minutes!r}.")
-    if recipe.knn_every < 0:
-        raise ValueError(f"knn_every must be >= 0 (0: off), got {recipe.knn_every!r}.")
-    _knn_splits(recipe)  # a wrong --knn-data fails now, not after the data is built
-
-
-def _knn_splits(recipe):
-    """``(train, test)`` folders of ``recipe.knn_data``, or None when it is unset."""
-    if not (recipe.knn_every and recipe.knn_data):
-        return None
-    splits = [os.path.join(recipe.knn_data, split) for split in ("train", "val")]
-    missing = [path for path in splits if not os.path.isdir(path)]
-    if missing:
-        raise ValueError(
-            f"knn_data={recipe.knn_data!r} needs train/ and val/ sub-folders of class folders; "
-            f"missing: {', '.join(missing)}."
-        )
-    return splits
-
-
 def pretrain(recipe, output_dir, resume=False, verbose=1, overwrite=False):
     """Pre-train with ``recipe``, writing everything to ``output_dir``.
 
@@ -332,7 +245,7 @@ def pretrain(recipe, output_dir, resume=False, verbose=1, overwrite=False):
     per-step schedules (learning rate, weight decay, teacher momentum) for the new length
     from the resumed step on, as the DINO reference does when restarted with a larger
     ``--epochs``; other settings that shaped the checkpoint cannot change (see
-    :data:`RESUMABLE_FIELDS`).
+    :data:`keras_pqcl.recipe.RESUMABLE_FIELDS`).
 
     ``recipe.init_from`` (continued pre-training) starts the student and teacher backbones
     from a saved backbone; a resumed run with a checkpoint takes the checkpoint's weights.
@@ -527,7 +440,7 @@ def knn_monitor(recipe, image_size):
     if not recipe.knn_every:
         return None
     if recipe.knn_data:
-        train, test = _knn_splits(recipe)
+        train, test = knn_splits(recipe)
     elif recipe.data.startswith("synthetic_scenes"):
         from keras_pqcl.data.sources import parse_synthetic
         from keras_pqcl.data.synthetic import synthetic_scenes
@@ -548,58 +461,3 @@ def knn_monitor(recipe, image_size):
         use=method_of(recipe).transfer,
         last_epoch=recipe.epochs - 1,
     )
-
-
-def read_log(csv_path):
-    """``{column: [float per epoch]}`` from a ``log.csv`` (:class:`~keras_pqcl.callbacks.EpochLog`);
-    ``NA`` cells (a k-NN column on epochs it was not evaluated) are NaN, so every column has
-    one value per epoch."""
-    columns = {}
-    for row in read_rows(csv_path):
-        for key, value in row.items():
-            try:
-                columns.setdefault(key, []).append(float(value))
-            except (TypeError, ValueError):
-                if value in ("NA", "", None):
-                    columns.setdefault(key, []).append(float("nan"))
-    return columns
-
-
-def plot_log(history, path, terms=()):
-    """Loss and its terms, teacher entropy, query agreement and schedules per epoch as a PNG.
-
-    ``terms``: the per-term log names to draw with the loss (the model's ``loss_terms``);
-    those that have a panel of their own (``query_agreement``) or are absent are skipped.
-
-    Returns the path, or None when the log holds no loss.
-    """
-    if not history.get("loss"):
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [int(e) + 1 for e in history.get("epoch", range(len(history["loss"])))]
-    keys = ("loss", "knn_top1", "teacher_entropy", "query_agreement", "learning_rate", "teacher_temp")
-    panels = [k for k in keys if k in history]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
-    for ax, key in zip(axes[0], panels):
-        # The loss panel also shows each term, so a term that stalls (MIM, queries) is visible.
-        lines = [key] + ([t for t in terms if t in history and t not in panels] if key == "loss" else [])
-        for line in lines:
-            values = history[line]
-            if key == "knn_top1":  # evaluated every few epochs: join the points that exist
-                kept = [(e, v) for e, v in zip(epochs, values) if v == v]
-                ax.plot([e for e, _ in kept], [v for _, v in kept], marker="o", markersize=3, label=line)
-                continue
-            ax.plot(epochs, values, marker="o", markersize=3, label=line)
-        if len(lines) > 1:
-            ax.legend(fontsize=8)
-        ax.set_title(key.replace("_", " "))
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

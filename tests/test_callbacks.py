@@ -1,10 +1,11 @@
-"""Checkpoint atomicity, NaN guard and TeacherEMA argument checks."""
+"""Checkpoint atomicity, NaN guard and teacher-momentum argument checks."""
 
 import math
 
 import pytest
 
-from keras_pqcl.callbacks import NaNGuard, TeacherEMA
+from keras_pqcl.callbacks import NaNGuard
+from keras_pqcl.schedules import Schedules
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
@@ -18,6 +19,6 @@ def test_nan_guard_stops_with_a_clear_message(bad):
         guard.on_train_batch_end(2, {"loss": bad})
 
 
-def test_teacher_ema_rejects_momentum_outside_unit_interval():
+def test_schedules_reject_momentum_outside_unit_interval():
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        TeacherEMA(1.5)
+        Schedules(teacher_momentum=1.5)

@@ -133,7 +133,6 @@ def test_readme_api_names_are_public():
         "backbones.vit_small",
         "models.DINO",
         "optimizers.dino_adamw",
-        "callbacks.TeacherEMA",
         "data.MultiCropConfig",
         "data.pretrain_dataset",
         "data.steps_per_epoch",

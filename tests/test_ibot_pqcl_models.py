@@ -32,6 +32,7 @@ KEYS = ("global_crops", "local_crops", "global_masks", "query_coords")
 # Distillation runs: centers frozen and teacher temperatures constant, so the targets
 # barely move and the cross-entropies must fall (see tests/test_training.py).
 DISTILL = dict(
+    teacher_momentum=0.99,
     center_momentum=1.0,
     warmup_teacher_temp_epochs=0,
     freeze_last_layer=0,
@@ -86,8 +87,7 @@ def batch():
 def distill(model, batch, callbacks=()):
     fixed = tf.data.Dataset.from_tensors(batch).repeat(STEPS)
     model.compile(optimizer=kp.optimizers.AdamW(learning_rate=3e-3, weight_decay=0.0))
-    callbacks = [kp.callbacks.TeacherEMA(0.99, 1.0), *callbacks]
-    return model.fit(fixed, epochs=EPOCHS, verbose=0, callbacks=callbacks).history
+    return model.fit(fixed, epochs=EPOCHS, verbose=0, callbacks=list(callbacks)).history
 
 
 @pytest.fixture(scope="module")
@@ -392,7 +392,7 @@ def test_temperature_schedules():
         teacher_patch_temp=0.06,
         teacher_query_temp=0.05,
     )
-    model.steps_per_epoch.assign(2.0)
+    model.schedules.steps_per_epoch.assign(2.0)
     epochs = np.arange(8)
 
     def schedule(final, start_epoch=0):
@@ -423,7 +423,7 @@ def test_query_temperature_is_delayed_by_pred_start_epoch(pred_start_epoch):
         warmup_teacher_query_temp=start,
         teacher_query_temp=final,
     )
-    model.steps_per_epoch.assign(float(steps))
+    model.schedules.steps_per_epoch.assign(float(steps))
     per_epoch = np.concatenate(
         [
             np.full(pred_start_epoch, start),

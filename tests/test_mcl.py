@@ -187,11 +187,11 @@ def test_target_batchnorm_uses_batch_statistics_and_stays_frozen():
 
 def test_ema_covers_parameters_not_batchnorm_statistics():
     model = tiny_mcl()
-    model.total_steps.assign(10.0)
+    model.schedules.total_steps.assign(10.0)
     # Cosine momentum 0.99 -> 1 over 10 steps: m_t = 1 - 0.01 (cos(pi t / 10) + 1) / 2.
     for step in (0, 5, 10):
         expected = 1 - 0.01 * (math.cos(math.pi * step / 10) + 1) / 2
-        np.testing.assert_allclose(float(model.teacher_momentum_at(step)), expected, rtol=1e-6)
+        np.testing.assert_allclose(float(model.schedules.teacher_momentum_at(step)), expected, rtol=1e-6)
 
     conv_s, conv_t = model.student_neck.convs[0].kernel, model.teacher_neck.convs[0].kernel
     bn_s, bn_t = model.student_backbone.bn1, model.teacher_backbone.bn1

@@ -12,7 +12,8 @@ import pytest
 from keras_pqcl import models
 from keras_pqcl.callbacks import CollapseGuard, load_checkpoint
 from keras_pqcl.recipe import Recipe, load_recipe
-from keras_pqcl.training import METHODS, build_backbone, pretrain, read_log
+from keras_pqcl.callbacks.epoch_log import read_log
+from keras_pqcl.training import METHODS, build_backbone, pretrain
 
 MICRO = Recipe(
     name="micro",

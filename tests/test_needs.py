@@ -233,7 +233,7 @@ def test_plot_log_draws_the_terms_it_is_given(tmp_path, monkeypatch):
     matplotlib.use("Agg")
     from matplotlib.axes import Axes
 
-    from keras_pqcl.training import plot_log
+    from keras_pqcl.plots import plot_log
 
     drawn, plot = [], Axes.plot
 

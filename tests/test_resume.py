@@ -183,4 +183,4 @@ def test_longer_epochs_on_resume_extend_the_schedules(finished_run):
     assert newest.endswith("checkpoint-e00004-s0000000.keras")
     model = keras.saving.load_model(newest)
     assert model.optimizer.get_config()["learning_rate"]["config"]["total_steps"] == 16
-    assert float(keras.ops.convert_to_numpy(model.total_steps)) == 16.0
+    assert float(keras.ops.convert_to_numpy(model.schedules.total_steps)) == 16.0

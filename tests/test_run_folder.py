@@ -18,7 +18,7 @@ from keras_pqcl.callbacks.epoch_log import EpochLog, read_rows
 from keras_pqcl.io.files import TEMP_PREFIX, atomic_write
 from keras_pqcl.recipe import Recipe
 from keras_pqcl.run_folder import RunFolder, RunFolderError
-from keras_pqcl.training import check_recipe, check_resume
+from keras_pqcl.recipe import check_recipe, check_resume
 
 
 # ------------------------------------------------------------------------- RunFolder

@@ -90,9 +90,9 @@ def test_dino_keras_round_trip(trained):
     # Student, teacher, heads, center, clock and momentum range, optimizer slots/iterations.
     _assert_same_state(_state(loaded), _state(model))
     assert int(_np(loaded.optimizer.iterations)) == EPOCHS * STEPS
-    assert float(_np(loaded.steps_per_epoch)) == STEPS
-    assert float(_np(loaded.total_steps)) == EPOCHS * STEPS
-    assert float(_np(loaded.momentum_start)) == pytest.approx(0.9)
+    assert float(_np(loaded.schedules.steps_per_epoch)) == STEPS
+    assert float(_np(loaded.schedules.total_steps)) == EPOCHS * STEPS
+    assert float(_np(loaded.schedules.momentum[0])) == pytest.approx(0.9)
     center = _np(loaded.term("cls").center)
     assert np.abs(center).max() > 0
     np.testing.assert_array_equal(center, _np(model.term("cls").center))

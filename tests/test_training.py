@@ -122,13 +122,13 @@ def distill_run():
         teacher_temp=0.04,
         warmup_teacher_temp_epochs=0,
         freeze_last_layer=0,
+        teacher_momentum=0.99,
     )
     model.compile(optimizer=kp.optimizers.AdamW(learning_rate=3e-3, weight_decay=0.0))
     history = model.fit(
         ts.dataset(ts.crops(8, n_local=0)),
         epochs=6,
         verbose=0,
-        callbacks=[kp.callbacks.TeacherEMA(0.99, 1.0)],
     )
     return dict(model=model, history=history)
 
@@ -151,11 +151,10 @@ def test_fit_lowers_dino_loss(distill_run):
     assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
 
 
-def test_teacher_ema_callback_overrides_model_default(distill_run):
+def test_model_owns_the_teacher_momentum_schedule(distill_run):
     model, history = distill_run["model"], distill_run["history"]
-    assert model.teacher_momentum == pytest.approx(0.996)  # constructor default untouched
-    assert float(_np(model.momentum_start)) == pytest.approx(0.99)
-    assert float(_np(model.momentum_end)) == pytest.approx(1.0)
+    assert model.get_config()["teacher_momentum"] == pytest.approx(0.99)
+    assert model.schedules.get_config() == dict(teacher_momentum=0.99, teacher_momentum_end=1.0, freeze_last_layer=0)
     # Logged momentum at the last step of epoch 0 (step 1 of 12) follows 0.99 -> 1.
     expected = 1.0 - (1.0 - 0.99) * (1.0 + math.cos(math.pi * 1 / 12)) / 2.0
     assert history.history["teacher_momentum"][0] == pytest.approx(expected, abs=1e-6)
@@ -164,8 +163,8 @@ def test_teacher_ema_callback_overrides_model_default(distill_run):
 def test_step_counter_and_clock(scheduled_run):
     model, rec = scheduled_run["model"], scheduled_run["rec"]
     assert [s["iterations"] for s in rec.steps] == list(range(1, TOTAL + 1))
-    assert float(_np(model.steps_per_epoch)) == STEPS
-    assert float(_np(model.total_steps)) == TOTAL
+    assert float(_np(model.schedules.steps_per_epoch)) == STEPS
+    assert float(_np(model.schedules.total_steps)) == TOTAL
 
 
 def test_teacher_is_ema_of_student(scheduled_run):

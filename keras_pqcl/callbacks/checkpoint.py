@@ -203,7 +203,7 @@ def read_progress(path, model=None):
                 raise ValueError(f"its {PROGRESS_MEMBER} is unreadable ({error})") from None
     if model is None:
         raise ValueError(f"no {PROGRESS_MEMBER} (not written by keras_pqcl >= 0.2)")
-    steps_per_epoch = int(round(float(keras.ops.convert_to_numpy(model.steps_per_epoch))))
+    steps_per_epoch = int(round(float(keras.ops.convert_to_numpy(model.schedules.steps_per_epoch))))
     global_step = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
     epoch, step = divmod(global_step, max(steps_per_epoch, 1))
     return Progress(epoch=epoch, step=step, steps_per_epoch=steps_per_epoch, path=path)
@@ -225,7 +225,7 @@ def _load(path):
             ) from None
         text = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise ValueError(f"Keras could not load it ({type(error).__name__}: {text[:300]})") from None
-    if getattr(model, "optimizer", None) is None or not hasattr(model, "steps_per_epoch"):
+    if getattr(model, "optimizer", None) is None or not hasattr(model, "schedules"):
         raise ValueError(f"it holds a {type(model).__name__} without an optimizer, not a pre-training checkpoint")
     if progress is None:
         progress = read_progress(path, model)
@@ -328,7 +328,7 @@ class Checkpoint(keras.callbacks.Callback):
         self._due = False
 
     def on_train_begin(self, logs=None):
-        self._steps_per_epoch = int(round(float(keras.ops.convert_to_numpy(self.model.steps_per_epoch))))
+        self._steps_per_epoch = int(round(float(keras.ops.convert_to_numpy(self.model.schedules.steps_per_epoch))))
         self._global_step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
         self._last_save = time.monotonic()
 

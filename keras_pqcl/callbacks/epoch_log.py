@@ -22,6 +22,21 @@ def read_rows(path):
         return list(csv.DictReader(f))
 
 
+def read_log(csv_path):
+    """``{column: [float per epoch]}`` from a ``log.csv`` (:class:`~keras_pqcl.callbacks.EpochLog`);
+    ``NA`` cells (a k-NN column on epochs it was not evaluated) are NaN, so every column has
+    one value per epoch."""
+    columns = {}
+    for row in read_rows(csv_path):
+        for key, value in row.items():
+            try:
+                columns.setdefault(key, []).append(float(value))
+            except (TypeError, ValueError):
+                if value in ("NA", "", None):
+                    columns.setdefault(key, []).append(float("nan"))
+    return columns
+
+
 def _cell(value):
     if value is None:
         return "NA"

@@ -20,7 +20,6 @@ momentum range stored in non-trainable variables so that they are saved and resu
 
 import contextlib
 import sys
-import warnings
 
 import keras
 from keras import ops
@@ -39,10 +38,11 @@ class SelfSupervisedModel(TrainStep, keras.Model):
 
     Args:
         teacher_momentum: EMA momentum at step 0 (0.996), rising on a cosine over the run to
-        teacher_momentum_end: the momentum at the last step (1.0). The model owns this
-            schedule (saved with it); a :class:`~keras_pqcl.callbacks.TeacherEMA` passed to
-            ``fit`` replaces its range.
+        teacher_momentum_end: the momentum at the last step (1.0).
         freeze_last_layer: epochs during which :meth:`frozen_variables` get no update (1).
+
+    These and every other per-step value (learning rate, weight decay, the terms' teacher
+    temperatures) live in one :class:`~keras_pqcl.schedules.Schedules`, ``model.schedules``.
     """
 
     #: names of per-term losses the method reports (averaged over the epoch).
@@ -71,9 +71,7 @@ class SelfSupervisedModel(TrainStep, keras.Model):
 
     def __init__(self, teacher_momentum=0.996, teacher_momentum_end=1.0, freeze_last_layer=1, **kwargs):
         super().__init__(**kwargs)
-        self.teacher_momentum = float(teacher_momentum)
-        self.teacher_momentum_end = float(teacher_momentum_end)
-        self.freeze_last_layer = freeze_last_layer
+        self.schedules = schedules.Schedules(teacher_momentum, teacher_momentum_end, freeze_last_layer)
         self._teacher_pairs = []
 
         def scalar(name, value):
@@ -85,12 +83,14 @@ class SelfSupervisedModel(TrainStep, keras.Model):
                 dtype="float32",
             )
 
-        # Filled in by fit(); kept as variables so compiled steps read the current values
-        # and checkpoints restore them.
-        self.steps_per_epoch = scalar("steps_per_epoch", 1.0)
-        self.total_steps = scalar("total_steps", 1.0)
-        self.momentum_start = scalar("momentum_start", teacher_momentum)
-        self.momentum_end = scalar("momentum_end", teacher_momentum_end)
+        # The run's clock, filled in by fit(), and the momentum range: variables, so compiled
+        # steps read the current values and checkpoints restore them.
+        self.schedules.bind(
+            scalar("steps_per_epoch", 1.0),
+            scalar("total_steps", 1.0),
+            scalar("momentum_start", teacher_momentum),
+            scalar("momentum_end", teacher_momentum_end),
+        )
         self.trackers = {}
         self.add_trackers(("loss",) + (type(self).loss_terms if isinstance(type(self).loss_terms, tuple) else ()))
 
@@ -135,54 +135,25 @@ class SelfSupervisedModel(TrainStep, keras.Model):
             if s.trainable or not batch_statistics:
                 self._teacher_pairs.append((t, s))
 
-    def teacher_momentum_at(self, step):
-        """Cosine schedule from ``momentum_start`` to ``momentum_end`` over all steps."""
-        return schedules.cosine(step, self.total_steps, self.momentum_start, self.momentum_end)
-
     def update_teacher(self, step):
         """``teacher <- m teacher + (1 - m) student`` for every registered pair."""
-        ema_update(self._teacher_pairs, self.teacher_momentum_at(step))
-
-    def set_teacher_momentum(self, start, end=1.0):
-        self.momentum_start.assign(float(start))
-        self.momentum_end.assign(float(end))
-
-    # ---------------------------------------------------------------- clock
-    def epoch_at(self, step):
-        """Epoch index (float, floored) of a step: drives the per-epoch schedules."""
-        return ops.floor(ops.cast(step, "float32") / ops.maximum(self.steps_per_epoch, 1.0))
+        ema_update(self._teacher_pairs, self.schedules.teacher_momentum_at(step))
 
     def frozen_variables(self):
         """Student variables frozen during the first ``freeze_last_layer`` epochs."""
         return []
 
     def configure_schedules(self, epochs, steps_per_epoch):
-        """Set the run's clock and freeze the last layer; ``fit`` calls this for you.
-
-        The run length is this one: the optimizer's step schedules (learning rate, weight
-        decay) are set to end with it too, so they cannot disagree with the teacher momentum
-        and temperatures (a resumed run given more epochs follows the new length).
-        """
-        total = int(epochs * steps_per_epoch)
-        self.steps_per_epoch.assign(float(steps_per_epoch))
-        self.total_steps.assign(float(total))
-        for schedule in (getattr(self.optimizer, "_learning_rate", None), getattr(self.optimizer, "decay", None)):
-            if isinstance(schedule, schedules.WarmupCosine):
-                schedule.total_steps = total
-        frozen = [v for v in self.frozen_variables() if v.trainable]
-        if not frozen or not self.freeze_last_layer:
-            return
-        if not hasattr(self.optimizer, "freeze"):
-            warnings.warn(
-                "freeze_last_layer needs keras_pqcl.optimizers.AdamW; with "
-                f"{type(self.optimizer).__name__} the last layer is trained from step 0.",
-                stacklevel=3,
-            )
-            return
-        strategy = getattr(self, "distribute_strategy", None)
-        with strategy.scope() if strategy is not None else contextlib.nullcontext():
-            self.optimizer.build(self.trainable_variables)
-        self.optimizer.freeze(frozen, self.freeze_last_layer * steps_per_epoch)
+        """Set the run length in :attr:`schedules`, which then drives the optimizer's schedules
+        and the freeze too; ``fit`` calls this for you (a resumed run given more epochs
+        follows the new length)."""
+        frozen = self.frozen_variables() if self.schedules.freeze_last_layer else []
+        if frozen and hasattr(self.optimizer, "freeze"):
+            strategy = getattr(self, "distribute_strategy", None)
+            with strategy.scope() if strategy is not None else contextlib.nullcontext():
+                self.optimizer.build(self.trainable_variables)
+        self.schedules.attach(self.optimizer, frozen)
+        self.schedules.configure(epochs, steps_per_epoch)
 
     # -------------------------------------------------------------- metrics
     @property
@@ -202,15 +173,9 @@ class SelfSupervisedModel(TrainStep, keras.Model):
         return out
 
     def schedule_values(self, step):
-        """Every per-step schedule value at ``step``: ``teacher_momentum``, the optimizer's
-        ``learning_rate`` and ``weight_decay``, and a method's own (its temperatures)."""
-        logs = {"teacher_momentum": self.teacher_momentum_at(step)}
-        if getattr(self, "optimizer", None) is not None:
-            logs["learning_rate"] = ops.cast(self.optimizer.learning_rate, "float32")
-            current_wd = getattr(self.optimizer, "current_weight_decay", None)
-            if current_wd is not None and current_wd() is not None:
-                logs["weight_decay"] = ops.cast(current_wd(), "float32")
-        return logs
+        """Every per-step schedule value at ``step`` (:meth:`Schedules.values
+        <keras_pqcl.schedules.Schedules.values>`)."""
+        return self.schedules.values(step)
 
     # ------------------------------------------------------------------ fit
     def build(self, input_shape=None):
@@ -281,9 +246,7 @@ class SelfSupervisedModel(TrainStep, keras.Model):
         config = super().get_config()
         config.update(
             backbone=keras.saving.serialize_keras_object(self.student_backbone),
-            teacher_momentum=self.teacher_momentum,
-            teacher_momentum_end=self.teacher_momentum_end,
-            freeze_last_layer=self.freeze_last_layer,
+            **self.schedules.get_config(),
         )
         return config
 

@@ -17,8 +17,8 @@ EMA. Parameters only: conv/dense kernels and biases, BN gamma and beta.
 The BN moving mean/variance are buffers in the reference and are not averaged: each encoder
 keeps its own, updated by its own train-mode forward passes. They never affect training (both
 encoders always run with batch statistics); the query backbone's are the ones transfer uses.
-The momentum is a constant 0.999 (``momentum_schedule="constant"`` reads the start of the
-:class:`~keras_pqcl.callbacks.TeacherEMA` range and ignores its end). The reference updates the
+The momentum is a constant 0.999 (``momentum_schedule="constant"``: the schedule's end is
+its start). The reference updates the
 key encoder at the start of a step, before the keys; the shared train step does it right after
 the optimizer update, which gives the same sequence of key weights.
 
@@ -146,8 +146,8 @@ class DenseCL(SelfSupervisedModel):
             raise ValueError(f"momentum_schedule must be one of {MOMENTUM_SCHEDULES}, got {momentum_schedule!r}.")
         if not 0.0 <= float(loss_lambda) <= 1.0:
             raise ValueError(f"loss_lambda must lie in [0, 1], got {loss_lambda}.")
-        if teacher_momentum_end is None:
-            teacher_momentum_end = teacher_momentum
+        if teacher_momentum_end is None or momentum_schedule == "constant":
+            teacher_momentum_end = teacher_momentum  # a cosine between equal ends is constant
         kwargs.setdefault("freeze_last_layer", 0)
         super().__init__(teacher_momentum=teacher_momentum, teacher_momentum_end=teacher_momentum_end, **kwargs)
         self.feature = feature
@@ -198,11 +198,6 @@ class DenseCL(SelfSupervisedModel):
     def teacher_backbone(self):
         """The key (EMA) backbone."""
         return self.key_backbone
-
-    def teacher_momentum_at(self, step):
-        if self.momentum_schedule == "constant":
-            return ops.cast(self.momentum_start, "float32")
-        return super().teacher_momentum_at(step)
 
     def loss_lambda_at(self, step):
         """lambda, or 0 before ``lambda_start_step`` (the optional warm-up switch)."""

@@ -192,6 +192,7 @@ class SelfDistillation(SelfSupervisedModel):
         self.add_teacher(self.teacher_backbone, self.student_backbone)
         self.add_teacher(self.teacher_head, self.student_head)
         self.terms = terms
+        self.schedules.temperatures = {name: ramp for t in terms for name, ramp in t.schedules().items()}
         self.add_trackers(self.loss_terms)
         self.built = True
 
@@ -239,13 +240,6 @@ class SelfDistillation(SelfSupervisedModel):
 
     def frozen_variables(self):
         return [v for layer in self.student_head.last_layers for v in layer.trainable_variables]
-
-    def schedule_values(self, step):
-        values = super().schedule_values(step)
-        epoch = self.epoch_at(step)
-        for term in self.terms:
-            values.update({name: schedule(epoch) for name, schedule in term.schedules().items()})
-        return values
 
     # ------------------------------------------------------------------- step
     def call(self, images, training=False):

@@ -62,7 +62,7 @@ class MaskedPatchDistillation(DistillationTerm):
             )
         masks = ops.reshape(crop_major(ops.cast(masks, "bool")), (-1, grid[0] * grid[1]))
         if self.start_epoch:
-            masks = ops.logical_and(masks, model.epoch_at(outputs.step) >= float(self.start_epoch))
+            masks = ops.logical_and(masks, model.schedules.epoch_at(outputs.step) >= float(self.start_epoch))
         return masks
 
     def loss(self, outputs, values):
