@@ -239,10 +239,17 @@ def _load(path, kind=None):
     bad = nonfinite_weights(model)
     if bad:
         raise ValueError(f"{len(bad)} weight tensors are not finite (e.g. {bad[0]})")
-    states = {v.path: v for v in _random_states(model)}
-    for name, value in progress.rng.items():
-        if name in states:
-            states[name].assign(np.asarray(value, dtype=str(states[name].dtype)))
+    states = _random_states(model)
+    saved = list(progress.rng.items())
+    if len(saved) != len(states):
+        by_path = {v.path: v for v in states}
+        saved = [(name, value) for name, value in saved if name in by_path]
+        states = [by_path[name] for name, _ in saved]
+    # Otherwise by position (the model's own variable order): a generator's path holds a
+    # process-wide counter, so a model loaded where another was built before has
+    # ``seed_generator_1`` where the checkpoint says ``seed_generator``.
+    for variable, (_, value) in zip(states, saved):
+        variable.assign(np.asarray(value, dtype=str(variable.dtype)))
     return model, progress
 
 
