@@ -103,8 +103,24 @@ def finetune_segmentation(
     """
     from keras_pqcl.run_folder import RunFolder
 
+    options = dict(
+        decoder=decoder,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        layer_decay=layer_decay,
+        weight_decay=weight_decay,
+        warmup_epochs=warmup_epochs,
+        crop_size=crop_size,
+        freeze_backbone=freeze_backbone,
+        channels=channels,
+        seed=seed,
+        verbose=verbose,
+        num_predictions=num_predictions,
+        keep_checkpoints=keep_checkpoints,
+    )
     with RunFolder(output, resume=resume, overwrite=overwrite) as folder:
-        return _finetune(folder, backbone, train, val, num_classes, resume, locals())
+        return _finetune(folder, backbone, train, val, num_classes, resume, options)
 
 
 def _finetune(folder, backbone, train, val, num_classes, resume, options):
