@@ -224,6 +224,7 @@ def _finetune(folder, backbone, train, val, num_classes, resume, options):
             initial_epoch=done,
             steps_per_epoch=steps,
             verbose=options["verbose"],
+            shuffle=False,  # the stream is already in its (seed, epoch) order
             callbacks=[
                 NaNGuard(ckpt_dir),
                 EpochLog(csv_path, start_epoch=done, validation=True),
