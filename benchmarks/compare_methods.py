@@ -9,6 +9,10 @@ then scores each transfer backbone (the teacher; DenseCL's query encoder) on hel
 * k-NN top-1 on the CLS token (a ResNet's pooled C5) (k = 20, T = 0.07),
 * a linear probe on the last blocks' CLS (top-1, the best of a learning-rate sweep),
 * a dense linear probe on the patch tokens (a ResNet's C5 map) (mIoU over background + 10 classes),
+* fine-tuned segmentation mIoU, the seeds' headline dense metric: the whole backbone and an
+  UperNet decoder fine-tuned on the probe-train masks and scored on the probe-test masks
+  (:func:`keras_pqcl.tasks.finetune_run.finetune_segmentation`, short fixed settings:
+  ``FINETUNE``; ``--finetune-epochs 0`` leaves it out),
 
 plus a random-init backbone (built exactly like the recipes' student; one ViT, one ResNet) as the
 floor, and the pre-training images/s. Several seeds give the spread (mean ± std). Writes ``compare.md``,
@@ -53,6 +57,9 @@ METHODS = (
     ("DenseCL", "densecl"),
     ("MCL", "mcl"),
 )
+#: The fixed fine-tuning settings of every row (besides ``--finetune-epochs``): one decoder
+#: and one learning rate for all, as the papers compare methods.
+FINETUNE = dict(decoder="upernet", channels=64, batch_size=32, lr=1e-3, layer_decay=0.65, weight_decay=0.05)
 BASE_OF = {"DINO+PQCL": "DINO", "iBOT+PQCL": "iBOT", "ADCLR": "DINO"}
 #: the random-init floor of each backbone family: (row label, method suffix whose recipe builds it)
 FLOORS = (("random init", ""), ("random init (ResNet)", "densecl"))
@@ -113,7 +120,34 @@ def evaluate(backbone, splits, image_size, args, linear=True):
         image_size=image_size,
     )
     scores.update(dense_miou=dense["miou"], dense_pixel_acc=dense["pixel_acc"])
+    if args.finetune_epochs:
+        # Last: fine-tuning changes the backbone's weights.
+        scores["finetune_miou"] = finetune(backbone, splits, args)
     return scores
+
+
+def finetune(backbone, splits, args):
+    """Fine-tuned segmentation mIoU (%) of ``backbone``: ``FINETUNE`` on the probe-train masks,
+    scored on the probe-test masks."""
+    from keras_pqcl.tasks.finetune_run import finetune_segmentation
+
+    train, test = splits["train"], splits["test"]
+    output = os.path.join(
+        args.output, "finetune", f"{args.recipe}_seed{args.seed}{'_random' if args.random_init else ''}"
+    )
+    summary = finetune_segmentation(
+        backbone,
+        {"images": train["images"], "masks": train["masks"]},
+        {"images": test["images"], "masks": test["masks"]},
+        num_classes=11,
+        output=output,
+        epochs=args.finetune_epochs,
+        seed=args.seed,
+        verbose=0,
+        overwrite=True,
+        **FINETUNE,
+    )
+    return 100.0 * summary["val"]["mIoU"]
 
 
 def worker(args):
@@ -162,11 +196,12 @@ def table(rows, args):
 
     def cell(label, metric):
         runs = rows[label]
-        if not runs or runs[0][metric] is None:
+        if not runs or runs[0].get(metric) is None:
             return "-"
         values = [r[metric] for r in runs]
         return f"{np.mean(values):.1f} ± {np.std(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
 
+    finetuned = any(r.get("finetune_miou") is not None for runs in rows.values() for r in runs)
     lines = [
         f"Recipe family `{args.family}`, {args.epochs} epochs, seeds {args.seeds}; probes on "
         f"{args.probe_train} / {args.probe_test} held-out synthetic_scenes images"
@@ -174,24 +209,42 @@ def table(rows, args):
         f"{os.environ.get('KERAS_BACKEND', 'tensorflow')}.",
         "",
         "| method | seeds | k-NN top-1 % | linear top-1 % | dense mIoU % | dense mIoU vs base "
-        "| pre-training images/s |",
-        "|---|---|---|---|---|---|---|",
+        + ("| fine-tuned seg. mIoU % | fine-tuned vs base " if finetuned else "")
+        + "| pre-training images/s |",
+        "|---|---|---|---|---|---|" + ("---|---|" if finetuned else "") + "---|",
     ]
     for label in rows:
-        base = BASE_OF.get(label)
-        gap = "-"
-        # Paired by seed: the spread of the differences, not of the two means, is what says
-        # whether a gap is stable.
-        paired = {r["seed"]: r["dense_miou"] for r in rows.get(base, [])}
-        diffs = [r["dense_miou"] - paired[r["seed"]] for r in rows[label] if r["seed"] in paired]
-        if diffs:
-            spread = f" ± {np.std(diffs):.1f}" if len(diffs) > 1 else ""
-            gap = f"{np.mean(diffs):+.1f}{spread} vs {base}"
+        gaps = f"{cell(label, 'finetune_miou')} | {gap(rows, label, 'finetune_miou')} | " if finetuned else ""
         lines.append(
             f"| {label} | {len(rows[label])} | {cell(label, 'knn_top1')} | {cell(label, 'linear_top1')} | "
-            f"{cell(label, 'dense_miou')} | {gap} | {cell(label, 'images_per_s')} |"
+            f"{cell(label, 'dense_miou')} | {gap(rows, label, 'dense_miou')} | {gaps}{cell(label, 'images_per_s')} |"
         )
+    if finetuned:
+        lines += [
+            "",
+            f"Fine-tuned: {args.finetune_epochs} epochs of {FINETUNE['decoder']} "
+            f"(channels {FINETUNE['channels']}, batch {FINETUNE['batch_size']}, lr {FINETUNE['lr']}, layer decay "
+            f"{FINETUNE['layer_decay']}, weight decay {FINETUNE['weight_decay']}), whole backbone trained, on the "
+            "probe-train masks, mIoU on the probe-test masks.",
+        ]
     return "\n".join(lines)
+
+
+def gap(rows, label, metric):
+    """``metric`` of ``label`` minus its base's, paired by seed (mean ± std), or ``-``."""
+    base = BASE_OF.get(label)
+    # Paired by seed: the spread of the differences, not of the two means, is what says
+    # whether a gap is stable.
+    paired = {r["seed"]: r.get(metric) for r in rows.get(base, [])}
+    diffs = [
+        r[metric] - paired[r["seed"]]
+        for r in rows[label]
+        if paired.get(r["seed"]) is not None and r.get(metric) is not None
+    ]
+    if not diffs:
+        return "-"
+    spread = f" ± {np.std(diffs):.1f}" if len(diffs) > 1 else ""
+    return f"{np.mean(diffs):+.1f}{spread} vs {base}"
 
 
 def chart(rows, path):
@@ -202,6 +255,8 @@ def chart(rows, path):
     import matplotlib.pyplot as plt
 
     metrics = (("knn_top1", "k-NN top-1 %"), ("linear_top1", "linear top-1 %"), ("dense_miou", "dense mIoU %"))
+    if any(r.get("finetune_miou") is not None for runs in rows.values() for r in runs):
+        metrics += (("finetune_miou", "fine-tuned seg. mIoU %"),)
     labels = list(rows)
     # Grey: the floors; blue: the ViT methods; orange: the ResNet ones (their own floor).
     colors = [
@@ -210,7 +265,7 @@ def chart(rows, path):
     ]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.8))
     for ax, (metric, title) in zip(axes, metrics):
-        values = [[r[metric] for r in rows[label]] for label in labels]
+        values = [[r.get(metric, np.nan) for r in rows[label]] for label in labels]
         means = [np.mean(v) for v in values]
         stds = [np.std(v) if len(v) > 1 else 0 for v in values]
         ax.bar(range(len(labels)), means, yerr=stds, capsize=3, color=colors)
@@ -256,6 +311,13 @@ def main():
     )
     parser.add_argument("--dense-epochs", type=int, default=20, dest="dense_epochs")
     parser.add_argument(
+        "--finetune-epochs",
+        type=int,
+        default=10,
+        dest="finetune_epochs",
+        help="epochs of the fine-tuned segmentation column (0: leave the column out)",
+    )
+    parser.add_argument(
         "--probe-size",
         type=int,
         default=None,
@@ -264,7 +326,7 @@ def main():
         "side gives the dense probe a finer token grid",
     )
     parser.add_argument("--output", default=os.path.join("runs", "compare_methods"))
-    parser.add_argument("--quick", action="store_true", help="2 epochs of 4 steps, small probes")
+    parser.add_argument("--quick", action="store_true", help="2 epochs of 4 steps, small probes, 2 fine-tuning epochs")
     parser.add_argument(
         "--report-only",
         action="store_true",
@@ -285,6 +347,7 @@ def main():
     if args.quick:
         args.epochs, args.steps_per_epoch = 2, 4
         args.probe_train, args.probe_test, args.linear_epochs, args.dense_epochs = 200, 100, 5, 3
+        args.finetune_epochs = min(args.finetune_epochs, 2)
     if args.worker:
         return worker(args)
 
@@ -336,6 +399,8 @@ def job_settings(args, recipe, seed, random_init):
     )
     if args.probe_size:  # absent by default, so that results saved before the option still match
         settings["probe_size"] = args.probe_size
+    if args.finetune_epochs:  # likewise: saved results without the column match --finetune-epochs 0
+        settings["finetune"] = dict(FINETUNE, epochs=args.finetune_epochs)
     return settings
 
 
@@ -374,6 +439,8 @@ def run_job(args, label, recipe, seed, random_init, run=True):
         args.linear_lrs,
         "--dense-epochs",
         str(args.dense_epochs),
+        "--finetune-epochs",
+        str(args.finetune_epochs),
         "--output",
         os.path.abspath(args.output),
     ]

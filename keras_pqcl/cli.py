@@ -195,7 +195,18 @@ def _parser():
     ft.add_argument("--layer-decay", type=float, dest="layer_decay", default=0.65)
     ft.add_argument("--weight-decay", type=float, dest="weight_decay", default=0.05)
     ft.add_argument("--freeze-backbone", action="store_true", dest="freeze_backbone", help="train the decoder only")
-    ft.add_argument("--output", required=True, help="output folder: log.csv, summary.json, predictions.png")
+    ft.add_argument(
+        "--output",
+        required=True,
+        help="output folder: log.csv, loss.png, checkpoints/, segmenter.keras, summary.json, predictions.png",
+    )
+    ft.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --output from its newest checkpoint (same settings)",
+    )
+    ft.add_argument("--overwrite", action="store_true", help="replace the run in --output")
+    ft.add_argument("--seed", type=int, default=0, help="initialisation, data order and augmentation (default 0)")
     ft.add_argument("--backend", choices=["tensorflow", "jax", "torch"], help="Keras backend (default: KERAS_BACKEND)")
     ft.add_argument("--quiet", action="store_true", help="no progress output")
     ex = sub.add_parser(
@@ -700,7 +711,10 @@ def _finetune(args):
         crop_size=args.crop_size,
         freeze_backbone=args.freeze_backbone,
         channels=args.channels,
+        seed=args.seed,
         verbose=0 if args.quiet else 2,
+        resume=args.resume,
+        overwrite=args.overwrite,
     )
     for key, value in summary["val"].items():
         print(f"  val {key:8s} {value:.4g}")

@@ -37,10 +37,40 @@ def test_finetune_segment_writes_log_summary_and_predictions(weights, tmp_path):
     assert summary["num_classes"] == 11 and summary["num_train"] == 16 and summary["num_val"] == 4
     assert set(summary["val"]) == {"loss", "mIoU", "mAcc", "aAcc"} and summary["channels"] == 8
     with open(os.path.join(out, "log.csv")) as f:
-        assert len(list(csv.DictReader(f))) == 2
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
     with Image.open(os.path.join(out, "predictions.png")) as png:
         assert png.size == (3 * 16, 4 * 16)  # image | truth | prediction, one row per val image
     assert os.path.exists(os.path.join(out, "segmenter.keras"))
+    assert os.path.exists(os.path.join(out, "loss.png")) and "val_mIoU" in rows[0]
+    checkpoints = sorted(os.listdir(os.path.join(out, "checkpoints")))
+    assert checkpoints == ["checkpoint-e00001-s0000000.keras", "checkpoint-e00002-s0000000.keras"]
+
+
+def test_finetune_segment_resume_and_its_errors(weights, tmp_path, capsys):
+    out = str(tmp_path / "seg")
+    argv = ["finetune", "segment", "--weights", weights, "--data", "synthetic_scenes:8:16", "--output", out]
+    argv += ["--epochs", "1", "--decoder", "linear", "--batch-size", "4", "--quiet"]
+    assert cli.main(argv + ["--resume"]) == 2  # nothing to resume yet
+    assert "holds no checkpoint to continue" in capsys.readouterr().err
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    assert cli.main(argv) == 2  # never over another run by accident
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert cli.main(argv + ["--resume", "--lr", "2e-3"]) == 2
+    assert "--resume cannot change lr (was 0.0001, now 0.002)" in capsys.readouterr().err
+    # A finished run resumed: its checkpoint holds every epoch, so only the final files are rewritten.
+    assert cli.main(argv + ["--resume"]) == 0
+    assert "holds all 1 epochs" in capsys.readouterr().out
+    with open(os.path.join(out, "summary.json")) as f:
+        assert json.load(f)["resumed_from"].endswith("checkpoint-e00001-s0000000.keras")
+    with open(os.path.join(out, "checkpoints", "checkpoint-e00001-s0000000.keras"), "wb") as f:
+        f.write(b"not a checkpoint")
+    assert cli.main(argv + ["--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "none of the 1 checkpoints" in err[0] and "not a zip archive" in err[0]
+    assert cli.main(argv + ["--overwrite"]) == 0  # replaces the broken run
 
 
 def test_finetune_segment_input_errors(weights, tmp_path, capsys):

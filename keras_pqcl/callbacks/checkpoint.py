@@ -209,8 +209,10 @@ def read_progress(path, model=None):
     return Progress(epoch=epoch, step=step, steps_per_epoch=steps_per_epoch, path=path)
 
 
-def _load(path):
-    """``(model, progress)`` from one checkpoint file, or a ValueError saying why not."""
+def _load(path, kind=None):
+    """``(model, progress)`` from one checkpoint file, or a ValueError saying why not.
+
+    ``kind``: the model class the checkpoint must hold (None: a pre-training model)."""
     progress = None
     if os.path.basename(path) != LEGACY_FILE:
         progress = read_progress(path)
@@ -225,7 +227,9 @@ def _load(path):
             ) from None
         text = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise ValueError(f"Keras could not load it ({type(error).__name__}: {text[:300]})") from None
-    if getattr(model, "optimizer", None) is None or not hasattr(model, "schedules"):
+    if kind is not None and not isinstance(model, kind):
+        raise ValueError(f"it holds a {type(model).__name__}, not a {kind.__name__}")
+    if getattr(model, "optimizer", None) is None or (kind is None and not hasattr(model, "schedules")):
         raise ValueError(f"it holds a {type(model).__name__} without an optimizer, not a pre-training checkpoint")
     if progress is None:
         progress = read_progress(path, model)
@@ -235,17 +239,25 @@ def _load(path):
     bad = nonfinite_weights(model)
     if bad:
         raise ValueError(f"{len(bad)} weight tensors are not finite (e.g. {bad[0]})")
-    states = {v.path: v for v in _random_states(model)}
-    for name, value in progress.rng.items():
-        if name in states:
-            states[name].assign(np.asarray(value, dtype=str(states[name].dtype)))
+    states = _random_states(model)
+    saved = list(progress.rng.items())
+    if len(saved) != len(states):
+        by_path = {v.path: v for v in states}
+        saved = [(name, value) for name, value in saved if name in by_path]
+        states = [by_path[name] for name, _ in saved]
+    # Otherwise by position (the model's own variable order): a generator's path holds a
+    # process-wide counter, so a model loaded where another was built before has
+    # ``seed_generator_1`` where the checkpoint says ``seed_generator``.
+    for variable, (_, value) in zip(states, saved):
+        variable.assign(np.asarray(value, dtype=str(variable.dtype)))
     return model, progress
 
 
-def load_latest_checkpoint(directory, log=print):
+def load_latest_checkpoint(directory, log=print, kind=None):
     """Load the newest checkpoint in ``directory`` that loads and is finite.
 
-    Each file passed over is reported through ``log`` with the reason.
+    Each file passed over is reported through ``log`` with the reason. ``kind``: the model
+    class the checkpoints hold (None: a pre-training model; fine-tuning passes its own).
 
     Returns:
         ``(model, progress)``, or ``(None, None)`` when ``directory`` holds no checkpoint.
@@ -257,7 +269,7 @@ def load_latest_checkpoint(directory, log=print):
     failures = []
     for path in paths:
         try:
-            return _load(path)
+            return _load(path, kind)
         except ValueError as error:
             failures.append(f"{path}: {error}")
             log(f"keras-pqcl: skipping checkpoint {path}: {error}")
@@ -299,6 +311,8 @@ class Checkpoint(keras.callbacks.Callback):
             resets them first), so its logged means cover all its steps.
         metadata: a JSON-able dict stored in every checkpoint (the runner stores the recipe,
             so a resume can tell what the checkpoint was trained with).
+        steps_per_epoch: the run's epoch length; None reads the model's own clock (the
+            pre-training models' ``steps_per_epoch``), which other models do not have.
     """
 
     def __init__(
@@ -311,9 +325,11 @@ class Checkpoint(keras.callbacks.Callback):
         epochs=None,
         resume_from=None,
         metadata=None,
+        steps_per_epoch=None,
     ):
         super().__init__()
         self.directory = directory
+        self.steps_per_epoch = steps_per_epoch
         self.every = max(int(every), 1)
         self.every_steps = int(every_steps) if every_steps else None
         self.every_minutes = float(every_minutes) if every_minutes else None
@@ -328,7 +344,8 @@ class Checkpoint(keras.callbacks.Callback):
         self._due = False
 
     def on_train_begin(self, logs=None):
-        self._steps_per_epoch = int(round(float(keras.ops.convert_to_numpy(self.model.schedules.steps_per_epoch))))
+        clock = self.steps_per_epoch or keras.ops.convert_to_numpy(self.model.schedules.steps_per_epoch)
+        self._steps_per_epoch = int(round(float(clock)))
         self._global_step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
         self._last_save = time.monotonic()
 

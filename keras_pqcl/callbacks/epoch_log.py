@@ -56,22 +56,25 @@ class EpochLog(keras.callbacks.Callback):
     * the columns are the union of every epoch's keys: a metric that appears later (a k-NN
       score every few epochs, an option changed on resume) gets its own column, ``NA``
       where it was not logged;
-    * Keras' validation keys (``val_*``), always empty in pre-training, are left out.
+    * Keras' validation keys (``val_*``), always empty in pre-training, are left out unless
+      ``validation=True`` (fine-tuning, which validates every epoch).
 
     Args:
         path: the CSV file.
         start_epoch: epochs already done (0 for a new run); earlier rows are kept.
+        validation: keep the ``val_*`` columns.
     """
 
-    def __init__(self, path, start_epoch=0):
+    def __init__(self, path, start_epoch=0, validation=False):
         super().__init__()
         self.path = path
+        self.validation = validation
         self.rows = [row for row in read_rows(path) if _epoch(row) < start_epoch]
 
     def on_epoch_end(self, epoch, logs=None):
         row = {"epoch": str(epoch)}
         for key, value in (logs or {}).items():
-            if not key.startswith("val_"):
+            if self.validation or not key.startswith("val_"):
                 row[key] = _cell(value)
         self.rows = [r for r in self.rows if _epoch(r) < epoch] + [row]
         self.write()

@@ -148,6 +148,8 @@ def segmentation_dataset(
     seed=0,
     names=None,
     drop_remainder=None,
+    epochs=None,
+    start_epoch=0,
 ):
     """Batches of ``(images (B, S, S, 3) float32 normalised, masks (B, S, S) int32)``.
 
@@ -165,6 +167,12 @@ def segmentation_dataset(
         seed: makes the sample order and augmentations reproducible.
         names: optional file names for the error messages of :func:`check_masks`.
         drop_remainder: default True in training (static batch shapes), False otherwise.
+        epochs: training only. None: one epoch per pass over the dataset, new draws on every
+            pass. An int: one finite stream of the epochs ``start_epoch`` to ``epochs - 1``,
+            ``N // batch_size`` full batches each (fit it with ``steps_per_epoch``), where epoch
+            e's order and augmentations depend on ``(seed, e)`` alone, so a run resumed at an
+            epoch sees the batches an uninterrupted run would have seen.
+        start_epoch: the first epoch of that stream.
     """
     masks = np.asarray(masks)
     if masks.ndim == 4 and masks.shape[-1] == 1:
@@ -177,6 +185,21 @@ def segmentation_dataset(
         ds = ds.map(lambda x, y: (normalize(x), y), num_parallel_calls=tf.data.AUTOTUNE)
         return ds.batch(batch_size, drop_remainder=bool(drop_remainder)).prefetch(tf.data.AUTOTUNE)
     crop = int(crop_size or images.shape[1])
+    if epochs is not None:
+        return _epoch_stream(
+            images,
+            masks,
+            batch_size,
+            crop,
+            scale_range,
+            flip,
+            photometric,
+            ignore_index,
+            shuffle,
+            seed,
+            int(start_epoch),
+            int(epochs),
+        )
     if shuffle:
         ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
     # One fresh seed pair per sample and epoch.
@@ -187,3 +210,32 @@ def segmentation_dataset(
     )
     drop = True if drop_remainder is None else bool(drop_remainder)
     return ds.batch(batch_size, drop_remainder=drop).prefetch(tf.data.AUTOTUNE)
+
+
+def _epoch_stream(
+    images, masks, batch_size, crop, scale_range, flip, photometric, ignore_index, shuffle, seed, start, stop
+):
+    """Epochs ``start .. stop - 1`` as one stream of full batches (see :func:`segmentation_dataset`)."""
+    n = len(images)
+    per_epoch = (n // batch_size) * batch_size
+    if per_epoch == 0 or stop <= start:
+        raise ValueError(
+            f"{n} training images make no batch of {batch_size} (or epochs {start}..{stop} is empty); lower "
+            "batch_size or add images."
+        )
+    order, seeds = [], []
+    for epoch in range(start, stop):
+        # Keyed by (seed, epoch) only, never by what ran before: a resumed run gets the same epoch.
+        rng = np.random.default_rng([int(seed), epoch])
+        order.append(rng.permutation(n)[:per_epoch] if shuffle else np.arange(per_epoch))
+        seeds.append(rng.integers(0, 2**31 - 1, size=(per_epoch, 2)))
+    order = np.concatenate(order).astype(np.int64)
+    seeds = np.concatenate(seeds).astype(np.int64)
+    ds = tf.data.Dataset.from_tensor_slices((order, seeds))
+    ds = ds.map(
+        lambda i, s: augment_pair(
+            tf.gather(images, i), tf.gather(masks, i), s, crop, scale_range, flip, photometric, ignore_index
+        ),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)

@@ -18,6 +18,8 @@ Every convolution but the classifier is conv (no bias) + BatchNorm + ReLU; resiz
 bilinear with half-pixel centres (``align_corners=False``).
 """
 
+import random
+
 import keras
 import numpy as np
 from keras import ops
@@ -84,16 +86,20 @@ class ConvBNReLU(keras.layers.Layer):
 
 class _Decoder(keras.layers.Layer):
     """Shared arguments: ``num_classes``, ``channels`` (hidden width), ``dropout`` before
-    the classifier (0.1 as mmsegmentation's heads)."""
+    the classifier (0.1 as mmsegmentation's heads), ``seed`` of the dropout (default: drawn
+    from Python's ``random``, which ``keras.utils.set_random_seed`` seeds; kept in the config)."""
 
     #: the pyramid levels the decoder reads.
     levels = LEVELS
 
-    def __init__(self, num_classes, channels=256, dropout=0.1, **kwargs):
+    def __init__(self, num_classes, channels=256, dropout=0.1, seed=None, **kwargs):
         super().__init__(**kwargs)
         self.num_classes, self.channels, self.dropout_rate = int(num_classes), int(channels), float(dropout)
+        # A seeded dropout draws from its own generator state, which a checkpoint saves and a
+        # resume restores; unseeded, Keras' PyTorch backend draws from torch's global RNG.
+        self.seed = int(seed) if seed is not None else random.randrange(2**31 - 1)
         policy = self.dtype_policy
-        self.dropout = keras.layers.Dropout(self.dropout_rate, dtype=policy, name="dropout")
+        self.dropout = keras.layers.Dropout(self.dropout_rate, seed=self.seed, dtype=policy, name="dropout")
         self.classifier = keras.layers.Conv2D(self.num_classes, 1, dtype=policy, name="classifier")
 
     def _check(self, features):
@@ -113,6 +119,7 @@ class _Decoder(keras.layers.Layer):
             "num_classes": self.num_classes,
             "channels": self.channels,
             "dropout": self.dropout_rate,
+            "seed": self.seed,
         }
 
 
