@@ -5,7 +5,7 @@ pre-trained; the issue's acceptance: the k-NN top-1 of the starting backbone mus
 than one point. No DINOv2 weights are available offline, so the start is made here:
 
 1. pre-train the same backbone with DINO (the ``tiny`` recipe moved to the continue recipe's
-   backbone, patch 14, sin-cos positions and 56 / 28 px crops) for ``--start-epochs`` epochs;
+   backbone, patch 14, its learned position table and 56 / 28 px crops) for ``--start-epochs`` epochs;
 2. score its teacher with the package's k-NN (k = 20, T = 0.07, CLS token);
 3. continue that teacher with ``tiny_pqcl_continue`` (``init_from``) for the recipe's epochs;
 4. score the continued teacher the same way.

@@ -7,10 +7,11 @@ Pass the starting weights with ``--init-from FILE`` and your images with ``--dat
 
 The file starts the student and the teacher backbone; the head (8192 prototypes, shared by CLS,
 masked patches and queries), the optimizer and every schedule start fresh. The backbone is the
-``vit_small14`` preset (DINOv2's ViT-S/14: patch 14, LayerScale) with PQCL's fixed sin-cos
-position table, which the queries need: a backbone with a learned table (the official DINOv2
-weights) is refused by ``--init-from`` with a one-line error, since its tokens would carry other
-position codes than the queries.
+``vit_small14`` preset (DINOv2's ViT-S/14: patch 14, LayerScale) with a learned position table, as
+DINOv2's, so the official DINOv2 weights start it as they are. The queries then carry that table,
+read bilinearly at each query's place in the view (``query_position_code="table"``), instead of
+PQCL's fixed sin-cos code, which matches only a sin-cos table; at a patch's place both give that
+patch's own position code.
 
 Views: the PQCL code's (one transform for both global crops, local crop never flipped), with the
 sizes moved to the 14-pixel grid: 2 x 224 px global crops (16 x 16 patches) and one 98 px local
@@ -48,9 +49,10 @@ def get_recipe():
         backbone="vit_small14",
         patch_size=14,
         drop_path_rate=0.1,
-        pos_embed="sincos",
+        pos_embed="learned",
         method_args=dict(
             base="ibot",
+            query_position_code="table",
             out_dim=8192,
             norm_last_layer=False,
             teacher_temp=0.07,

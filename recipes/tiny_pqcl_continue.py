@@ -2,7 +2,8 @@
 
 The ``tiny_pqcl`` run (4-block ViT, embedded ``synthetic_scenes``) moved to the 14-pixel patch
 grid of the DINOv2 backbones: 56 px global crops (4 x 4 patches, as tiny's 32 px crops of 8 px
-patches) and two 28 px query crops (2 x 2 queries each), sin-cos positions. Pass the backbone to
+patches) and two 28 px query crops (2 x 2 queries each), and a learned position table, which the
+queries read at their places (``query_position_code="table"``), as DINOv2's learned table. Pass the backbone to
 continue with ``--init-from`` (``init_from``): a ``.keras`` backbone of this architecture, e.g. the
 ``teacher_backbone.keras`` of a DINO run of the same backbone, as ``benchmarks/continue_knn.py``
 makes one.
@@ -27,7 +28,8 @@ def get_recipe():
         name="tiny_pqcl_continue",
         description="iBOT+PQCL continuing a tiny ViT/14 (--init-from FILE) on synthetic_scenes, 56/28 px, lr 2e-4",
         patch_size=14,
-        pos_embed="sincos",
+        pos_embed="learned",
+        method_args=dict(query_position_code="table"),
         crops=dict(global_size=56, local_size=28),
         epochs=3,
         base_lr=2e-4,

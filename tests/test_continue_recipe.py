@@ -3,7 +3,7 @@
 
 That ``init_from`` starts both networks of DINO and iBOT runs, resamples tables, reports
 mismatches and reaches a whole run through ``--init-from`` is tested in ``test_init_from.py``;
-here the PQCL side (mask token added, fixed sin-cos table kept) through the twin's settings.
+here the PQCL side (mask token added, learned table read by the queries) through the twin's settings.
 """
 
 import dataclasses
@@ -46,7 +46,8 @@ def lr_formula(step, peak, end, warmup, total):
 def test_full_size_recipe_views_and_grid():
     recipe = load_recipe("pqcl_continue_vit_small14")
     assert (recipe.method, recipe.backbone, recipe.patch_size) == ("pqcl", "vit_small14", 14)
-    assert recipe.method_args["base"] == "ibot" and recipe.pos_embed == "sincos"
+    assert recipe.method_args["base"] == "ibot" and recipe.pos_embed == "learned"  # DINOv2's table
+    assert recipe.method_args["query_position_code"] == "table"
     config = dataclasses.asdict(MultiCropConfig(**recipe.crops))
     for name, value in OFFICIAL_VIEWS_14.items():
         assert config[name] == pytest.approx(value), name
@@ -86,7 +87,8 @@ def test_learning_rate_schedule(name):
 
 def test_tiny_twin_settings():
     recipe, tiny_pqcl = load_recipe("tiny_pqcl_continue"), load_recipe("tiny_pqcl")
-    assert (recipe.method, recipe.patch_size, recipe.pos_embed) == ("pqcl", 14, "sincos")
+    assert (recipe.method, recipe.patch_size, recipe.pos_embed) == ("pqcl", 14, "learned")
+    assert recipe.method_args["query_position_code"] == "table"
     assert (recipe.crops["global_size"], recipe.crops["local_size"]) == (56, 28)
     # Same token grids as the tiny recipes' 32 / 16 px crops of 8 px patches: 4 x 4 and 2 x 2.
     assert recipe.crops["global_size"] // 14 == tiny_pqcl.crops["global_size"] // tiny_pqcl.patch_size == 4
@@ -132,7 +134,7 @@ def save_start(path, recipe):
         recipe.backbone,
         patch_size=recipe.patch_size,
         image_size=recipe.crops["global_size"],
-        pos_embed="sincos",
+        pos_embed="learned",
         **recipe.backbone_args,
     )
     backbone.save(str(path))
@@ -162,7 +164,7 @@ def test_pqcl_student_and_teacher_start_from_the_file(tmp_path):
     expected = save_start(path, recipe)
     model = build_model(recipe.replace(init_from=str(path)), 1, recipe.crops["global_size"])
     for backbone in (model.student_backbone, model.teacher_backbone):
-        assert backbone.pos_embed_kind == "sincos"
+        assert backbone.pos_embed_kind == "learned"
         assert_starts_from(backbone, expected)
     fresh = build_model(recipe, 1, recipe.crops["global_size"]).student_backbone
     assert not np.allclose(backbone_weights(fresh)["cls_token"], expected["cls_token"])

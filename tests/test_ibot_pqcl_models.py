@@ -22,7 +22,7 @@ from keras import ops
 
 import keras_pqcl as kp
 from keras_pqcl.data import MaskConfig, MultiCropConfig, QueryConfig
-from keras_pqcl.layers.pos_embed import sincos_embedding, sincos_from_coords, sincos_grid
+from keras_pqcl.layers.pos_embed import sample_table, sincos_embedding, sincos_from_coords, sincos_grid
 from keras_pqcl.models.self_distillation import encode
 from keras_pqcl.models.terms import StepOutputs
 
@@ -237,6 +237,47 @@ def test_query_tokens_are_mask_token_plus_sincos_crop_major(pqcl_run, batch):
     np.testing.assert_allclose(
         _np(from_coords[BATCH + 1]), expected + _np(model.student_backbone.mask_token), atol=2e-5
     )
+
+
+def _bilinear(table, x, y):
+    """NumPy bilinear read of ``table`` ``(h, w, D)`` at ``(x, y)``, clamped to the grid."""
+    h, w, _ = table.shape
+    x, y = np.clip(x, 0, w - 1), np.clip(y, 0, h - 1)
+    x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
+    x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
+    fx, fy = (x - x0)[:, None], (y - y0)[:, None]
+    top = table[y0, x0] * (1 - fx) + table[y0, x1] * fx
+    return top * (1 - fy) + (table[y1, x0] * (1 - fx) + table[y1, x1] * fx) * fy
+
+
+def test_sample_table_matches_numpy_and_is_exact_on_cells():
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(3, 5, 8)).astype("float32")
+    coords = np.stack([rng.uniform(-1.5, 6.0, 50), rng.uniform(-1.0, 4.0, 50)], -1).astype("float32")
+    got = _np(sample_table(ops.convert_to_tensor(table), ops.convert_to_tensor(coords)))
+    np.testing.assert_allclose(got, _bilinear(table, coords[:, 0], coords[:, 1]), atol=1e-6)
+    cells = np.array([[4.0, 2.0], [0.0, 1.0]], "float32")  # (x, y) on cell centres
+    np.testing.assert_array_equal(_np(sample_table(table, cells)), table[[2, 1], [4, 0]])
+
+
+def test_table_position_code_reads_a_learned_table(batch):
+    """``query_position_code="table"``: PQCL on a learned table (DINOv2 weights). A query is
+    ``mask_token`` + the backbone's table, resampled to the global grid, read bilinearly at
+    the patch's place; the model builds, declares no sin-cos need, and trains finitely."""
+    model = kp.models.PQCL(backbone("learned"), **HEAD, query_position_code="table")
+    assert kp.models.PQCL.needs(query_position_code="table").pos_embed is None
+    data = {k: ops.convert_to_tensor(v) for k, v in batch.items()}
+    tokens, _ = model.term("query").query_tokens(model, StepOutputs(data, 0, 2, BATCH))
+    grid = GLOBAL // PATCH
+    table = _np(model.student_backbone.position_embedding((grid, grid)))[0, 1:].reshape(grid, grid, 32)
+    coords = batch["query_coords"][1, 1].reshape(-1, 2)
+    expected = _bilinear(table, coords[:, 0], coords[:, 1]) + _np(model.student_backbone.mask_token)
+    np.testing.assert_allclose(_np(tokens[BATCH + 1]), expected, atol=1e-5)
+    assert kp.models.PQCL.from_config(model.get_config()).term("query").position_code == "table"
+    history = distill(model, batch)
+    assert np.isfinite(history["query"]).all()
+    with pytest.raises(ValueError, match="position_code must be one of"):
+        kp.models.PQCL(backbone("learned"), **HEAD, query_position_code="learned")
 
 
 # ------------------------------------------- the loss against a per-view recomputation
@@ -522,7 +563,7 @@ def test_backbone_requirements_are_clear_errors():
     for cls in (kp.models.IBOT, kp.models.PQCL):
         with pytest.raises(ValueError, match="use_mask_token=True"):
             cls(no_mask, **HEAD)
-    with pytest.raises(ValueError, match="pos_embed='sincos'"):
+    with pytest.raises(ValueError, match="pos_embed='sincos'.*position_code='table'"):
         kp.models.PQCL(backbone("learned"), **HEAD)
     with pytest.raises(ValueError, match="base must be one of"):
         kp.models.PQCL(no_mask, base="mae", **HEAD)

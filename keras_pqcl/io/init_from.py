@@ -102,12 +102,10 @@ def _copy(source, target, path):
             raise ValueError(f"{head}: {where} has {key} {shape}, the {other} has no such variable; {fix}.")
     kinds = getattr(source, "pos_embed_kind", None), getattr(target, "pos_embed_kind", None)
     if kinds == ("learned", "sincos"):
-        # PQCL's queries are sin-cos codes, so for a query method the learned table is no option:
-        # the message names the way that works for every method first.
         raise ValueError(
             f"{head}: the file's position table is learned (e.g. DINOv2's), the recipe's is the fixed sin-cos "
-            f"table; start from a backbone trained with pos_embed='sincos', or, for a method without positional "
-            f"queries (DINO, iBOT), set pos_embed='learned' in the recipe."
+            f"table; set pos_embed='learned' in the recipe (for PQCL also method_args query_position_code='table', "
+            f"as pqcl_continue_vit_small14), or start from a backbone trained with pos_embed='sincos'."
         )
     for key, variable in dst.items():
         if key not in src:

@@ -217,3 +217,38 @@ def sincos_embedding(coords, dim):
     omega = ops.convert_to_tensor(sincos_lib.frequencies(dim, np, np.float64).astype(np.float32))
     coords = ops.cast(coords, "float32")
     return sincos_lib.sincos(coords[..., 0:1], coords[..., 1:2], omega, ops)
+
+
+def sample_table(table, coords):
+    """A position table read at arbitrary positions by bilinear interpolation, in ``keras.ops``.
+
+    The learned-table counterpart of :func:`sincos_embedding`: where a sin-cos code can be
+    evaluated anywhere, a learned table exists only at its cells, so a position between cells
+    mixes the four around it, and a position beyond the grid takes the border's value. At a
+    cell centre the result is that cell's row exactly, so a query placed on a patch of the view
+    carries the position code of that patch's image token.
+
+    Args:
+        table: ``(h, w, D)``, one row per patch of the grid (no CLS row).
+        coords: ``(..., 2)``: ``(x, y)`` = (column, row) in patch units, as for
+            :func:`sincos_embedding`.
+
+    Returns:
+        ``(..., D)`` in the table's dtype.
+    """
+    h, w, dim = table.shape
+    flat = ops.reshape(table, (h * w, dim))
+    coords = ops.cast(coords, "float32")
+    x = ops.clip(coords[..., 0], 0.0, float(w - 1))
+    y = ops.clip(coords[..., 1], 0.0, float(h - 1))
+    x0, y0 = ops.floor(x), ops.floor(y)
+    fx, fy = (x - x0)[..., None], (y - y0)[..., None]
+    x0, y0 = ops.cast(x0, "int32"), ops.cast(y0, "int32")
+    x1, y1 = ops.minimum(x0 + 1, w - 1), ops.minimum(y0 + 1, h - 1)
+
+    def at(row, col):
+        return ops.cast(ops.take(flat, row * w + col, axis=0), "float32")
+
+    top = at(y0, x0) * (1.0 - fx) + at(y0, x1) * fx
+    bottom = at(y1, x0) * (1.0 - fx) + at(y1, x1) * fx
+    return ops.cast(top * (1.0 - fy) + bottom * fy, table.dtype)

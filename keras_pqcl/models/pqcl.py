@@ -50,7 +50,8 @@ class PQCL(NamedMethod):
 
     Args:
         backbone: the student backbone with ``use_mask_token=True`` and
-            ``pos_embed="sincos"``, made for the global crop size.
+            ``pos_embed="sincos"``, made for the global crop size (any table with
+            ``query_position_code="table"``).
         base: ``"ibot"`` (the released code) or ``"dino"`` (reconstructed: unmasked global
             views, no MIM term; the mask token then only builds the queries).
         out_dim: prototypes ``K`` of the shared head (8192, the PQCL code's value).
@@ -65,6 +66,10 @@ class PQCL(NamedMethod):
         local_cls_terms: the student also encodes the local crops and their CLS joins
             ``L_cls`` (False, as the PQCL code).
         center_momentum: 0.9 for every center.
+        query_position_code: ``"sincos"`` (PQCL: the backbone must have ``pos_embed="sincos"``)
+            or ``"table"``: each query carries the backbone's own position table read
+            bilinearly at its place, so a learned table works too (continuing DINOv2 weights,
+            whose table is learned). See :class:`~keras_pqcl.models.terms.PositionalQueries`.
         **kwargs: as :class:`DINO`.
 
     Data: ``"global_crops"``, ``"local_crops"`` ``(B, n, s, s, 3)``, ``"query_coords"``
@@ -100,6 +105,7 @@ class PQCL(NamedMethod):
         pred_start_epoch=0,
         local_cls_terms=False,
         center_momentum=0.9,
+        query_position_code="sincos",
         **kwargs,
     ):
         self._setup(locals(), kwargs)
@@ -113,5 +119,6 @@ class PQCL(NamedMethod):
                 ramp(args, "teacher_query_temp", args.pred_start_epoch),
                 args.center_momentum,
                 weight=args.lambda3,
+                position_code=args.query_position_code,
             )
         ]

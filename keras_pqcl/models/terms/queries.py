@@ -11,7 +11,7 @@ them with the teacher's targets.
 import keras
 from keras import ops
 
-from keras_pqcl.layers.pos_embed import sincos_embedding
+from keras_pqcl.layers.pos_embed import sample_table, sincos_embedding
 from keras_pqcl.losses.query_loss import QueryLoss
 from keras_pqcl.models.base import crop_major
 from keras_pqcl.models.needs import Needs
@@ -32,15 +32,23 @@ GLOBAL_POSITION_HINT = (
 )
 
 
-def query_positions(model, data, hint):
-    """Sin-cos codes ``(G * B, T, D)``, view-major, of where each local-crop patch lies in each
+def query_positions(model, data, hint, code="sincos"):
+    """Position codes ``(G * B, T, D)``, view-major, of where each local-crop patch lies in each
     global view (the batch's ``query_coords`` ``(B, G, n, L*L, 2)``), checked against the
-    crops and the backbone."""
+    crops and the backbone.
+
+    ``code="sincos"``: the sin-cos code of that place (PQCL), which equals the image tokens'
+    code only if the backbone's table is the fixed sin-cos one made for the global crops.
+    ``"table"``: the backbone's own table, resampled to the global view's grid as for its image
+    tokens, read there bilinearly (any table, e.g. DINOv2's learned one).
+    """
     backbone, global_crops, local_crops = model.student_backbone, data["global_crops"], data["local_crops"]
     p, dim = backbone.patch_size, backbone.embed_dim
     n_global, n_local = global_crops.shape[1], local_crops.shape[1]
     per_crop = (local_crops.shape[2] // p) * (local_crops.shape[3] // p)
-    if global_crops.shape[2] != global_crops.shape[3] or global_crops.shape[2] // p != backbone.grid_size:
+    if code == "sincos" and (
+        global_crops.shape[2] != global_crops.shape[3] or global_crops.shape[2] // p != backbone.grid_size
+    ):
         raise ValueError(
             f"query positions are sin-cos codes on the global view's patch grid, so the backbone's table must be "
             f"made for the global crops: got {global_crops.shape[2]}x{global_crops.shape[3]}-px global crops and "
@@ -55,7 +63,11 @@ def query_positions(model, data, hint):
             f"{p}; set QueryConfig(patch_size={p})."
         )
     coords = crop_major(ops.reshape(coords, (-1, n_global, n_local * per_crop, 2)))
-    return sincos_embedding(coords, dim)
+    if code == "sincos":
+        return sincos_embedding(coords, dim)
+    grid = (global_crops.shape[2] // p, global_crops.shape[3] // p)
+    table = ops.reshape(backbone.position_embedding(grid)[0, 1:], (*grid, dim))
+    return sample_table(table, coords)
 
 
 def local_crops_of(model, data, hint):
@@ -104,6 +116,11 @@ class PositionalQueries(_QueryTerm):
         teacher_temp: an :class:`~keras_pqcl.schedules.EpochRamp` (0.04 -> 0.07; PQCL's code
             delays its warm-up by iBOT's ``pred_start_epoch``).
         weight: ``lambda3``.
+        position_code: how a query carries its position: ``"sincos"`` (default, PQCL) the
+            fixed sin-cos code of its place in the view, for a backbone with the sin-cos table;
+            ``"table"`` the backbone's own table read bilinearly at that place, which works
+            with a learned table too (continuing DINOv2 weights). Both give a query on a
+            patch exactly that patch's position code.
 
     Batches: ``"local_crops"`` and ``"query_coords"`` ``(B, G, n, L*L, 2)``.
 
@@ -114,19 +131,30 @@ class PositionalQueries(_QueryTerm):
     teacher_local_patches = True
     backbone_reasons = {
         "pos_embed": "the queries are fixed sin-cos codes of positions, so the image tokens must carry the same "
-        "fixed code, as PQCL's pos_* architectures",
+        "fixed code, as PQCL's pos_* architectures; or use position_code='table' (any table)",
     }
 
+    CODES = ("sincos", "table")
+
+    def __init__(self, out_dim, *args, position_code="sincos", **kwargs):
+        if position_code not in self.CODES:
+            raise ValueError(f"position_code must be one of {self.CODES}, got {position_code!r}.")
+        super().__init__(out_dim, *args, **kwargs)
+        self.position_code = position_code
+
     def needs(self):
-        return Needs(mask_token=True, pos_embed="sincos", queries=True)
+        return Needs(mask_token=True, pos_embed="sincos" if self.position_code == "sincos" else None, queries=True)
 
     def query_tokens(self, model, outputs):
         local_crops_of(model, outputs.data, QUERY_HINT)
-        tokens = model.student_backbone.positional_queries(query_positions(model, outputs.data, QUERY_HINT))
-        return tokens, None
+        positions = query_positions(model, outputs.data, QUERY_HINT, self.position_code)
+        return model.student_backbone.positional_queries(positions), None
 
     def loss(self, outputs, values):
         return self.local_targets(outputs, values)
+
+    def get_config(self):
+        return {**super().get_config(), "position_code": self.position_code}
 
 
 @keras.saving.register_keras_serializable(package="keras_pqcl")
