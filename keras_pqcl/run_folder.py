@@ -1,4 +1,4 @@
-"""An output folder belongs to one pre-training run.
+"""An output folder belongs to one run (pre-training or fine-tuning).
 
 :class:`RunFolder` is entered before any data is built, so a mistake in ``--output`` costs
 seconds, not a dataset scan. It
@@ -105,7 +105,7 @@ class RunFolder:
                 owner = handle.read().strip() or "another process"
                 handle.close()
                 raise RunFolderError(
-                    f"{self.shown!r} is in use by a running pre-training ({owner}). Wait for it to finish, "
+                    f"{self.shown!r} is in use by another running keras-pqcl run ({owner}). Wait for it to finish, "
                     "or pass another --output."
                 ) from None
         handle.seek(0)

@@ -153,7 +153,7 @@ def test_second_run_on_a_locked_folder_is_refused(finished_run):
     """The lock is an OS file lock: held here, as a live run holds it, it stops a run."""
     with RunFolder(finished_run, resume=True, log=lambda m: None):
         code, out = _run(finished_run, "-", "--resume", "--epochs", "4")
-    assert code == 2 and "is in use by a running pre-training (pid" in out, out[-2000:]
+    assert code == 2 and "is in use by another running keras-pqcl run (pid" in out, out[-2000:]
     assert "Traceback" not in out
 
 

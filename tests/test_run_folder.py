@@ -67,7 +67,7 @@ def test_output_that_is_a_file_or_unwritable_is_one_message(tmp_path, monkeypatc
 
 def test_lock_stops_a_second_run_and_a_stale_lock_is_taken_over(tmp_path):
     with RunFolder(tmp_path / "run"):
-        with pytest.raises(RunFolderError, match="in use by a running pre-training \\(pid"):
+        with pytest.raises(RunFolderError, match="in use by another running keras-pqcl run \\(pid"):
             with RunFolder(tmp_path / "run", resume=True):
                 pass
     # A killed run leaves its line in run.lock but no OS lock: the next run takes over.
