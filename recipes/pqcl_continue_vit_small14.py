@@ -35,44 +35,19 @@ Optimisation, and why it differs from a run from scratch (``pqcl_vit_small``):
 with it that a short continued run keeps the starting backbone's k-NN accuracy.
 """
 
-from keras_pqcl.recipe import Recipe
-
-#: The PQCL code's views (see ``pqcl_vit_small``): one global transform, unflipped local crops.
-OFFICIAL_VIEWS = dict(global_blur_p=1.0, solarize_p=0.0, flip_local=False)
+from keras_pqcl.recipe import load_recipe
 
 
 def get_recipe():
-    return Recipe(
+    # pqcl_vit_small (official views, heads, masks, temperatures) with what continuing changes.
+    return load_recipe("pqcl_vit_small").derive(
         name="pqcl_continue_vit_small14",
         description="iBOT+PQCL continuing a ViT-S/14 (--init-from FILE), lr 5e-5, 1 warm-up epoch, 2x224 + 1x98",
-        method="pqcl",
         backbone="vit_small14",
         patch_size=14,
-        drop_path_rate=0.1,
         pos_embed="learned",
-        method_args=dict(
-            base="ibot",
-            query_position_code="table",
-            out_dim=8192,
-            norm_last_layer=False,
-            teacher_temp=0.07,
-            teacher_patch_temp=0.07,
-            teacher_query_temp=0.07,
-            warmup_teacher_temp_epochs=5,
-            lambda1=1.0,
-            lambda2=1.0,
-            lambda3=1.0,
-        ),
-        crops=dict(
-            global_size=224,
-            local_size=98,
-            n_local=1,
-            global_scale=(0.25, 1.0),
-            local_scale=(0.05, 0.25),
-            **OFFICIAL_VIEWS,
-        ),
-        masks=dict(ratio=(0.0, 0.3), ratio_var=(0.0, 0.2), shape="block"),
-        queries=dict(flip_correct=True),
+        method_args=dict(query_position_code="table", warmup_teacher_temp_epochs=5),
+        crops=dict(local_size=98),
         batch_size=256,
         epochs=20,
         base_lr=5e-5,

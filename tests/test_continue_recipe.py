@@ -18,22 +18,10 @@ import keras_pqcl as kp
 from keras_pqcl.data import MultiCrop, MultiCropConfig, QueryConfig
 from keras_pqcl.recipe import load_recipe
 from keras_pqcl.training import build_model, build_optimizer
+from tests.test_pqcl_recipe import OFFICIAL_VIEWS
 
-# The views of the official PQCL pipeline (see test_pqcl_recipe.py), the sizes moved to patch 14.
-OFFICIAL_VIEWS_14 = dict(
-    global_size=224,
-    local_size=98,
-    n_global=2,
-    n_local=1,
-    global_scale=(0.25, 1.0),
-    local_scale=(0.05, 0.25),
-    flip_local=False,
-    global_blur_p=(1.0, 1.0),
-    local_blur_p=0.5,
-    solarize_p=(0.0, 0.0),
-    jitter_p=0.8,
-    grayscale_p=0.2,
-)
+# The views of the official PQCL pipeline, the local crop moved to the 14-pixel grid.
+OFFICIAL_VIEWS_14 = {**OFFICIAL_VIEWS, "local_size": 98}
 
 
 def lr_formula(step, peak, end, warmup, total):
