@@ -312,7 +312,7 @@ class Checkpoint(keras.callbacks.Callback):
         metadata: a JSON-able dict stored in every checkpoint (the runner stores the recipe,
             so a resume can tell what the checkpoint was trained with).
         steps_per_epoch: the run's epoch length; None reads the model's own clock (the
-            pre-training models' ``steps_per_epoch``), which other models do not have.
+            pre-training models' ``schedules.steps_per_epoch``), which other models do not have.
     """
 
     def __init__(
