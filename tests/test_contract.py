@@ -14,7 +14,8 @@ else ``tiny`` with the method switched), shrunk to one step of a few images by
   average of BYOL/MoCo/DINO);
 * ``get_config`` -> ``from_config`` gives the same config and the same variable shapes;
 * a ``.keras`` file restores every model and optimizer variable exactly;
-* a ``mixed_bfloat16`` step gives a finite loss and keeps every variable in float32.
+* a ``mixed_bfloat16`` step gives a finite loss and keeps every variable in float32;
+* the ViT methods also take one step on a DINOv2-style backbone.
 """
 
 import math
@@ -247,3 +248,29 @@ def test_mixed_bfloat16_step(case, mixed_bfloat16):
     # Parameters, teacher and centers stay in float32 (only the compute runs in bfloat16).
     wrong = [f"{v.path}: {v.dtype}" for v in model.weights if _is_float(v) and v.dtype != "float32"]
     assert not wrong, wrong
+
+
+VIT_METHODS = [name for name in METHOD_NAMES if tiny_recipe(name).backbone not in backbones.RESNET_PRESETS]
+
+
+@pytest.mark.parametrize("method", VIT_METHODS)
+def test_one_step_on_a_dinov2_style_backbone(method):
+    """Every ViT method trains on DINOv2's architecture: LayerScale, register tokens and a
+    learned position table (what ``--init-from`` of DINOv2 weights gives). A method whose
+    default needs the sin-cos table (PQCL's queries) reads the learned one with
+    ``query_position_code="table"``."""
+    recipe = shrink(tiny_recipe(method))
+    method_args = dict(recipe.method_args)
+    if training.METHODS[method].needs(recipe).pos_embed == "sincos":
+        method_args["query_position_code"] = "table"
+    recipe = recipe.replace(
+        pos_embed="learned",
+        method_args=method_args,
+        backbone_args={**recipe.backbone_args, "layer_scale_init": 1e-5, "num_register_tokens": 1},
+    )
+    dataset, _, image_size, steps = training.build_dataset(recipe)
+    keras.utils.set_random_seed(0)
+    model = training.build_model(recipe, steps, image_size)
+    _finite_loss(model.fit(dataset, epochs=1, verbose=0))
+    for network in (model.student_backbone, model.teacher_backbone):
+        assert network.num_register_tokens == 1 and network.pos_embed_kind == "learned"
