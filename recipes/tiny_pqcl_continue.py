@@ -13,11 +13,12 @@ the from-scratch one (``base_lr`` 2e-4 against tiny's 2e-3) so that the fresh he
 do not undo the starting backbone, one warm-up epoch, a slower teacher (momentum 0.996 against
 tiny's 0.99), and a short run (3 epochs, 192 steps) with the k-NN monitor every epoch.
 
-Measured (``benchmarks/continue_knn.py``, JAX): a 10-epoch DINO start at 37.4 % k-NN top-1 ends
-at 39.2 %. The head is still near uniform after these 192 steps (teacher entropy 6.88 of
-ln 1024 = 6.93); at this scale ``tiny_pqcl``'s from-scratch rate did not hurt the start either
-(40.4 %) and sharpened the head (5.92), so raise ``base_lr`` or ``epochs`` for a head that
-learns more; the low rate is for backbones that have more to lose.
+Measured (``benchmarks/continue_knn.py``, JAX): a 10-epoch DINO start at 40.0 % k-NN top-1 ends
+at 39.2 %, within the spread of the 500 test images. The head is still near uniform after these
+192 steps (teacher entropy 6.65 of ln 1024 = 6.93); in an earlier run (sin-cos tables)
+``tiny_pqcl``'s from-scratch rate did not hurt the start either and sharpened the head (5.92), so
+raise ``base_lr`` or ``epochs`` for a head that learns more; the low rate is for backbones that
+have more to lose.
 """
 
 from keras_pqcl.recipe import load_recipe
