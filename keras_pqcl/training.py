@@ -259,9 +259,10 @@ def pretrain(recipe, output_dir, resume=False, verbose=1, overwrite=False):
     from a saved backbone; a resumed run with a checkpoint takes the checkpoint's weights.
 
     Under ``torchrun`` (torch backend, ``WORLD_SIZE > 1``) every process calls this with
-    the same arguments: it joins the process group (:func:`~keras_pqcl.backend.
-    init_torch_distributed`), feeds its ``recipe.batch_size / N`` examples of each global
-    batch ``recipe.batch_size``, and trains the same model as one process would. Process 0
+    the same arguments: it joins the process group
+    (:func:`~keras_pqcl.backend.init_torch_distributed`), feeds its ``recipe.batch_size / N``
+    examples of each global batch ``recipe.batch_size``, starts from process 0's weights and
+    trains the same model as one process would (BatchNorm statistics aside). Process 0
     alone owns the folder (lock, ``overwrite``), writes every file and prints; the others
     only read the checkpoint they resume from and print nothing but errors.
 
@@ -418,16 +419,20 @@ def _pretrain(recipe, folder, resume, verbose):
         metadata={"recipe": json.loads(recipe.to_json())},
         write=chief,
     )
-    loggers = [
-        callbacks.EpochLog(csv_path, start_epoch=start[0]),
-        keras.callbacks.TensorBoard(folder.join("tensorboard"), write_graph=False),
-    ]
+    loggers = (
+        [
+            callbacks.EpochLog(csv_path, start_epoch=start[0]),
+            keras.callbacks.TensorBoard(folder.join("tensorboard"), write_graph=False),
+        ]
+        if chief
+        else []
+    )
     cbs = [
         callbacks.NaNGuard(ckpt_dir),
         collapse,
         # Before the loggers, which only see what earlier callbacks wrote into the logs.
         *([knn] if knn else []),
-        *(loggers if chief else []),
+        *loggers,
         # After the loggers: an epoch's checkpoint is written after its log row, so a kill
         # between the two resumes from the previous checkpoint and the row is cut and
         # written again. The other processes keep it for its restored metric sums.
