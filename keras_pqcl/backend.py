@@ -418,6 +418,62 @@ def _buckets(tensors, bucket_bytes):
     return buckets
 
 
+def _torch_group_size():
+    """Ranks of the ``torch.distributed`` group (1 without one, or under another backend)."""
+    if BACKEND != "torch":
+        return 1
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def broadcast_from_chief(variables, bucket_bytes=_BUCKET_BYTES):
+    """Give every torch rank process 0's values of ``variables`` (Keras variables, in the
+    same order on every rank); a no-op without a group of several ranks.
+
+    The ranks build the model from the same seed, so their values should already agree;
+    this makes sure they do, whatever code ran on the chief alone before (anything that
+    drew from a random generator there would otherwise start the ranks apart, and identical
+    gradient sums would keep them apart for the whole run, with no error).
+    """
+    if _torch_group_size() < 2:
+        return
+    import torch
+    import torch.distributed as dist
+
+    tensors = [v.value for v in variables]
+    with torch.no_grad():
+        for idx in _buckets(tensors, bucket_bytes):
+            flat = torch.cat([tensors[i].detach().reshape(-1) for i in idx])
+            dist.broadcast(flat, src=0)
+            for i, piece in zip(idx, flat.split([tensors[i].numel() for i in idx])):
+                tensors[i].copy_(piece.view(tensors[i].shape))
+
+
+def any_process(flag):
+    """True on every torch rank when ``flag`` is true on any of them; ``flag`` itself
+    without a group of several ranks. Every rank must call it at the same point."""
+    if _torch_group_size() < 2:
+        return bool(flag)
+    import torch
+    import torch.distributed as dist
+
+    # A CUDA tensor under NCCL, which cannot reduce CPU tensors; gloo takes either.
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def barrier():
+    """Wait until every torch rank gets here; a no-op without a group of several ranks."""
+    if _torch_group_size() < 2:
+        return
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
 def _all_reduce_sum(tensors, bucket_bytes=_BUCKET_BYTES):
     """``tensors`` summed over the ranks of ``torch.distributed``, one ``all_reduce`` per
     bucket. Returns new tensors of the same shapes (views into the reduced buckets); the

@@ -270,6 +270,10 @@ def _use_backend(backend):
         os.execv(sys.executable, [sys.executable, "-m", "keras_pqcl.cli", *sys.argv[1:]])
 
 
+def _silent(*args, **kwargs):
+    pass
+
+
 def _one_line_warning(message, category, filename, lineno, line=None):
     # A user of the CLI needs the message, not the library line that raised it.
     return f"keras-pqcl: warning: {message}\n"
@@ -311,6 +315,14 @@ def _main(argv):
 
     # Before TensorFlow runs its first op, or the settings cannot take effect.
     tuned = tune_input_pipeline()
+    from keras_pqcl import backend
+
+    say = print
+    if backend.BACKEND == "torch":
+        # Under torchrun: join the other processes before any model or tensor exists. Only
+        # process 0 speaks; the others print nothing but errors.
+        rank, _ = backend.init_torch_distributed()
+        say = print if rank == 0 else _silent
     recipe = load_recipe(args.recipe).replace(
         data=args.data,
         epochs=args.epochs,
@@ -331,17 +343,19 @@ def _main(argv):
 
     from keras_pqcl.training import pretrain
 
-    print(
+    say(
         f"keras-pqcl: recipe {recipe.name!r} ({recipe.method}, {recipe.backbone}/{recipe.patch_size}) "
         f"on backend {keras.backend.backend()}, {recipe.epochs} epochs, batch {recipe.batch_size}, "
         f"data {recipe.data!r} -> {output}"
     )
-    print(
+    say(
         f"keras-pqcl: input pipeline: TensorFlow {'BFC' if tuned['bfc_allocator'] else 'default'} CPU "
         f"allocator, {tuned['intra_op_threads'] or 'default'} intra-op thread(s) "
         "(keras_pqcl.data.tune_input_pipeline)"
     )
     summary = pretrain(recipe, output, resume=args.resume, overwrite=args.overwrite, verbose=0 if args.quiet else 1)
+    if summary is None:  # a process other than the chief of a multi-process run
+        return 0
     print("\nDone.")
     width = max(len(k) for k in summary)
     for key, value in summary.items():

@@ -7,14 +7,17 @@ Used by ``keras-pqcl pretrain``; importable for scripts and notebooks::
     pretrain(load_recipe("tiny"), "runs/tiny")
 """
 
+import contextlib
 import dataclasses
 import json
+import os
 import time
+import warnings
 from typing import Callable
 
 import keras
 
-from keras_pqcl import backbones, callbacks, models, optimizers
+from keras_pqcl import backbones, backend, callbacks, models, optimizers
 from keras_pqcl.backend import distribution_scope
 from keras_pqcl.callbacks.epoch_log import read_log
 from keras_pqcl.io.files import atomic_write, atomic_write_text
@@ -191,17 +194,22 @@ def build_backbone(recipe, image_size):
     )
 
 
-def build_dataset(recipe, start=(0, 0), stop=None):
+def build_dataset(recipe, start=(0, 0), stop=None, shard=None):
     """``(dataset, info, image_size, steps_per_epoch)``: the method's batches of ``recipe.data``
     for epochs ``start[0]`` (from its step ``start[1]``) to ``stop`` (default
     ``recipe.epochs``), exclusive.
 
     Every batch is a function of (seed, epoch, step) alone, so a stream built to resume at
-    ``start`` continues exactly where an uninterrupted run would be.
+    ``start`` continues exactly where an uninterrupted run would be. ``shard`` (a
+    :class:`~keras_pqcl.data.Shard`, multi-crop batches only): this process's
+    ``recipe.batch_size / N`` examples of each global batch; None: the whole batch.
     """
     stop = recipe.epochs if stop is None else stop
     build = DATASETS[method_of(recipe).needs(recipe).batches]
-    dataset, info, image_size = build(recipe, epochs=stop, steps_per_epoch=recipe.steps_per_epoch, start=tuple(start))
+    stream = dict(epochs=stop, steps_per_epoch=recipe.steps_per_epoch, start=tuple(start))
+    if shard is not None:
+        stream["shard"] = shard
+    dataset, info, image_size = build(recipe, **stream)
     total = int(dataset.cardinality())
     steps = (total + start[1]) // max(stop - start[0], 1)
     if total <= 0 or steps < 1:
@@ -250,6 +258,14 @@ def pretrain(recipe, output_dir, resume=False, verbose=1, overwrite=False):
     ``recipe.init_from`` (continued pre-training) starts the student and teacher backbones
     from a saved backbone; a resumed run with a checkpoint takes the checkpoint's weights.
 
+    Under ``torchrun`` (torch backend, ``WORLD_SIZE > 1``) every process calls this with
+    the same arguments: it joins the process group
+    (:func:`~keras_pqcl.backend.init_torch_distributed`), feeds its ``recipe.batch_size / N``
+    examples of each global batch ``recipe.batch_size``, starts from process 0's weights and
+    trains the same model as one process would (BatchNorm statistics aside). Process 0
+    alone owns the folder (lock, ``overwrite``), writes every file and prints; the others
+    only read the checkpoint they resume from and print nothing but errors.
+
     Args:
         recipe: a :class:`~keras_pqcl.Recipe`.
         output_dir: the run's folder.
@@ -259,19 +275,77 @@ def pretrain(recipe, output_dir, resume=False, verbose=1, overwrite=False):
 
     Returns:
         dict summary (epochs, steps, images/s, first and last loss, last k-NN top-1, collapse
-        message, paths; ``transfer_backbone`` is the one to evaluate and fine-tune).
+        message, paths; ``transfer_backbone`` is the one to evaluate and fine-tune); None in
+        the processes other than process 0 of a multi-process run.
     """
     from keras_pqcl.run_folder import RunFolder
 
+    if backend.BACKEND == "torch":
+        # Before any model or tensor exists (a no-op for one process).
+        backend.init_torch_distributed()
     check_recipe(recipe)
+    count = _process_count()
+    if count > 1:
+        check_processes(recipe, count)
     if recipe.init_from and not resume:
         # A resumed run may not need the file (its checkpoint wins): _pretrain checks it then.
         check_init_from(recipe.init_from)
+    if count > 1 and not backend.is_chief():
+        # Not entered: no lock taken, nothing deleted. The barrier waits for the chief to own
+        # the folder (and, with overwrite, to have emptied it) before anything is read.
+        folder = RunFolder(output_dir, resume=resume, overwrite=overwrite)
+        backend.barrier()
+        with _silenced():
+            return _pretrain(recipe, folder, resume, verbose=0)
     with RunFolder(output_dir, resume=resume, overwrite=overwrite) as folder:
+        if count > 1:
+            backend.barrier()
         return _pretrain(recipe, folder, resume, verbose)
 
 
+def _process_count():
+    """Processes of this run: torch's ranks under ``torchrun``, 1 otherwise. JAX and
+    TensorFlow runs keep their one-process runner (their processes need other feeding)."""
+    return backend.process_count() if backend.BACKEND == "torch" else 1
+
+
+def check_processes(recipe, count):
+    """Raise a one-line ValueError when ``recipe`` cannot train as ``count`` processes."""
+    if method_of(recipe).needs(recipe).batches == "montage":
+        raise ValueError(
+            f"recipe {recipe.name!r} trains MCL, whose montages mix the images of the whole batch, so it "
+            f"cannot run as {count} processes; run it as one process (without torchrun)."
+        )
+    if recipe.batch_size % count:
+        below = max(recipe.batch_size // count, 1) * count
+        raise ValueError(
+            f"--batch-size {recipe.batch_size} is the global batch of all {count} processes and does not divide "
+            f"by {count}; pass a multiple of {count} (e.g. {below})."
+        )
+
+
+@contextlib.contextmanager
+def _silenced():
+    """Standard output and warnings of a process other than the chief, dropped: the chief
+    already prints the same notices, progress and warnings. Errors still propagate."""
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+class _StopTogether(keras.callbacks.Callback):
+    """Every process stops after an epoch if any asks to: a process that left ``fit`` alone
+    would leave the others waiting in the next step's gradient all-reduce. (The collapse
+    guard reads per-process values, e.g. ``teacher_entropy``, so the processes may disagree.)
+    Last in the callback list, after every callback that may stop the run."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.model.stop_training = backend.any_process(self.model.stop_training)
+
+
 def _pretrain(recipe, folder, resume, verbose):
+    count = _process_count()
+    chief = count == 1 or backend.is_chief()
     ckpt_dir = folder.join("checkpoints")
     previous = folder.previous_recipe() if resume else None
     model, progress = None, None
@@ -301,20 +375,24 @@ def _pretrain(recipe, folder, resume, verbose):
     start = (progress.epoch, progress.step) if progress else (0, 0)
     epoch, step = start
     rest = None
+    shard = backend.process_shard() if count > 1 else None
     if step:
         # A run resumed mid-epoch finishes that epoch in a fit of its own, shorter than an epoch.
-        rest, info, image_size, steps = build_dataset(recipe, start=start, stop=epoch + 1)
+        rest, info, image_size, steps = build_dataset(recipe, start=start, stop=epoch + 1, shard=shard)
         later = epoch + 1 < recipe.epochs
-        dataset = build_dataset(recipe, start=(epoch + 1, 0))[0] if later else None
+        dataset = build_dataset(recipe, start=(epoch + 1, 0), shard=shard)[0] if later else None
     else:
-        dataset, info, image_size, steps = build_dataset(recipe, start=start)
+        dataset, info, image_size, steps = build_dataset(recipe, start=start, shard=shard)
     if progress is not None and progress.steps_per_epoch != steps:
         raise ValueError(
             f"the data now gives {steps} steps per epoch, but the checkpoint {progress.path} was trained with "
             f"{progress.steps_per_epoch}; resume with the same data, batch_size and steps_per_epoch."
         )
-    knn = knn_monitor(recipe, image_size)
-    atomic_write_text(folder.join("recipe.json"), recipe.to_json())
+    # On the chief alone: its forward passes have no collectives (those are in the losses of
+    # the train step), so the other processes just wait for it at the next step.
+    knn = knn_monitor(recipe, image_size) if chief else None
+    if chief:
+        atomic_write_text(folder.join("recipe.json"), recipe.to_json())
 
     with distribution_scope():
         if model is None:
@@ -325,6 +403,8 @@ def _pretrain(recipe, folder, resume, verbose):
                 f"keras-pqcl: the run now lasts {recipe.epochs} epochs (was {previous.get('epochs')}): the "
                 "learning-rate, weight-decay and momentum schedules follow the new length from here on."
             )
+    if count > 1:
+        backend.broadcast_from_chief(_state(model))
 
     csv_path = folder.join("log.csv")
     collapse = callbacks.CollapseGuard(stop=recipe.stop_on_collapse)
@@ -337,17 +417,27 @@ def _pretrain(recipe, folder, resume, verbose):
         epochs=recipe.epochs,
         resume_from=progress,
         metadata={"recipe": json.loads(recipe.to_json())},
+        write=chief,
+    )
+    loggers = (
+        [
+            callbacks.EpochLog(csv_path, start_epoch=start[0]),
+            keras.callbacks.TensorBoard(folder.join("tensorboard"), write_graph=False),
+        ]
+        if chief
+        else []
     )
     cbs = [
         callbacks.NaNGuard(ckpt_dir),
         collapse,
         # Before the loggers, which only see what earlier callbacks wrote into the logs.
         *([knn] if knn else []),
-        callbacks.EpochLog(csv_path, start_epoch=start[0]),
-        keras.callbacks.TensorBoard(folder.join("tensorboard"), write_graph=False),
-        # Last: an epoch's checkpoint is written after its log row, so a kill between the
-        # two resumes from the previous checkpoint and the row is cut and written again.
+        *loggers,
+        # After the loggers: an epoch's checkpoint is written after its log row, so a kill
+        # between the two resumes from the previous checkpoint and the row is cut and
+        # written again. The other processes keep it for its restored metric sums.
         checkpoint,
+        *([_StopTogether()] if count > 1 else []),
     ]
     began = time.time()
     clock = dict(run_epochs=recipe.epochs, epoch_steps=steps)
@@ -373,6 +463,8 @@ def _pretrain(recipe, folder, resume, verbose):
             **clock,
         )
     seconds = time.time() - began
+    if not chief:
+        return None
 
     paths = {}
     for role in ("teacher", "student"):
@@ -405,6 +497,16 @@ def _pretrain(recipe, folder, resume, verbose):
     }
     atomic_write_text(folder.join("summary.json"), json.dumps(summary, indent=2))
     return summary
+
+
+def _state(model):
+    """Every variable of ``model`` and of its optimizer once built, each once, in order."""
+    seen, out = set(), []
+    for v in [*model.variables, *(model.optimizer.variables if model.optimizer is not None else [])]:
+        if id(v) not in seen:
+            seen.add(id(v))
+            out.append(v)
+    return out
 
 
 def _keep_init_from(previous, recipe):

@@ -3,9 +3,12 @@
 Used by test_jax_distributed.py and test_tf_multiworker.py with
 ``tests/scripts/multiprocess_step.py``: every process writes an ``.npz`` of the student,
 teacher and center values before and after 3 steps, the logged losses and a DenseCL queue.
+:func:`launch` runs a launcher such as ``torchrun`` and kills it and every process it
+started if it does not finish in time (test_torchrun_cli.py).
 """
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +26,8 @@ _LAUNCH_VARS = (
     "RANK",
     "WORLD_SIZE",
     "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
     "MASTER_PORT",
     "TF_CONFIG",
     "SLURM_NTASKS",
@@ -123,3 +128,63 @@ def check_equal(single, ranks, shares=True):
     for r in ranks:
         np.testing.assert_array_equal(r["queue_entries"], single["queue_entries"])
         np.testing.assert_array_equal(r["queue_pointer"], single["queue_pointer"])
+
+
+def _descendants(pid):
+    """Pids of the live processes descended from ``pid``, read from ``/proc`` (Linux; empty
+    elsewhere). Needed because ``torchrun`` starts each worker in a session of its own, so
+    killing the launcher's process group leaves the workers running."""
+    parents = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                # "pid (name) state ppid ...": the name may hold spaces and parentheses.
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        parents.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill_tree(proc):
+    # The descendants first: once the launcher dies they are re-parented and cannot be found.
+    for pid in [*_descendants(proc.pid), proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def launch(args, env, timeout=TIMEOUT):
+    """Run ``args`` (a launcher and what it starts) to the end; ``(exit code, output)`` with
+    stderr merged into stdout.
+
+    Past ``timeout`` seconds (or if the test is interrupted) the launcher and every process
+    it started are killed and the test fails with the output so far, so a process waiting
+    for a dead peer cannot hang the test run.
+    """
+    proc = subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc)
+        out, _ = proc.communicate()
+        raise AssertionError(f"{' '.join(args[:6])} ... did not finish within {timeout} s:\n{out[-6000:]}") from None
+    finally:
+        if proc.poll() is None:
+            _kill_tree(proc)
+            proc.communicate()
+    return proc.returncode, out

@@ -313,6 +313,9 @@ class Checkpoint(keras.callbacks.Callback):
             so a resume can tell what the checkpoint was trained with).
         steps_per_epoch: the run's epoch length; None reads the model's own clock (the
             pre-training models' ``schedules.steps_per_epoch``), which other models do not have.
+        write: False writes and prunes nothing, only restores a resumed epoch's metric sums:
+            the callback of a multi-process run's processes other than the chief, whose
+            metrics must match the chief's.
     """
 
     def __init__(
@@ -326,9 +329,11 @@ class Checkpoint(keras.callbacks.Callback):
         resume_from=None,
         metadata=None,
         steps_per_epoch=None,
+        write=True,
     ):
         super().__init__()
         self.directory = directory
+        self.write = bool(write)
         self.steps_per_epoch = steps_per_epoch
         self.every = max(int(every), 1)
         self.every_steps = int(every_steps) if every_steps else None
@@ -373,6 +378,8 @@ class Checkpoint(keras.callbacks.Callback):
 
     def save(self, epoch, step):
         """Write the checkpoint for (``epoch`` done, ``step`` done) and prune old ones."""
+        if not self.write:
+            return
         self.last_path = save_checkpoint(self.model, self.directory, epoch, step, self._steps_per_epoch, self.metadata)
         self._due = False
         self._last_save = time.monotonic()

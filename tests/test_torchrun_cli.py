@@ -1,0 +1,117 @@
+"""``keras-pqcl pretrain`` as 2 ``torchrun`` processes (gloo, CPU), end to end.
+
+The command the README gives for one host trains a tiny DINO for 2 epochs of 2 steps: every
+artefact is written once (by process 0), only process 0 prints, and a ``--resume`` with 2
+processes continues the same run to 3 epochs. A global batch the processes cannot share
+stops both with the one-line error. Only in the KERAS_BACKEND=torch leg.
+"""
+
+import os
+import re
+import sys
+
+import keras
+import pytest
+
+from keras_pqcl.callbacks.checkpoint import list_checkpoints, load_latest_checkpoint
+from keras_pqcl.callbacks.epoch_log import read_rows
+from tests import multiprocess as mp
+
+pytestmark = pytest.mark.skipif(
+    keras.backend.backend() != "torch", reason="torchrun: only in the KERAS_BACKEND=torch leg"
+)
+
+# One launch takes about 30 s on 2 idle cores; past this a process is stuck.
+TIMEOUT = 240
+
+
+def torchrun(output, *args, batch_size=8, epochs=2):
+    """``(exit code, output)`` of the README's one-host command with ``args`` appended."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(mp.free_port()),
+        "-m",
+        "keras_pqcl.cli",
+        "pretrain",
+        "--recipe",
+        "tiny",
+        "--data",
+        "synthetic_scenes:32",
+        "--epochs",
+        str(epochs),
+        "--steps-per-epoch",
+        "2",
+        "--batch-size",
+        str(batch_size),
+        "--knn-every",
+        "0",
+        "--output",
+        str(output),
+        *args,
+    ]
+    return mp.launch(command, mp.env("torch", TF_CPP_MIN_LOG_LEVEL="2"), timeout=TIMEOUT)
+
+
+def _names(paths):
+    return [os.path.basename(p) for p in paths]
+
+
+def test_two_processes_write_once_and_resume(tmp_path):
+    output = tmp_path / "run"
+    code, out = torchrun(output)
+    assert code == 0, out[-6000:]
+    # Process 1 prints nothing: the banner and the summary appear once.
+    assert out.count("keras-pqcl: recipe 'tiny'") == 1 and out.count("\nDone.") == 1, out[-6000:]
+    assert [row["epoch"] for row in read_rows(output / "log.csv")] == ["0", "1"]
+    checkpoints = output / "checkpoints"
+    assert _names(list_checkpoints(checkpoints)) == [
+        "checkpoint-e00002-s0000000.keras",
+        "checkpoint-e00001-s0000000.keras",
+    ]
+    assert sorted(os.listdir(checkpoints)) == sorted(_names(list_checkpoints(checkpoints)))
+    for name in ("summary.json", "recipe.json", "loss.png", "teacher_backbone.keras", "student_backbone.keras"):
+        assert (output / name).is_file(), name
+
+    code, out = torchrun(output, "--resume", epochs=3)
+    assert code == 0, out[-6000:]
+    assert out.count("keras-pqcl: resuming from") == 1, out[-6000:]
+    assert [row["epoch"] for row in read_rows(output / "log.csv")] == ["0", "1", "2"]
+    assert _names(list_checkpoints(checkpoints)) == [
+        "checkpoint-e00003-s0000000.keras",
+        "checkpoint-e00002-s0000000.keras",
+    ]
+    # Loading checks that the optimizer's step count matches the recorded progress.
+    model, progress = load_latest_checkpoint(str(checkpoints))
+    assert (progress.epoch, progress.step) == (3, 0)
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 3 * 2
+
+
+def test_a_batch_the_processes_cannot_share_is_one_line(tmp_path):
+    code, out = torchrun(tmp_path / "run", batch_size=9)
+    assert code != 0
+    errors = [line for line in out.splitlines() if line.startswith("keras-pqcl: error:")]
+    assert errors, out[-6000:]
+    assert set(errors) == {
+        "keras-pqcl: error: --batch-size 9 is the global batch of all 2 processes and does not divide by 2; "
+        "pass a multiple of 2 (e.g. 8)."
+    }
+    # No traceback from the training processes (torchrun prints its own report of the failure).
+    assert not re.search(r'File "[^"]*keras_pqcl', out), out[-6000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_mcl_and_odd_batches_are_refused_before_anything_is_built():
+    from keras_pqcl.recipe import load_recipe
+    from keras_pqcl.training import check_processes
+
+    with pytest.raises(ValueError, match=r"MCL.*cannot run as 2 processes; run it as one process") as error:
+        check_processes(load_recipe("mcl_resnet50"), 2)
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match=r"--batch-size 6 .* 4 processes .* multiple of 4 \(e\.g\. 4\)"):
+        check_processes(load_recipe("tiny").replace(batch_size=6), 4)
+    check_processes(load_recipe("tiny").replace(batch_size=8), 4)
