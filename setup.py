@@ -40,6 +40,7 @@ EXTRAS = {
     # pulls flax, orbax and tensorstore. safetensors: the Hugging Face DINOv2 importer's file test.
     "test": [
         "pytest>=8",
+        "pytest-xdist>=3.5",
         "scipy",
         "ruff>=0.6",
         "onnx>=1.23,<1.24",
