@@ -287,12 +287,19 @@ def main(argv=None):
         return _main(argv)
     except (ValueError, FileNotFoundError, FloatingPointError) as error:
         # Bad input or a diverged run: the message says what to change, a traceback adds noise.
-        print(f"keras-pqcl: error: {error}", file=sys.stderr)
+        _error_line(str(error))
         return 2
     except OSError as error:  # permissions, a full disk: the system's words and the file
         where = f": {error.filename}" if error.filename else ""
-        print(f"keras-pqcl: error: {error.strerror or error}{where}", file=sys.stderr)
+        _error_line(f"{error.strerror or error}{where}")
         return 2
+
+
+def _error_line(message):
+    # One write of the whole line: under torchrun every process may print the same error into
+    # one pipe, and print's separate write of the newline would let two lines interleave.
+    sys.stderr.write(f"keras-pqcl: error: {message}\n")
+    sys.stderr.flush()
 
 
 def _main(argv):
