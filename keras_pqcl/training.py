@@ -7,17 +7,14 @@ Used by ``keras-pqcl pretrain``; importable for scripts and notebooks::
     pretrain(load_recipe("tiny"), "runs/tiny")
 """
 
-import contextlib
 import dataclasses
 import json
-import os
 import time
-import warnings
 from typing import Callable
 
 import keras
 
-from keras_pqcl import backbones, backend, callbacks, models, optimizers
+from keras_pqcl import backbones, backend, callbacks, models, optimizers, processes
 from keras_pqcl.backend import distribution_scope
 from keras_pqcl.callbacks.epoch_log import read_log
 from keras_pqcl.io.files import atomic_write, atomic_write_text
@@ -54,102 +51,44 @@ class Method:
         """The model's :class:`~keras_pqcl.models.needs.Needs` for ``recipe``."""
         return self.model_class.needs(**self.arguments(recipe))
 
-    @property
-    def transfer(self):
-        """The network to evaluate and fine-tune: ``"teacher"`` or ``"student"``."""
-        return self.model_class.transfer
-
     def model(self, recipe, backbone):
         """The (uncompiled) model of ``recipe`` around the student ``backbone``."""
         return self.model_class(backbone, teacher_momentum=recipe.teacher_momentum, **self.arguments(recipe))
 
 
-def _adamw(recipe, steps_per_epoch):
-    return optimizers.dino_adamw(
-        recipe.batch_size,
-        recipe.epochs,
-        steps_per_epoch,
-        base_lr=recipe.base_lr,
-        min_lr=recipe.min_lr,
-        warmup_epochs=recipe.warmup_epochs,
-        weight_decay=recipe.weight_decay,
-        weight_decay_end=recipe.weight_decay_end,
-        clip_per_tensor=recipe.clip_grad,
-    )
+def _optimizer(factory, **fields):
+    """``(recipe, steps_per_epoch) -> optimizer`` of ``factory`` with the recipe's schedule
+    over ``epochs x steps_per_epoch``; ``fields``: further arguments -> recipe fields."""
 
+    def build(recipe, steps_per_epoch):
+        return factory(
+            recipe.batch_size,
+            recipe.epochs,
+            steps_per_epoch,
+            base_lr=recipe.base_lr,
+            min_lr=recipe.min_lr,
+            warmup_epochs=recipe.warmup_epochs,
+            weight_decay=recipe.weight_decay,
+            **{name: getattr(recipe, field) for name, field in fields.items()},
+        )
 
-def _multicrop_dataset(recipe, **stream):
-    """The DINO-family multi-crop batches (plus the method's masks and queries)."""
-    from keras_pqcl import data as kdata
-
-    crops = kdata.MultiCropConfig(**recipe.crops)
-    crops.check_patch_size(recipe.patch_size)
-    dataset, info = kdata.pretrain_dataset(
-        recipe.data,
-        crops=crops,
-        batch_size=recipe.batch_size,
-        shuffle=True,
-        seed=recipe.seed,
-        return_info=True,
-        **stream,
-        **dataset_args(recipe),
-    )
-    return dataset, info, crops.global_size
-
-
-def _montage_dataset(recipe, **stream):
-    """MCL's batches: eight views per image and their montages (``recipe.crops`` holds the
-    :class:`~keras_pqcl.data.MontageConfig` arguments)."""
-    from keras_pqcl.data import montage
-
-    config = montage.MontageConfig(**recipe.crops)
-    dataset, info = montage.mcl_dataset(
-        recipe.data,
-        config,
-        batch_size=recipe.batch_size,
-        shuffle=True,
-        seed=recipe.seed,
-        return_info=True,
-        **stream,
-    )
-    return dataset, info, config.image_size
-
-
-def _sgd(recipe, steps_per_epoch):
-    return optimizers.moco_sgd(
-        recipe.batch_size,
-        recipe.epochs,
-        steps_per_epoch,
-        base_lr=recipe.base_lr,
-        min_lr=recipe.min_lr,
-        warmup_epochs=recipe.warmup_epochs,
-        weight_decay=recipe.weight_decay,
-    )
-
-
-def _masks(recipe):
-    from keras_pqcl.data import MaskConfig
-
-    return MaskConfig(patch_size=recipe.patch_size, **recipe.masks)
-
-
-def _queries(recipe):
-    from keras_pqcl.data import QueryConfig
-
-    return QueryConfig(patch_size=recipe.patch_size, **recipe.queries)
+    return build
 
 
 def dataset_args(recipe):
     """The extra :func:`keras_pqcl.data.pretrain_dataset` arguments the method's batches
     need: iBOT ``masks`` (``"global_masks"``), PQCL ``queries`` (``"query_coords"``)."""
-    needs = method_of(recipe).needs(recipe)
-    args = {}
+    from keras_pqcl.data import MaskConfig, QueryConfig
+
+    needs, args = method_of(recipe).needs(recipe), {}
     if needs.queries:
-        args["queries"] = _queries(recipe)
+        args["queries"] = QueryConfig(patch_size=recipe.patch_size, **recipe.queries)
     if needs.masks:
-        args["masks"] = _masks(recipe)
+        args["masks"] = MaskConfig(patch_size=recipe.patch_size, **recipe.masks)
     return args
 
+
+_ADAMW = _optimizer(optimizers.dino_adamw, weight_decay_end="weight_decay_end", clip_per_tensor="clip_grad")
 
 #: method name -> :class:`Method`. ``dino_pqcl`` is ``pqcl`` with ``base="dino"``.
 METHODS = {
@@ -158,12 +97,9 @@ METHODS = {
     "pqcl": Method(models.PQCL),
     "dino_pqcl": Method(models.PQCL, fixed={"base": "dino"}),
     "adclr": Method(models.ADCLR),
-    "densecl": Method(models.DenseCL, optimizer=_sgd),
+    "densecl": Method(models.DenseCL, optimizer=_optimizer(optimizers.moco_sgd)),
     "mcl": Method(models.MCL),
 }
-
-#: the dataset builder of each kind of batches (:attr:`~keras_pqcl.models.needs.Needs.batches`).
-DATASETS = {"multicrop": _multicrop_dataset, "montage": _montage_dataset}
 
 
 def method_of(recipe):
@@ -204,12 +140,22 @@ def build_dataset(recipe, start=(0, 0), stop=None, shard=None):
     :class:`~keras_pqcl.data.Shard`, multi-crop batches only): this process's
     ``recipe.batch_size / N`` examples of each global batch; None: the whole batch.
     """
+    from keras_pqcl import data
+
     stop = recipe.epochs if stop is None else stop
-    build = DATASETS[method_of(recipe).needs(recipe).batches]
     stream = dict(epochs=stop, steps_per_epoch=recipe.steps_per_epoch, start=tuple(start))
+    stream.update(batch_size=recipe.batch_size, shuffle=True, seed=recipe.seed, return_info=True)
     if shard is not None:
         stream["shard"] = shard
-    dataset, info, image_size = build(recipe, **stream)
+    if method_of(recipe).needs(recipe).batches == "montage":
+        # MCL: views and montages of each image; recipe.crops holds MontageConfig's arguments.
+        config = data.MontageConfig(**recipe.crops)
+        (dataset, info), image_size = data.mcl_dataset(recipe.data, config, **stream), config.image_size
+    else:
+        crops = data.MultiCropConfig(**recipe.crops)
+        crops.check_patch_size(recipe.patch_size)
+        dataset, info = data.pretrain_dataset(recipe.data, crops=crops, **stream, **dataset_args(recipe))
+        image_size = crops.global_size
     total = int(dataset.cardinality())
     steps = (total + start[1]) // max(stop - start[0], 1)
     if total <= 0 or steps < 1:
@@ -222,7 +168,7 @@ def build_dataset(recipe, start=(0, 0), stop=None, shard=None):
 
 def build_optimizer(recipe, steps_per_epoch):
     """The method's optimizer with the recipe's schedule over ``epochs x steps_per_epoch``."""
-    return (method_of(recipe).optimizer or _adamw)(recipe, steps_per_epoch)
+    return (method_of(recipe).optimizer or _ADAMW)(recipe, steps_per_epoch)
 
 
 def build_model(recipe, steps_per_epoch, image_size):
@@ -258,13 +204,9 @@ def pretrain(recipe, output_dir, resume=False, verbose=1, overwrite=False):
     ``recipe.init_from`` (continued pre-training) starts the student and teacher backbones
     from a saved backbone; a resumed run with a checkpoint takes the checkpoint's weights.
 
-    Under ``torchrun`` (torch backend, ``WORLD_SIZE > 1``) every process calls this with
-    the same arguments: it joins the process group
-    (:func:`~keras_pqcl.backend.init_torch_distributed`), feeds its ``recipe.batch_size / N``
-    examples of each global batch ``recipe.batch_size``, starts from process 0's weights and
-    trains the same model as one process would (BatchNorm statistics aside). Process 0
-    alone owns the folder (lock, ``overwrite``), writes every file and prints; the others
-    only read the checkpoint they resume from and print nothing but errors.
+    Under ``torchrun`` every process calls this with the same arguments and trains the same
+    model as one process would (BatchNorm statistics aside); process 0 alone owns the folder
+    and writes (:mod:`keras_pqcl.processes`).
 
     Args:
         recipe: a :class:`~keras_pqcl.Recipe`.
@@ -280,13 +222,10 @@ def pretrain(recipe, output_dir, resume=False, verbose=1, overwrite=False):
     """
     from keras_pqcl.run_folder import RunFolder
 
-    if backend.BACKEND == "torch":
-        # Before any model or tensor exists (a no-op for one process).
-        backend.init_torch_distributed()
+    count = processes.join()
     check_recipe(recipe)
-    count = _process_count()
     if count > 1:
-        check_processes(recipe, count)
+        processes.check(recipe, method_of(recipe).needs(recipe), count)
     if recipe.init_from and not resume:
         # A resumed run may not need the file (its checkpoint wins): _pretrain checks it then.
         check_init_from(recipe.init_from)
@@ -295,56 +234,15 @@ def pretrain(recipe, output_dir, resume=False, verbose=1, overwrite=False):
         # the folder (and, with overwrite, to have emptied it) before anything is read.
         folder = RunFolder(output_dir, resume=resume, overwrite=overwrite)
         backend.barrier()
-        with _silenced():
-            return _pretrain(recipe, folder, resume, verbose=0)
+        with processes.silenced():
+            return _pretrain(recipe, folder, resume, 0, count)
     with RunFolder(output_dir, resume=resume, overwrite=overwrite) as folder:
         if count > 1:
             backend.barrier()
-        return _pretrain(recipe, folder, resume, verbose)
+        return _pretrain(recipe, folder, resume, verbose, count)
 
 
-def _process_count():
-    """Processes of this run: torch's ranks under ``torchrun``, 1 otherwise. JAX and
-    TensorFlow runs keep their one-process runner (their processes need other feeding)."""
-    return backend.process_count() if backend.BACKEND == "torch" else 1
-
-
-def check_processes(recipe, count):
-    """Raise a one-line ValueError when ``recipe`` cannot train as ``count`` processes."""
-    if method_of(recipe).needs(recipe).batches == "montage":
-        raise ValueError(
-            f"recipe {recipe.name!r} trains MCL, whose montages mix the images of the whole batch, so it "
-            f"cannot run as {count} processes; run it as one process (without torchrun)."
-        )
-    if recipe.batch_size % count:
-        below = max(recipe.batch_size // count, 1) * count
-        raise ValueError(
-            f"--batch-size {recipe.batch_size} is the global batch of all {count} processes and does not divide "
-            f"by {count}; pass a multiple of {count} (e.g. {below})."
-        )
-
-
-@contextlib.contextmanager
-def _silenced():
-    """Standard output and warnings of a process other than the chief, dropped: the chief
-    already prints the same notices, progress and warnings. Errors still propagate."""
-    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-class _StopTogether(keras.callbacks.Callback):
-    """Every process stops after an epoch if any asks to: a process that left ``fit`` alone
-    would leave the others waiting in the next step's gradient all-reduce. (The collapse
-    guard reads per-process values, e.g. ``teacher_entropy``, so the processes may disagree.)
-    Last in the callback list, after every callback that may stop the run."""
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.model.stop_training = backend.any_process(self.model.stop_training)
-
-
-def _pretrain(recipe, folder, resume, verbose):
-    count = _process_count()
+def _pretrain(recipe, folder, resume, verbose, count):
     chief = count == 1 or backend.is_chief()
     ckpt_dir = folder.join("checkpoints")
     previous = folder.previous_recipe() if resume else None
@@ -378,11 +276,11 @@ def _pretrain(recipe, folder, resume, verbose):
     shard = backend.process_shard() if count > 1 else None
     if step:
         # A run resumed mid-epoch finishes that epoch in a fit of its own, shorter than an epoch.
-        rest, info, image_size, steps = build_dataset(recipe, start=start, stop=epoch + 1, shard=shard)
+        rest, _, image_size, steps = build_dataset(recipe, start=start, stop=epoch + 1, shard=shard)
         later = epoch + 1 < recipe.epochs
         dataset = build_dataset(recipe, start=(epoch + 1, 0), shard=shard)[0] if later else None
     else:
-        dataset, info, image_size, steps = build_dataset(recipe, start=start, shard=shard)
+        dataset, _, image_size, steps = build_dataset(recipe, start=start, shard=shard)
     if progress is not None and progress.steps_per_epoch != steps:
         raise ValueError(
             f"the data now gives {steps} steps per epoch, but the checkpoint {progress.path} was trained with "
@@ -404,7 +302,7 @@ def _pretrain(recipe, folder, resume, verbose):
                 "learning-rate, weight-decay and momentum schedules follow the new length from here on."
             )
     if count > 1:
-        backend.broadcast_from_chief(_state(model))
+        processes.share_chief_weights(model)
 
     csv_path = folder.join("log.csv")
     collapse = callbacks.CollapseGuard(stop=recipe.stop_on_collapse)
@@ -437,41 +335,22 @@ def _pretrain(recipe, folder, resume, verbose):
         # between the two resumes from the previous checkpoint and the row is cut and
         # written again. The other processes keep it for its restored metric sums.
         checkpoint,
-        *([_StopTogether()] if count > 1 else []),
+        *([processes.StopTogether()] if count > 1 else []),
     ]
     began = time.time()
-    clock = dict(run_epochs=recipe.epochs, epoch_steps=steps)
+    clock = dict(callbacks=cbs, verbose=verbose, run_epochs=recipe.epochs, epoch_steps=steps)
     if rest is not None:
-        model.fit(
-            rest,
-            epochs=epoch + 1,
-            initial_epoch=epoch,
-            steps_per_epoch=steps - step,
-            callbacks=cbs,
-            verbose=verbose,
-            **clock,
-        )
+        model.fit(rest, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=steps - step, **clock)
         epoch += 1
     if epoch < recipe.epochs and not model.stop_training:
-        model.fit(
-            dataset,
-            epochs=recipe.epochs,
-            initial_epoch=epoch,
-            steps_per_epoch=steps,
-            callbacks=cbs,
-            verbose=verbose,
-            **clock,
-        )
+        model.fit(dataset, epochs=recipe.epochs, initial_epoch=epoch, steps_per_epoch=steps, **clock)
     seconds = time.time() - began
     if not chief:
         return None
 
-    paths = {}
-    for role in ("teacher", "student"):
-        path = folder.join(f"{role}_backbone.keras")
-        backbone = getattr(model, f"{role}_backbone")
-        atomic_write(path, backbone.save)
-        paths[role] = path
+    paths = {role: folder.join(f"{role}_backbone.keras") for role in ("teacher", "student")}
+    for role, path in paths.items():
+        atomic_write(path, getattr(model, f"{role}_backbone").save)
     history = read_log(csv_path)
     plot_path = plot_log(history, folder.join("loss.png"), terms=model.loss_terms)
     trained_steps = recipe.epochs * steps - (start[0] * steps + start[1])
@@ -486,9 +365,8 @@ def _pretrain(recipe, folder, resume, verbose):
         "images_per_second": round(trained_steps * recipe.batch_size / max(seconds, 1e-9), 2),
         "first_loss": history["loss"][0] if history.get("loss") else None,
         "last_loss": history["loss"][-1] if history.get("loss") else None,
-        "teacher_backbone": paths["teacher"],
-        "student_backbone": paths["student"],
-        "transfer_backbone": paths[method_of(recipe).transfer],
+        **{f"{role}_backbone": path for role, path in paths.items()},
+        "transfer_backbone": paths[method_of(recipe).model_class.transfer],
         "checkpoint": checkpoint.last_path,
         "log": csv_path,
         "plot": plot_path,
@@ -497,16 +375,6 @@ def _pretrain(recipe, folder, resume, verbose):
     }
     atomic_write_text(folder.join("summary.json"), json.dumps(summary, indent=2))
     return summary
-
-
-def _state(model):
-    """Every variable of ``model`` and of its optimizer once built, each once, in order."""
-    seen, out = set(), []
-    for v in [*model.variables, *(model.optimizer.variables if model.optimizer is not None else [])]:
-        if id(v) not in seen:
-            seen.add(id(v))
-            out.append(v)
-    return out
 
 
 def _keep_init_from(previous, recipe):
@@ -560,6 +428,6 @@ def knn_monitor(recipe, image_size):
         test,
         every=recipe.knn_every,
         image_size=image_size,
-        use=method_of(recipe).transfer,
+        use=method_of(recipe).model_class.transfer,
         last_epoch=recipe.epochs - 1,
     )

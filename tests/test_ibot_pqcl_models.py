@@ -446,7 +446,7 @@ def test_temperature_schedules():
         ("teacher_query_temp", schedule(0.05, start_epoch=2)),
         ("teacher_patch_temp", schedule(0.06, start_epoch=2)),
     ):
-        got = [float(_np(model.schedule_values(2 * e + 1)[name])) for e in epochs]  # last step of each epoch
+        got = [float(_np(model.schedules.values(2 * e + 1)[name])) for e in epochs]  # last step of each epoch
         np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
@@ -474,10 +474,12 @@ def test_query_temperature_is_delayed_by_pred_start_epoch(pred_start_epoch):
     )
     assert per_epoch.shape == (epochs,)
     for step in range(epochs * steps):
-        got = float(_np(model.schedule_values(step)["teacher_query_temp"]))
+        got = float(_np(model.schedules.values(step)["teacher_query_temp"]))
         assert got == pytest.approx(per_epoch[step // steps], rel=1e-6), step
     # Past the end of the schedule it stays at the final value.
-    assert float(_np(model.schedule_values(5 * epochs * steps)["teacher_query_temp"])) == pytest.approx(final, rel=1e-6)
+    assert float(_np(model.schedules.values(5 * epochs * steps)["teacher_query_temp"])) == pytest.approx(
+        final, rel=1e-6
+    )
 
 
 # ------------------------------------------------------------------ save/load

@@ -12,7 +12,7 @@ from keras_pqcl import models
 from keras_pqcl.backbones import check_backbone
 from keras_pqcl.backbones.base import CONTRACT
 from keras_pqcl.callbacks import CollapseGuard
-from keras_pqcl.models.needs import Needs, constructor_default
+from keras_pqcl.models.needs import Needs, constructor_arguments
 from keras_pqcl.recipe import Recipe
 from keras_pqcl.training import METHODS, build_backbone, dataset_args
 
@@ -63,7 +63,7 @@ def test_needs_match_the_runner_table(method, extra):
     recipe = _recipe(method, extra)
     needs = METHODS[method].needs(recipe)
     assert needs == EXPECTED[method, extra]
-    assert METHODS[method].transfer == ("student" if method == "densecl" else "teacher")
+    assert METHODS[method].model_class.transfer == ("student" if method == "densecl" else "teacher")
     if needs.backbone == "vit":
         backbone = build_backbone(recipe, 16)
         assert backbone.pos_embed_kind == (needs.pos_embed or "learned")
@@ -77,13 +77,11 @@ def test_recipe_pos_embed_still_wins():
 
 
 def test_needs_read_the_constructor_defaults():
-    assert constructor_default(models.PQCL, "base") == "ibot"
-    assert constructor_default(models.ADCLR, "base") == "dino"
-    assert constructor_default(models.ADCLR, "query_position") == "crop"
-    # Not in ADCLR's own signature: found up the hierarchy it passes **kwargs to.
-    assert constructor_default(models.ADCLR, "teacher_momentum") == 0.996
-    with pytest.raises(TypeError, match="no argument 'nope'"):
-        constructor_default(models.DINO, "nope")
+    assert constructor_arguments(models.PQCL, {})["base"] == "ibot"
+    assert constructor_arguments(models.ADCLR, {"target": "crop", "nope": 1})["base"] == "dino"
+    assert constructor_arguments(models.ADCLR, {"target": "crop", "nope": 1})["target"] == "crop"
+    assert constructor_arguments(models.ADCLR, {})["query_position"] == "crop"
+    assert "nope" not in constructor_arguments(models.ADCLR, {"nope": 1})
 
 
 def _set_default(monkeypatch, cls, name, value):

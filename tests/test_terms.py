@@ -86,7 +86,7 @@ def test_fit_sets_one_run_length_for_every_schedule():
     model.fit(_batch(), batch_size=4, epochs=3, verbose=0)
     assert model.optimizer._learning_rate.total_steps == model.optimizer.decay.total_steps == 3
     assert float(keras.ops.convert_to_numpy(model.schedules.total_steps)) == 3.0
-    values = model.schedule_values(keras.ops.convert_to_tensor(3))
+    values = model.schedules.values(keras.ops.convert_to_tensor(3))
     assert {"teacher_momentum", "learning_rate", "weight_decay", "teacher_temp"} <= set(values)
     np.testing.assert_allclose(float(values["teacher_momentum"]), 1.0, rtol=1e-6)
 

@@ -106,12 +106,16 @@ def test_a_batch_the_processes_cannot_share_is_one_line(tmp_path):
 
 
 def test_mcl_and_odd_batches_are_refused_before_anything_is_built():
+    from keras_pqcl.processes import check
     from keras_pqcl.recipe import load_recipe
-    from keras_pqcl.training import check_processes
+    from keras_pqcl.training import METHODS
+
+    def check_recipe(recipe, count):
+        check(recipe, METHODS[recipe.method].needs(recipe), count)
 
     with pytest.raises(ValueError, match=r"MCL.*cannot run as 2 processes; run it as one process") as error:
-        check_processes(load_recipe("mcl_resnet50"), 2)
+        check_recipe(load_recipe("mcl_resnet50"), 2)
     assert "\n" not in str(error.value)
     with pytest.raises(ValueError, match=r"--batch-size 6 .* 4 processes .* multiple of 4 \(e\.g\. 4\)"):
-        check_processes(load_recipe("tiny").replace(batch_size=6), 4)
-    check_processes(load_recipe("tiny").replace(batch_size=8), 4)
+        check_recipe(load_recipe("tiny").replace(batch_size=6), 4)
+    check_recipe(load_recipe("tiny").replace(batch_size=8), 4)

@@ -2,8 +2,7 @@
 
 import keras
 
-from keras_pqcl.models.pqcl import base_terms
-from keras_pqcl.models.self_distillation import NamedMethod, ramp
+from keras_pqcl.models.self_distillation import NamedMethod, base_terms, ramp
 from keras_pqcl.models.terms import QueryCrops
 
 
@@ -75,7 +74,7 @@ class ADCLR(NamedMethod):
     def make_terms(args):
         out_dim = args.out_dim or (65536 if args.base == "dino" else 8192)
         args = type(args)(**{**vars(args), "out_dim": out_dim})
-        return base_terms(args, args.local_cls_terms) + [
+        return base_terms(args, args.base, args.local_cls_terms) + [
             QueryCrops(
                 out_dim,
                 query_position=args.query_position,

@@ -74,22 +74,16 @@ class SelfSupervisedModel(TrainStep, keras.Model):
         self.schedules = schedules.Schedules(teacher_momentum, teacher_momentum_end, freeze_last_layer)
         self._teacher_pairs = []
 
-        def scalar(name, value):
-            return self.add_weight(
-                name=name,
-                shape=(),
-                initializer=keras.initializers.Constant(value),
-                trainable=False,
-                dtype="float32",
-            )
-
         # The run's clock, filled in by fit(), and the momentum range: variables, so compiled
         # steps read the current values and checkpoints restore them.
+        values = dict(steps_per_epoch=1.0, total_steps=1.0, momentum_start=teacher_momentum)
+        values["momentum_end"] = teacher_momentum_end
+        constant = keras.initializers.Constant
         self.schedules.bind(
-            scalar("steps_per_epoch", 1.0),
-            scalar("total_steps", 1.0),
-            scalar("momentum_start", teacher_momentum),
-            scalar("momentum_end", teacher_momentum_end),
+            *(
+                self.add_weight(shape=(), initializer=constant(v), trainable=False, dtype="float32", name=name)
+                for name, v in values.items()
+            )
         )
         self.trackers = {}
         self.add_trackers(("loss",) + (type(self).loss_terms if isinstance(type(self).loss_terms, tuple) else ()))
@@ -172,11 +166,6 @@ class SelfSupervisedModel(TrainStep, keras.Model):
                 out[name] = value
         return out
 
-    def schedule_values(self, step):
-        """Every per-step schedule value at ``step`` (:meth:`Schedules.values
-        <keras_pqcl.schedules.Schedules.values>`)."""
-        return self.schedules.values(step)
-
     # ------------------------------------------------------------------ fit
     def build(self, input_shape=None):
         self.built = True
@@ -241,12 +230,18 @@ class SelfSupervisedModel(TrainStep, keras.Model):
             **kwargs,
         )
 
+    #: constructor arguments that ``get_config`` reads back from the attributes of that name.
+    config_fields = ()
+
     def get_config(self):
         """The constructor's arguments; every method takes its student ``backbone`` first."""
         config = super().get_config()
+        # Tuples as lists: the config stays plain JSON.
+        fields = {name: getattr(self, name) for name in self.config_fields}
         config.update(
             backbone=keras.saving.serialize_keras_object(self.student_backbone),
             **self.schedules.get_config(),
+            **{name: list(v) if isinstance(v, tuple) else v for name, v in fields.items()},
         )
         return config
 
@@ -296,6 +291,13 @@ def crop_major(x):
     """
     x = ops.swapaxes(x, 0, 1)
     return ops.reshape(x, (-1,) + tuple(x.shape[2:]))
+
+
+def crops_along_tokens(x, n_crops):
+    """``(n_crops * B, T, ...)``, crop-major, -> ``(B, n_crops * T, ...)``: each image's crops
+    concatenated along the tokens."""
+    x = ops.swapaxes(ops.reshape(x, (n_crops, -1) + tuple(x.shape[1:])), 0, 1)
+    return ops.reshape(x, (-1, n_crops * x.shape[2]) + tuple(x.shape[3:]))
 
 
 def require(data, key, method, hint):

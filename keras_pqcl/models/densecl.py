@@ -6,21 +6,11 @@ embeddings; the dense InfoNCE matches every query position to the key position w
 feature is most similar (argmax of cosine similarity) and contrasts it against a queue of
 image-level pooled dense keys. ``L = (1 - lambda) L_global + lambda L_dense``, lambda = 0.5.
 
-BatchNorm of the key encoder. The reference runs the key encoder in
-train mode: batch statistics, although it gets no gradient. Keras' BatchNormalization uses batch
-statistics only when its layer is trainable, so the key encoder's *layers* stay trainable and
-only its *variables* are marked non-trainable: they never reach the optimizer (nor a gradient
-tape) and JAX threads them as non-trainable state, while every BatchNorm normalises with the
-statistics of the key batch: ``add_teacher(..., batch_statistics=True)``.
-
-EMA. Parameters only: conv/dense kernels and biases, BN gamma and beta.
-The BN moving mean/variance are buffers in the reference and are not averaged: each encoder
-keeps its own, updated by its own train-mode forward passes. They never affect training (both
-encoders always run with batch statistics); the query backbone's are the ones transfer uses.
-The momentum is a constant 0.999 (``momentum_schedule="constant"``: the schedule's end is
-its start). The reference updates the
-key encoder at the start of a step, before the keys; the shared train step does it right after
-the optimizer update, which gives the same sequence of key weights.
+Key encoder. As the reference, it runs in train mode without gradients, so its BatchNorm
+normalises with the key batch's statistics, and the EMA (a constant 0.999) averages
+parameters only, not BatchNorm buffers: ``add_teacher(..., batch_statistics=True)``. The
+reference updates it at the start of a step; the shared train step does so right after the
+optimizer update, which gives the same sequence of key weights.
 
 Shuffle BN. MoCo permutes the global key batch across GPUs so that the
 key of image n is normalised with other images than its query. The equivalent here is split
@@ -39,21 +29,10 @@ from keras import ops
 from keras_pqcl.backbones.base import check_backbone
 from keras_pqcl.heads.densecl_head import DenseCLDenseHead, DenseCLGlobalHead
 from keras_pqcl.losses.info_nce import InfoNCE
-from keras_pqcl.models.base import SelfSupervisedModel, require
-from keras_pqcl.models.base import clone_layer
-from keras_pqcl.models.needs import Needs, argument
+from keras_pqcl.models.base import SelfSupervisedModel, clone_layer, require
+from keras_pqcl.models.needs import Needs, constructor_arguments
 
 MOMENTUM_SCHEDULES = ("constant", "cosine")
-
-
-def __getattr__(name):
-    # ``densecl_crops`` is re-exported for convenience, but it lives in the tf.data pipeline:
-    # resolved on first access so that importing the models does not import TensorFlow.
-    if name == "densecl_crops":
-        from keras_pqcl.data.views import densecl_crops
-
-        return densecl_crops
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def dense_correspondence(query_features, key_features):
@@ -115,6 +94,18 @@ class DenseCL(SelfSupervisedModel):
     """
 
     loss_terms = ("global", "dense")
+    config_fields = (
+        "feature",
+        "hidden_dim",
+        "projection_dim",
+        "queue_size",
+        "temperature",
+        "loss_lambda",
+        "lambda_start_step",
+        "shuffle_bn",
+        "momentum_schedule",
+        "seed",
+    )
     # The query encoder is the trained network; the key encoder only lags behind it.
     transfer = "student"
     # No collapse_terms: both terms are InfoNCE against a queue of keys, not cross-entropies
@@ -123,7 +114,7 @@ class DenseCL(SelfSupervisedModel):
     @classmethod
     def needs(cls, **method_args):
         """A ResNet returning ``feature`` (``"C5"``); two-view multi-crop batches."""
-        return Needs(backbone="resnet", feature_maps=(argument(cls, method_args, "feature"),))
+        return Needs(backbone="resnet", feature_maps=(constructor_arguments(cls, method_args)["feature"],))
 
     def __init__(
         self,
@@ -270,27 +261,10 @@ class DenseCL(SelfSupervisedModel):
             self.global_loss.enqueue(k)
             self.dense_loss.enqueue(ops.normalize(ops.cast(key_pooled, "float32"), axis=-1))
 
-        logs = self.schedule_values(step)
+        logs = self.schedules.values(step)
         logs.update({"global": loss_global, "dense": loss_dense, "loss_lambda": lam})
         return loss, logs
 
     def call(self, images, training=False):
         """Query-backbone features ``(batch, C)``: global average of ``feature``."""
         return ops.mean(self.query_backbone(images, training=training)[self.feature], axis=(1, 2))
-
-    # ----------------------------------------------------------- (de)serialise
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            feature=self.feature,
-            hidden_dim=self.hidden_dim,
-            projection_dim=self.projection_dim,
-            queue_size=self.queue_size,
-            temperature=self.temperature,
-            loss_lambda=self.loss_lambda,
-            lambda_start_step=self.lambda_start_step,
-            shuffle_bn=self.shuffle_bn,
-            momentum_schedule=self.momentum_schedule,
-            seed=self.seed,
-        )
-        return config

@@ -2,8 +2,7 @@
 
 import keras
 
-from keras_pqcl.models.self_distillation import NamedMethod, ramp
-from keras_pqcl.models.terms import CLSDistillation
+from keras_pqcl.models.self_distillation import NamedMethod, base_terms
 
 
 @keras.saving.register_keras_serializable(package="keras_pqcl")
@@ -53,4 +52,4 @@ class DINO(NamedMethod):
 
     @staticmethod
     def make_terms(args):
-        return [CLSDistillation(args.out_dim, args.student_temp, ramp(args, "teacher_temp"), args.center_momentum)]
+        return base_terms(args, "dino")

@@ -2,8 +2,7 @@
 
 import keras
 
-from keras_pqcl.models.self_distillation import NamedMethod, ramp
-from keras_pqcl.models.terms import CLSDistillation, MaskedPatchDistillation
+from keras_pqcl.models.self_distillation import NamedMethod, base_terms
 
 
 @keras.saving.register_keras_serializable(package="keras_pqcl")
@@ -65,16 +64,4 @@ class IBOT(NamedMethod):
 
     @staticmethod
     def make_terms(args):
-        return [
-            CLSDistillation(
-                args.out_dim, args.student_temp, ramp(args, "teacher_temp"), args.center_momentum, weight=args.lambda1
-            ),
-            MaskedPatchDistillation(
-                args.patch_out_dim or args.out_dim,
-                args.student_temp,
-                ramp(args, "teacher_patch_temp", args.pred_start_epoch),
-                args.center_momentum,
-                start_epoch=args.pred_start_epoch,
-                weight=args.lambda2,
-            ),
-        ]
+        return base_terms(args, "ibot")

@@ -25,10 +25,8 @@ Choices where the reference leaves room (documented in the report and :class:`MC
 * In-batch negatives on one device (M = N); no cross-device all-gather, so a batch smaller
   than the reference's 4096 gathered targets has fewer negatives and an easier task.
 
-The momentum target keeps BatchNorm in training mode (batch statistics) although its
-variables are not trained (a non-trainable Keras BatchNormalization layer would use its
-moving statistics instead), and the EMA covers parameters only, not the BatchNorm moving
-statistics, which the target accumulates from its own batches.
+The momentum target normalises with batch statistics and its EMA averages parameters only,
+as the reference's (``add_teacher(..., batch_statistics=True)``).
 """
 
 import keras
@@ -38,9 +36,8 @@ from keras_pqcl.backbones.base import check_backbone
 from keras_pqcl.backbones.fpn import FPN
 from keras_pqcl.backend import num_replicas_in_sync
 from keras_pqcl.heads.mcl_head import MCLNeck, MCLPredictor
-from keras_pqcl.models.base import SelfSupervisedModel, require
-from keras_pqcl.models.base import clone_layer
-from keras_pqcl.models.needs import Needs, argument
+from keras_pqcl.models.base import SelfSupervisedModel, clone_layer, require
+from keras_pqcl.models.needs import Needs, constructor_arguments
 
 #: Loss weight of each level i (r = 2**i): the reference's (1/2, 1/4, 1/8, 1/8).
 LEVEL_WEIGHTS = (0.5, 0.25, 0.125, 0.125)
@@ -118,13 +115,24 @@ class MCL(SelfSupervisedModel):
     """
 
     loss_terms = ("level_0", "level_1", "level_2", "level_3")
+    config_fields = (
+        "fpn",
+        "fpn_channels",
+        "neck_convs",
+        "neck_channels",
+        "hidden_dim",
+        "projection_dim",
+        "predictor_hidden_dim",
+        "temperature",
+        "level_weights",
+    )
     # No collapse_terms: each level is a cross-entropy over the batch's own targets (an
     # InfoNCE), not over prototypes, so no fixed ln K marks a collapse.
 
     @classmethod
     def needs(cls, **method_args):
         """A ResNet returning ``C2..C5`` (``C5`` only with ``fpn=False``); montage batches."""
-        fpn = argument(cls, method_args, "fpn")
+        fpn = constructor_arguments(cls, method_args)["fpn"]
         maps = ("C2", "C3", "C4", "C5") if fpn else ("C5",)
         return Needs(backbone="resnet", feature_maps=maps, batches="montage")
 
@@ -150,7 +158,7 @@ class MCL(SelfSupervisedModel):
         level_weights = tuple(float(w) for w in level_weights)
         if len(level_weights) != 4:
             raise ValueError(f"level_weights needs one weight per level 0..3, got {level_weights}.")
-        self.use_fpn = bool(fpn)
+        self.fpn = bool(fpn)
         self.fpn_channels = int(fpn_channels)
         self.neck_convs = int(neck_convs)
         self.neck_channels = int(neck_channels)
@@ -165,7 +173,7 @@ class MCL(SelfSupervisedModel):
         self.student_backbone = backbone
         self.teacher_backbone = clone_layer(backbone, name="teacher_backbone")
         channels = dict(backbone.out_channels)
-        if self.use_fpn:
+        if self.fpn:
             shapes = {k: (None, None, None, c) for k, c in channels.items()}
             self.student_fpn = FPN(self.fpn_channels, name="student_fpn")
             self.student_fpn.build(shapes)
@@ -180,16 +188,13 @@ class MCL(SelfSupervisedModel):
         self.student_neck.build(neck_shape)
         self.teacher_neck = clone_layer(self.student_neck, neck_shape, name="teacher_neck")
         self.predictors = []
-        for i in range(4 if self.use_fpn else 1):
+        for i in range(4 if self.fpn else 1):
             head = MCLPredictor(self.predictor_hidden_dim, self.projection_dim, name=f"predictor_{i}")
             head.build((None, self.projection_dim))
             self.predictors.append(head)
 
-        for role in ("backbone", "fpn", "neck") if self.use_fpn else ("backbone", "neck"):
-            teacher, student = getattr(self, f"teacher_{role}"), getattr(self, f"student_{role}")
-            # Train-mode BatchNorm in the target and an EMA of parameters only, as the
-            # reference's BYOL hook (it averages parameters, not buffers).
-            self.add_teacher(teacher, student, batch_statistics=True)
+        for role in ("backbone", "fpn", "neck") if self.fpn else ("backbone", "neck"):
+            self.add_teacher(getattr(self, f"teacher_{role}"), getattr(self, f"student_{role}"), batch_statistics=True)
         # The ResNet builds its weighted layers in __init__ but leaves its zero-padding
         # layers to their first call; Keras' fit on JAX and torch refuses a model with any
         # unbuilt layer (and would build it from the dict batch). They hold no state.
@@ -207,7 +212,7 @@ class MCL(SelfSupervisedModel):
 
     def call(self, images, training=False):
         features = dict(self.student_backbone(images, training=training))
-        if self.use_fpn:
+        if self.fpn:
             features.update(self.student_fpn(features, training=training))
         return features
 
@@ -220,7 +225,7 @@ class MCL(SelfSupervisedModel):
             "Batches are dicts with 'full_images' (N, 2, S, S, 3) and the montages; use keras_pqcl.data.mcl_dataset.",
         )
         ratios = sorted(int(k[len("montages_r") :]) for k in data if k.startswith("montages_r"))
-        if ratios and not self.use_fpn:
+        if ratios and not self.fpn:
             raise ValueError(
                 f"MCL(fpn=False) uses C5 only, so it cannot place montages of ratios {ratios}; "
                 "build the data with MontageConfig(ratios=()) or use fpn=True."
@@ -248,8 +253,8 @@ class MCL(SelfSupervisedModel):
             )
         levels, tile = self._levels(data)
         n = levels[0][1]
-        teacher_fpn = self.teacher_fpn if self.use_fpn else None
-        student_fpn = self.student_fpn if self.use_fpn else None
+        teacher_fpn = self.teacher_fpn if self.fpn else None
+        student_fpn = self.student_fpn if self.fpn else None
 
         predictions, targets = [], []
         for branch in (0, 1):
@@ -286,21 +291,5 @@ class MCL(SelfSupervisedModel):
                 if level == 0:
                     pos_cos.append(cos)
         logs["pos_cos"] = (pos_cos[0] + pos_cos[1]) / 2.0
-        logs.update(self.schedule_values(step))
+        logs.update(self.schedules.values(step))
         return loss, logs
-
-    # ------------------------------------------------------------ serialisation
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            fpn=self.use_fpn,
-            fpn_channels=self.fpn_channels,
-            neck_convs=self.neck_convs,
-            neck_channels=self.neck_channels,
-            hidden_dim=self.hidden_dim,
-            projection_dim=self.projection_dim,
-            predictor_hidden_dim=self.predictor_hidden_dim,
-            temperature=self.temperature,
-            level_weights=list(self.level_weights),
-        )
-        return config

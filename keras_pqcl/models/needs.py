@@ -7,7 +7,7 @@ backbone it is given against the same answer
 (:func:`keras_pqcl.backbones.check_backbone`), so the two cannot disagree.
 
 The answers read the constructors' own defaults (the self-distillation methods through the
-loss terms their arguments build; DenseCL and MCL through :func:`constructor_default`):
+loss terms their arguments build; DenseCL and MCL through :func:`constructor_arguments`):
 change a default in a model and what the runner builds follows.
 """
 
@@ -71,26 +71,10 @@ def combine(needs):
     )
 
 
-_EMPTY = inspect.Parameter.empty
-
-
-def constructor_default(cls, name):
-    """The default of argument ``name`` of ``cls``'s constructor.
-
-    Searched along the class hierarchy, from ``cls`` up, in the first constructor that names
-    the argument; a subclass that passes ``**kwargs`` on inherits its parent's default. Read
-    from the live signature, so ``needs`` cannot drift from what the constructor does.
-    """
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        parameter = inspect.signature(init).parameters.get(name)
-        if parameter is not None and parameter.default is not _EMPTY:
-            return parameter.default
-    raise TypeError(f"{cls.__name__}'s constructor has no argument {name!r} with a default.")
-
-
-def argument(cls, args, name):
-    """``args[name]`` when given, else the constructor's default."""
-    return args[name] if name in args else constructor_default(cls, name)
+def constructor_arguments(cls, given):
+    """``cls``'s constructor arguments besides the backbone: those of ``given`` that it names,
+    the others at their defaults. Read from the live signature, so a method's ``needs`` cannot
+    drift from what its constructor does."""
+    parameters = inspect.signature(cls.__init__).parameters
+    defaults = {name: p.default for name, p in parameters.items() if p.default is not inspect.Parameter.empty}
+    return {**defaults, **{name: value for name, value in given.items() if name in parameters}}

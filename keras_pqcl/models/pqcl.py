@@ -2,39 +2,8 @@
 
 import keras
 
-from keras_pqcl.models.self_distillation import NamedMethod, ramp
-from keras_pqcl.models.terms import CLSDistillation, MaskedPatchDistillation, PositionalQueries
-
-BASES = ("ibot", "dino")
-
-
-def base_terms(args, local_crops):
-    """The CLS term and, for ``base="ibot"``, the masked-patch term of a query method, with
-    one shared head (``K`` prototypes for every token)."""
-    if args.base not in BASES:
-        raise ValueError(f"base must be one of {BASES}, got {args.base!r}.")
-    terms = [
-        CLSDistillation(
-            args.out_dim,
-            args.student_temp,
-            ramp(args, "teacher_temp"),
-            args.center_momentum,
-            local_crops=local_crops,
-            weight=args.lambda1,
-        )
-    ]
-    if args.base == "ibot":
-        terms.append(
-            MaskedPatchDistillation(
-                args.out_dim,
-                args.student_temp,
-                ramp(args, "teacher_patch_temp", args.pred_start_epoch),
-                args.center_momentum,
-                start_epoch=args.pred_start_epoch,
-                weight=args.lambda2,
-            )
-        )
-    return terms
+from keras_pqcl.models.self_distillation import NamedMethod, base_terms, ramp
+from keras_pqcl.models.terms import PositionalQueries
 
 
 @keras.saving.register_keras_serializable(package="keras_pqcl")
@@ -112,7 +81,7 @@ class PQCL(NamedMethod):
 
     @staticmethod
     def make_terms(args):
-        return base_terms(args, args.local_cls_terms) + [
+        return base_terms(args, args.base, args.local_cls_terms) + [
             PositionalQueries(
                 args.out_dim,
                 args.student_temp,

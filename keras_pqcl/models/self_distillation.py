@@ -18,9 +18,9 @@ from keras import ops
 from keras_pqcl.backbones.base import check_backbone
 from keras_pqcl.heads.dino_head import DINOHead
 from keras_pqcl.heads.ibot_head import iBOTHead
-from keras_pqcl.models.base import SelfSupervisedModel, clone_layer, crop_major
-from keras_pqcl.models.needs import combine
-from keras_pqcl.models.terms import TERMS, StepOutputs, Term
+from keras_pqcl.models.base import SelfSupervisedModel, clone_layer, crop_major, crops_along_tokens
+from keras_pqcl.models.needs import combine, constructor_arguments
+from keras_pqcl.models.terms import TERMS, CLSDistillation, MaskedPatchDistillation, StepOutputs, Term
 from keras_pqcl.schedules import EpochRamp
 
 GLOBAL_HINT = (
@@ -151,15 +151,7 @@ class SelfDistillation(SelfSupervisedModel):
         check_backbone(backbone, needs, type(self).__name__, reasons)
         super().__init__(**kwargs)
         self._arguments = _arguments
-        self.head_args = dict(
-            out_dim=out_dim,
-            patch_out_dim=patch_out_dim,
-            shared_head=shared_head,
-            hidden_dim=hidden_dim,
-            bottleneck_dim=bottleneck_dim,
-            head_layers=head_layers,
-            norm_last_layer=norm_last_layer,
-        )
+        self.head_args = {name: value for name, value in locals().items() if name in HEAD_ARGS}
         self.out_dim, self.use_bn_in_head = out_dim, use_bn_in_head
         self._n_extra = len(extra)
 
@@ -207,13 +199,7 @@ class SelfDistillation(SelfSupervisedModel):
         if cls.make_terms is SelfDistillation.make_terms:
             terms = method_args.get("terms", ())
         else:
-            known = inspect.signature(cls.__init__).parameters
-            bound = inspect.signature(cls.__init__).bind_partial(
-                None, None, **{k: v for k, v in method_args.items() if k in known}
-            )
-            bound.apply_defaults()
-            args = {k: v for k, v in bound.arguments.items() if k not in ("self", "backbone", "kwargs")}
-            terms = cls.make_terms(types.SimpleNamespace(**args))
+            terms = cls.make_terms(types.SimpleNamespace(**constructor_arguments(cls, method_args)))
         out_dim = method_args.get("out_dim") or 65536  # what a term built by name gets; needs ignore it
         return resolve_terms(terms, out_dim) + resolve_terms(method_args.get("extra_terms", ()), out_dim)
 
@@ -298,7 +284,7 @@ class SelfDistillation(SelfSupervisedModel):
             if local is not None:
                 out.student_crops_cls = logits  # already every crop, globals first: no split and re-join
 
-        values = self.schedule_values(step)
+        values = self.schedules.values(step)
         loss, logs = 0.0, dict(values)
         for term in self.terms:
             value, term_logs = term.loss(out, values)
@@ -309,12 +295,9 @@ class SelfDistillation(SelfSupervisedModel):
     def teacher_local_patches(self, local_crops):
         """Teacher logits of the local crops' patch tokens ``(B, n * L², K)``, each crop
         encoded on its own, crops concatenated along the tokens (PQCL's query targets)."""
-        n_local = local_crops.shape[1]
         features = self.teacher_backbone(crop_major(local_crops), training=False)
-        logits = ops.stop_gradient(self.teacher_head.token_logits(features["patches"]))  # (n B, L², K)
-        per_crop, k = logits.shape[1], logits.shape[2]
-        logits = ops.reshape(logits, (n_local, -1, per_crop, k))
-        return ops.reshape(ops.swapaxes(logits, 0, 1), (-1, n_local * per_crop, k))
+        logits = self.teacher_head.token_logits(features["patches"])  # (n B, L², K)
+        return crops_along_tokens(ops.stop_gradient(logits), local_crops.shape[1])
 
     # ---------------------------------------------------------------- config
     def get_config(self):
@@ -358,3 +341,29 @@ def ramp(args, prefix, start_epoch=0):
     return EpochRamp(
         getattr(args, "warmup_" + prefix), getattr(args, prefix), args.warmup_teacher_temp_epochs, start_epoch
     )
+
+
+BASES = ("ibot", "dino")
+
+
+def base_terms(args, base, local_crops=True):
+    """A named method's CLS term and, for ``base="ibot"``, its masked-patch term (``K_p`` =
+    ``patch_out_dim`` or ``out_dim``), from its arguments ``args``; weights ``lambda1`` and
+    ``lambda2`` where it has them, else 1."""
+    if base not in BASES:
+        raise ValueError(f"base must be one of {BASES}, got {base!r}.")
+    temps = (args.student_temp, ramp(args, "teacher_temp"), args.center_momentum)
+    weight = getattr(args, "lambda1", 1.0)
+    terms = [CLSDistillation(args.out_dim, *temps, local_crops=local_crops, weight=weight)]
+    if base == "ibot":
+        terms.append(
+            MaskedPatchDistillation(
+                getattr(args, "patch_out_dim", None) or args.out_dim,
+                args.student_temp,
+                ramp(args, "teacher_patch_temp", args.pred_start_epoch),
+                args.center_momentum,
+                start_epoch=args.pred_start_epoch,
+                weight=args.lambda2,
+            )
+        )
+    return terms

@@ -13,7 +13,7 @@ from keras import ops
 
 from keras_pqcl.layers.pos_embed import sample_table, sincos_embedding
 from keras_pqcl.losses.query_loss import QueryLoss
-from keras_pqcl.models.base import crop_major
+from keras_pqcl.models.base import crop_major, crops_along_tokens
 from keras_pqcl.models.needs import Needs
 from keras_pqcl.models.terms.base import DistillationTerm
 
@@ -205,14 +205,11 @@ class QueryCrops(_QueryTerm):
         """Query tokens ``(n_views * B, T, D)``, view-major, of the crops ``(B, n, s, s, 3)``
         embedded by ``backbone`` (the teacher embeds them with its own weights); ``positions``
         ``(n_views * B, T, D)`` for ``query_position="global"``."""
-        n_local, height, width = local_crops.shape[1:4]
-        grid = (height // backbone.patch_size, width // backbone.patch_size)
-        per_crop, dim = grid[0] * grid[1], backbone.embed_dim
+        grid = (local_crops.shape[2] // backbone.patch_size, local_crops.shape[3] // backbone.patch_size)
         tokens = backbone.patch_embed(crop_major(local_crops))  # (n B, L², D)
         if self.query_position == "crop":
             tokens = tokens + ops.cast(backbone.position_embedding(grid)[:, 1:], tokens.dtype)
-        tokens = ops.reshape(tokens, (n_local, -1, per_crop, dim))
-        tokens = ops.reshape(ops.swapaxes(tokens, 0, 1), (-1, n_local * per_crop, dim))
+        tokens = crops_along_tokens(tokens, local_crops.shape[1])
         if n_views > 1:
             tokens = ops.concatenate([tokens] * n_views, axis=0)
         if self.query_position == "global":
