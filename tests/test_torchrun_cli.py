@@ -1,9 +1,10 @@
 """``keras-pqcl pretrain`` as 2 ``torchrun`` processes (gloo, CPU), end to end.
 
 The command the README gives for one host trains a tiny DINO for 2 epochs of 2 steps: every
-artefact is written once (by process 0), only process 0 prints, and a ``--resume`` with 2
-processes continues the same run to 3 epochs. A global batch the processes cannot share
-stops both with the one-line error. Only in the KERAS_BACKEND=torch leg.
+artefact is written once (by process 0), only process 0 prints, a ``--resume`` with 2
+processes continues the same run to 3 epochs, and one process without torchrun to 4. A global
+batch the processes cannot share stops both with the one-line error. Only in the
+KERAS_BACKEND=torch leg.
 """
 
 import os
@@ -89,6 +90,17 @@ def test_two_processes_write_once_and_resume(tmp_path):
     model, progress = load_latest_checkpoint(str(checkpoints))
     assert (progress.epoch, progress.step) == (3, 0)
     assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 3 * 2
+
+    # Another world size resumes the same run: --batch-size is the global batch, so the batches,
+    # the step count and the schedules carry over. Here one process, without torchrun.
+    command = [sys.executable, "-m", "keras_pqcl.cli", "pretrain", "--recipe", "tiny", "--data", "synthetic_scenes:32"]
+    command += ["--epochs", "4", "--steps-per-epoch", "2", "--batch-size", "8", "--knn-every", "0"]
+    code, out = mp.launch([*command, "--output", str(output), "--resume"], mp.env("torch"), timeout=TIMEOUT)
+    assert code == 0 and "keras-pqcl: resuming from" in out, out[-6000:]
+    assert [row["epoch"] for row in read_rows(output / "log.csv")] == ["0", "1", "2", "3"]
+    model, progress = load_latest_checkpoint(str(checkpoints))
+    assert (progress.epoch, progress.step) == (4, 0)
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 4 * 2
 
 
 def test_a_batch_the_processes_cannot_share_is_one_line(tmp_path):
