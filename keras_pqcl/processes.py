@@ -4,12 +4,14 @@ A run is one process, or, under ``torchrun`` (torch backend, ``WORLD_SIZE > 1``)
 that each call :func:`keras_pqcl.training.pretrain` with the same arguments and feed their
 ``1/N`` of every global batch. Process 0, the chief, owns the run folder and writes every
 file; the others train beside it and print nothing but errors. The collectives themselves
-live in :mod:`keras_pqcl.backend`. JAX and TensorFlow runs are one process in the runner;
-their multi-process engines (:func:`~keras_pqcl.backend.init_jax_distributed`,
-:func:`~keras_pqcl.backend.init_tf_multiworker`) are driven from a script.
+live in :mod:`keras_pqcl.backend`. JAX and TensorFlow runs are one process in the runner (and
+refuse to start as several); their multi-process engines
+(:func:`~keras_pqcl.backend.init_jax_distributed`, :func:`~keras_pqcl.backend.init_tf_multiworker`)
+are driven from a script.
 """
 
 import contextlib
+import json
 import os
 import warnings
 
@@ -20,11 +22,39 @@ from keras_pqcl import backend
 
 def join():
     """Join the run's process group (before any model or tensor exists) and return the number
-    of processes; 1 without ``torchrun`` and on JAX and TensorFlow."""
+    of processes; 1 without ``torchrun``.
+
+    On JAX and TensorFlow the runner is one process: launched as several (``WORLD_SIZE``,
+    ``KERAS_PQCL_NUM_PROCESSES`` or a ``TF_CONFIG`` cluster above 1), each would train a model
+    of its own, so this raises a one-line ValueError instead."""
     if backend.BACKEND != "torch":
+        request = _launch_request()
+        if request:
+            raise ValueError(
+                f"{request} asks for several processes, but keras-pqcl pretrain trains {backend.BACKEND} as one "
+                "process (each would train a model of its own); use KERAS_BACKEND=torch with torchrun, a train.py "
+                f"as in the README's 'Several machines', or unset {request.split('=')[0]}."
+            )
         return 1
     backend.init_torch_distributed()
     return backend.process_count()
+
+
+def _launch_request():
+    """``NAME=value`` of the first launch variable asking for more than one process, or None."""
+    for name in ("WORLD_SIZE", backend.NUM_PROCESSES_ENV):
+        if os.environ.get(name, "").strip() not in ("", "0", "1"):
+            return f"{name}={os.environ[name]}"
+    raw = os.environ.get("TF_CONFIG", "").strip()
+    if raw:
+        try:
+            cluster = json.loads(raw).get("cluster") or {}
+            tasks = sum(len(cluster.get(job) or ()) for job in ("chief", "worker"))
+        except (ValueError, AttributeError, TypeError):
+            tasks = 2  # unreadable: refused too, rather than guessed
+        if tasks > 1:
+            return f"TF_CONFIG={raw}"
+    return None
 
 
 def check(recipe, needs, count):

@@ -126,6 +126,29 @@ def test_bad_options_are_one_line(recipe_file, tmp_path, capsys, args, message):
     assert message in err and err.count("\n") == 1, err
 
 
+@pytest.mark.skipif(keras.backend.backend() == "torch", reason="torch runs as several processes under torchrun")
+@pytest.mark.parametrize(
+    "variable,value",
+    [
+        ("KERAS_PQCL_NUM_PROCESSES", "2"),
+        ("WORLD_SIZE", "2"),
+        (
+            "TF_CONFIG",
+            '{"cluster": {"worker": ["localhost:1", "localhost:2"]}, "task": {"type": "worker", "index": 0}}',
+        ),
+    ],
+)
+def test_a_multi_process_launch_is_refused_where_the_runner_is_one_process(
+    recipe_file, tmp_path, capsys, monkeypatch, variable, value
+):
+    monkeypatch.setenv(variable, value)
+    argv = ["pretrain", "--recipe", recipe_file(), "--output", str(tmp_path / "o"), "--quiet"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{variable}={value} asks for several processes" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_readme_api_names_are_public():
     import keras_pqcl as kp
 
