@@ -10,19 +10,20 @@ use are split evenly: one process gets all of them, each of two processes its ow
 (CPU affinity, plus OMP / intra-op thread counts set to the share).
 
 The table gives the step time (the slowest process's median over ``--steps`` steps after
-``--warmup`` untimed ones), images/s of the global batch, the scaling efficiency
-(images/s with N processes / (N x images/s with 1)) and the share of the step spent in
-collectives: the gradient all-reduce alone (tensors of the model's trainable shapes, summed
-over the same process group with the backend's own collective, timed after training) over the
-N-process step time. It is an estimate: the step's other collectives (centers, logged
-losses) are left out, and inside the step the all-reduce may overlap other work.
+``--warmup`` untimed ones), images/s of the global batch, the scaling efficiency (images/s
+with N processes / (N x images/s with 1)), the images/s ratio N processes / 1 process, and
+the share of the step spent in collectives: the gradient all-reduce alone (tensors of the
+model's trainable shapes, summed over the same process group with the backend's own
+collective, timed after training) over the N-process step time. It is an estimate: the
+step's other collectives (centers, logged losses) are left out, and inside the step the
+all-reduce may overlap other work.
 
 On a machine with few cores the N processes share cores the one process already used, so
 the table shows the overhead of multi-process training, not a speed-up.
 
     python benchmarks/scaling.py                                  # ViT-S/16, all backends
     python benchmarks/scaling.py --backends torch --steps 3 --out scaling.md
-    python benchmarks/scaling.py --quick                          # smoke test (vit_tiny, 32 px)
+    python benchmarks/scaling.py --quick                          # smoke test (vit_tiny, 2 blocks, 32 px)
 
 Shared machines are noisy: compare rows measured in one invocation.
 """
@@ -390,7 +391,9 @@ def table(args, rows, failures):
     if cores <= 2:
         lines.append(
             f"- **on {cores} cores, 2 processes show the overhead of multi-process training, not a speed-up**: "
-            "each process gets half the cores the one process had, for the same batch per process"
+            "each process gets half the cores the one process had, for the same batch per process, so the "
+            "same cores serve twice the images per step. Without overhead the images/s would stay as with 1 "
+            "process ('x 1 process' 1.0, efficiency 0.5); below that is overhead"
         )
     lines.append(
         "- efficiency = images/s with 2 processes / (2 x images/s with 1); collectives share = the gradient "
@@ -418,6 +421,7 @@ def table(args, rows, failures):
         "step s",
         "images/s",
         "efficiency",
+        "x 1 process",
         "all-reduce s",
         "collectives share",
         "first step s",
@@ -429,16 +433,17 @@ def table(args, rows, failures):
     single = {}
     for backend, world, res, load, wall in rows:
         if res is None:
-            lines.append(f"| {backend} | {world} | {args.batch * world} |" + " n/a |" * 7 + f" {load:.1f} |")
+            lines.append(f"| {backend} | {world} | {args.batch * world} |" + " n/a |" * 8 + f" {load:.1f} |")
             continue
         step = max(r["step_s"] for r in res)
         first = max(r["first_s"] for r in res)
         ips = args.batch * world / step
         if world == 1:
             single[backend] = ips
-            eff, ar, share = "1 (reference)", "-", "-"
+            eff, ratio, ar, share = "1 (reference)", "1", "-", "-"
         else:
             eff = fmt(ips / (world * single[backend]) if backend in single else None, ".2f")
+            ratio = fmt(ips / single[backend] if backend in single else None, ".2f")
             ar_s = max(r["allreduce_s"] for r in res)
             ar = f"{ar_s:.3f}"
             share = f"{100 * ar_s / step:.1f}%"
@@ -449,6 +454,7 @@ def table(args, rows, failures):
             f"{step:.3f}",
             f"{ips:.3f}",
             eff,
+            ratio,
             ar,
             share,
             f"{first:.1f}",
