@@ -5,11 +5,14 @@ import time
 import numpy as np
 
 
-def time_fit_steps(model, batch, steps):
-    """``(first_step_s, median_step_s)`` of ``model.fit`` on ``batch`` repeated.
+def time_fit_steps(model, batch, steps, dataset=None, warmup=1):
+    """``(first_step_s, median_step_s)`` of ``model.fit`` on ``batch`` repeated: the median
+    of ``steps`` steps after ``warmup`` untimed ones.
 
     The first step includes tracing/compilation. A callback that reads the loss makes Keras
     sync the logs to host, so the time between batch begin and end is the whole step.
+    ``dataset``: an endless dataset to feed instead of ``batch`` repeated (e.g. a
+    per-worker dataset under ``MultiWorkerMirroredStrategy``).
     """
     import keras
     import tensorflow as tf
@@ -23,13 +26,15 @@ def time_fit_steps(model, batch, steps):
             self.t0 = time.perf_counter()
 
         def on_train_batch_end(self, batch, logs=None):
-            float(logs["loss"])
+            # A (1,) vector under MultiWorkerMirroredStrategy (see backend._TensorFlowTrainStep).
+            float(np.asarray(logs["loss"]).reshape(-1)[0])
             self.times.append(time.perf_counter() - self.t0)
 
     timer = Timer()
-    dataset = tf.data.Dataset.from_tensors(batch).repeat()
-    model.fit(dataset, epochs=1, steps_per_epoch=steps + 1, verbose=0, callbacks=[timer])
-    return timer.times[0], float(np.median(timer.times[1:]))
+    if dataset is None:
+        dataset = tf.data.Dataset.from_tensors(batch).repeat()
+    model.fit(dataset, epochs=1, steps_per_epoch=steps + warmup, verbose=0, callbacks=[timer])
+    return timer.times[0], float(np.median(timer.times[warmup:]))
 
 
 def step_parser(doc, batch):
