@@ -88,3 +88,17 @@ def print_table(columns, rows):
     print("|" + "---|" * len(columns))
     for cells in rows:
         print("| " + " | ".join(cells) + " |")
+
+
+def step_backbone(args, drop_path_rate=0.1):
+    """The benchmarks' ViT of ``args`` (``patch``, ``dim``, ``depth``, ``heads``, ``global_size``)."""
+    import keras_pqcl as kp
+
+    return kp.backbones.VisionTransformer(
+        patch_size=args.patch,
+        embed_dim=args.dim,
+        depth=args.depth,
+        num_heads=args.heads,
+        image_size=args.global_size,
+        drop_path_rate=drop_path_rate,
+    )

@@ -25,7 +25,7 @@ import time
 
 from _official import ARCHS, Bracket, check_reference, machine
 from _subprocess import run_worker
-from _timing import print_table, time_fit_steps
+from _timing import print_table, step_backbone, time_fit_steps
 
 
 def vit_flops_per_image(size, patch, dim, depth, mlp_ratio=4.0):
@@ -67,14 +67,7 @@ def worker(args):
             "float32"
         ),
     }
-    backbone = kp.backbones.VisionTransformer(
-        patch_size=args.patch,
-        embed_dim=args.dim,
-        depth=args.depth,
-        num_heads=args.heads,
-        image_size=args.global_size,
-        drop_path_rate=0.1,
-    )
+    backbone = step_backbone(args)
     model = kp.models.DINO(backbone, out_dim=args.out_dim)
     model.compile(optimizer=kp.optimizers.dino_adamw(args.batch, 100, 1000), jit_compile=args.jit)
 

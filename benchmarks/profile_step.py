@@ -110,19 +110,13 @@ def make_batch(args, n_local):
 def build(args, variant):
     """``(model, batch)`` for one ablation row; EMA patching is done by the caller."""
     import keras
+    from _timing import step_backbone
 
     import keras_pqcl as kp
 
     off = {variant} if variant != "bare" else {"clip_off", "ema_off", "drop_path_0", "keras_adamw"}
     keras.utils.set_random_seed(0)
-    backbone = kp.backbones.VisionTransformer(
-        patch_size=args.patch,
-        embed_dim=args.dim,
-        depth=args.depth,
-        num_heads=args.heads,
-        image_size=args.global_size,
-        drop_path_rate=0.0 if "drop_path_0" in off else 0.1,
-    )
+    backbone = step_backbone(args, 0.0 if "drop_path_0" in off else 0.1)
     if "gelu_tanh" in off:
         for layer in backbone._flatten_layers(include_self=False, recursive=True):
             if isinstance(layer, kp.layers.Mlp):

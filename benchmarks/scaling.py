@@ -92,17 +92,12 @@ def local_batch(args, rank):
 
 def build(args, world):
     import keras
+    from _timing import step_backbone
+
     import keras_pqcl as kp
 
     keras.utils.set_random_seed(0)
-    backbone = kp.backbones.VisionTransformer(
-        patch_size=args.patch,
-        embed_dim=args.dim,
-        depth=args.depth,
-        num_heads=args.heads,
-        image_size=args.global_size,
-        drop_path_rate=0.1,
-    )
+    backbone = step_backbone(args)
     model = kp.models.DINO(backbone, out_dim=args.out_dim)
     model.compile(optimizer=kp.optimizers.dino_adamw(args.batch * world, 100, 1000))
     return model
