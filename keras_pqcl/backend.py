@@ -263,15 +263,8 @@ def init_tf_multiworker(timeout_s=1800.0):
         ValueError: ``TF_CONFIG`` is not JSON, or it asks for workers under a Keras backend
             other than TensorFlow.
     """
-    import json
-    import os
-
     global _TF_STRATEGY
-    raw = os.environ.get("TF_CONFIG") or "{}"
-    try:
-        config = json.loads(raw)
-    except json.JSONDecodeError:
-        raise ValueError(f"TF_CONFIG={raw!r} is not JSON; fix or unset it.") from None
+    config = _tf_config()
     slurm = not config.get("cluster") and (_env_int("SLURM_NTASKS") or 1) > 1
     if not config.get("cluster") and not slurm:
         return None
@@ -293,6 +286,39 @@ def init_tf_multiworker(timeout_s=1800.0):
     )
     _TF_STRATEGY = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver, communication_options=options)
     return _TF_STRATEGY
+
+
+def _tf_config():
+    """The parsed ``TF_CONFIG`` (``{}`` when unset), or a one-line ValueError when it is not a
+    JSON object with an object ``cluster``."""
+    import json
+    import os
+
+    raw = os.environ.get("TF_CONFIG") or "{}"
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError:
+        config = None
+    if not isinstance(config, dict) or not isinstance(config.get("cluster") or {}, dict):
+        raise ValueError(
+            f'TF_CONFIG={raw!r} is not JSON of the form {{"cluster": {{...}}, "task": {{...}}}}; fix or unset it.'
+        )
+    return config
+
+
+def launch_request():
+    """``"NAME=value"`` of the first launch variable that asks for more than one process
+    (torchrun's ``WORLD_SIZE``, ``KERAS_PQCL_NUM_PROCESSES``, a ``TF_CONFIG`` cluster of
+    several chief and worker tasks), or None; a malformed one raises a one-line ValueError."""
+    import os
+
+    for name in ("WORLD_SIZE", NUM_PROCESSES_ENV):
+        if (_env_int(name) or 1) > 1:
+            return f"{name}={os.environ[name]}"
+    cluster = _tf_config().get("cluster") or {}
+    if sum(len(cluster.get(job) or ()) for job in ("chief", "worker")) > 1:
+        return f"TF_CONFIG={os.environ['TF_CONFIG']}"
+    return None
 
 
 def per_worker_dataset(dataset_fn, strategy=None):

@@ -11,7 +11,6 @@ are driven from a script.
 """
 
 import contextlib
-import json
 import os
 import warnings
 
@@ -28,7 +27,7 @@ def join():
     ``KERAS_PQCL_NUM_PROCESSES`` or a ``TF_CONFIG`` cluster above 1), each would train a model
     of its own, so this raises a one-line ValueError instead."""
     if backend.BACKEND != "torch":
-        request = _launch_request()
+        request = backend.launch_request()
         if request:
             raise ValueError(
                 f"{request} asks for several processes, but keras-pqcl pretrain trains {backend.BACKEND} as one "
@@ -38,23 +37,6 @@ def join():
         return 1
     backend.init_torch_distributed()
     return backend.process_count()
-
-
-def _launch_request():
-    """``NAME=value`` of the first launch variable asking for more than one process, or None."""
-    for name in ("WORLD_SIZE", backend.NUM_PROCESSES_ENV):
-        if os.environ.get(name, "").strip() not in ("", "0", "1"):
-            return f"{name}={os.environ[name]}"
-    raw = os.environ.get("TF_CONFIG", "").strip()
-    if raw:
-        try:
-            cluster = json.loads(raw).get("cluster") or {}
-            tasks = sum(len(cluster.get(job) or ()) for job in ("chief", "worker"))
-        except (ValueError, AttributeError, TypeError):
-            tasks = 2  # unreadable: refused too, rather than guessed
-        if tasks > 1:
-            return f"TF_CONFIG={raw}"
-    return None
 
 
 def check(recipe, needs, count):

@@ -149,6 +149,19 @@ def test_a_multi_process_launch_is_refused_where_the_runner_is_one_process(
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.skipif(keras.backend.backend() == "torch", reason="torch runs as several processes under torchrun")
+@pytest.mark.parametrize(
+    "variable,value,message",
+    [("WORLD_SIZE", "abc", "must be an integer"), ("TF_CONFIG", "[]", "is not JSON of the form")],
+)
+def test_a_malformed_launch_variable_is_one_line(recipe_file, tmp_path, capsys, monkeypatch, variable, value, message):
+    monkeypatch.setenv(variable, value)
+    assert cli.main(["pretrain", "--recipe", recipe_file(), "--output", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{variable}={value!r} {message}" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_readme_api_names_are_public():
     import keras_pqcl as kp
 
