@@ -150,7 +150,8 @@ def build_dataset(recipe, start=(0, 0), stop=None, shard=None):
     if method_of(recipe).needs(recipe).batches == "montage":
         # MCL: views and montages of each image; recipe.crops holds MontageConfig's arguments.
         config = data.MontageConfig(**recipe.crops)
-        (dataset, info), image_size = data.mcl_dataset(recipe.data, config, **stream), config.image_size
+        dataset, info = data.mcl_dataset(recipe.data, config, **stream)
+        image_size = config.image_size
     else:
         crops = data.MultiCropConfig(**recipe.crops)
         crops.check_patch_size(recipe.patch_size)

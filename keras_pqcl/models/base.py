@@ -76,14 +76,15 @@ class SelfSupervisedModel(TrainStep, keras.Model):
 
         # The run's clock, filled in by fit(), and the momentum range: variables, so compiled
         # steps read the current values and checkpoints restore them.
-        values = dict(steps_per_epoch=1.0, total_steps=1.0, momentum_start=teacher_momentum)
-        values["momentum_end"] = teacher_momentum_end
-        constant = keras.initializers.Constant
+        def scalar(name, value):
+            initial = keras.initializers.Constant(value)
+            return self.add_weight(name=name, shape=(), initializer=initial, trainable=False, dtype="float32")
+
         self.schedules.bind(
-            *(
-                self.add_weight(shape=(), initializer=constant(v), trainable=False, dtype="float32", name=name)
-                for name, v in values.items()
-            )
+            scalar("steps_per_epoch", 1.0),
+            scalar("total_steps", 1.0),
+            scalar("momentum_start", teacher_momentum),
+            scalar("momentum_end", teacher_momentum_end),
         )
         self.trackers = {}
         self.add_trackers(("loss",) + (type(self).loss_terms if isinstance(type(self).loss_terms, tuple) else ()))
