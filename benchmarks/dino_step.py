@@ -24,6 +24,7 @@ import sys
 import time
 
 from _official import ARCHS, Bracket, check_reference, machine
+from _peak import peak_gflops
 from _subprocess import run_worker
 from _timing import print_table, step_backbone, time_fit_steps
 
@@ -183,6 +184,12 @@ def main():
         help="a checkout of the official DINO code holding time_official_step.py: "
         "its step is timed before and after ours, and each row gets 'x official'",
     )
+    parser.add_argument(
+        "--no-peak",
+        action="store_true",
+        dest="no_peak",
+        help="skip the torch fp32 matmul peak (and the 'share of peak' column)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--jit", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -225,6 +232,8 @@ def main():
             rows.append(row)
             print(f"  {backend} (jit={jit}): {row['images_per_s']:.3f} images/s", file=sys.stderr, flush=True)
 
+    # Between our rows and the official run after them, so that it sees the same machine.
+    peak = None if args.no_peak else peak_gflops()
     official = None
     if bracket:
         bracket.after()
@@ -248,8 +257,21 @@ def main():
         print(
             "- no --reference given: no official run, no 'x official' column; compare ratios within one invocation only"
         )
+    if peak:
+        print(
+            f"- peak: {peak['gflops']:.1f} GFLOP/s, this machine's fp32 matmul peak as torch measures it "
+            f"({peak['threads']} threads, best GEMM {peak['shape']}), in this invocation; 'share of peak' = "
+            "a row's GFLOP/s over it. No fp32 step can pass 100 %."
+        )
+        if official:
+            need = 2 * official * flops / peak["gflops"]
+            print(
+                f"- 2x the official step would need {2 * official * flops:.1f} GFLOP/s, {100 * need:.0f} % of the peak"
+            )
     print()
     columns = ["backend", "jit", "images/s", "step s", "compile s", "EMA share", "GFLOP/s"]
+    columns += ["share of peak"] if peak else []
+    columns += ["x official"] if bracket else []
     cells = []
     for r in rows:
         cells.append(
@@ -263,9 +285,18 @@ def main():
                 f"{r['gflops']:.1f}",
             ]
         )
+        if peak:
+            cells[-1].append(f"{100 * r['gflops'] / peak['gflops']:.0f}%")
         if bracket:
             cells[-1].append(f"{r['images_per_s'] / official:.2f}" if official else "n/a")
-    print_table(columns + (["x official"] if bracket else []), cells)
+    if official:
+        # The official step as a row of its own, with the same FLOP estimate.
+        cells.append(["official DINO (torch)", "-", f"{official:.3f}", f"{args.batch / official:.3f}", "-", "-"])
+        cells[-1].append(f"{official * flops:.1f}")
+        if peak:
+            cells[-1].append(f"{100 * official * flops / peak['gflops']:.0f}%")
+        cells[-1].append("1.00")
+    print_table(columns, cells)
 
 
 if __name__ == "__main__":
