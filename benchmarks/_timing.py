@@ -37,6 +37,23 @@ def time_fit_steps(model, batch, steps, dataset=None, warmup=1):
     return timer.times[0], float(np.median(timer.times[warmup:]))
 
 
+def xla_step_flops(model, batch):
+    """FLOPs of one ``model.train_step`` on ``batch`` as XLA counts them (JAX backend only).
+
+    The step is lowered, not run: ``cost_analysis()`` of the traced HLO counts every
+    operation of the step (matmuls, element-wise, softmax, optimizer, EMA), so it is the
+    same figure for every backend that runs the same model. ``model`` must be compiled.
+    """
+    import jax
+
+    # fit() builds the model and its optimizer from the first batch; lowering needs both.
+    model._symbolic_build(data_batch=batch)
+    model.optimizer.build(model.trainable_variables)
+    groups = (model.trainable_variables, model.non_trainable_variables, model.optimizer.variables)
+    state = tuple([v.value for v in group] for group in (*groups, model.metrics_variables))
+    return float(jax.jit(model.train_step).lower(state, batch).cost_analysis()["flops"])
+
+
 def step_parser(doc, batch):
     """The command line shared by the step benchmarks (backends, rows, steps, batch, quick)."""
     import argparse

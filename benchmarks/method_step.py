@@ -12,7 +12,11 @@ iBOT with its paper's 10 local crops, and ADCLR beside DINO with 4 local crops.
     python benchmarks/method_step.py --quick                  # tiny ViT, a smoke test
 
 "x base" is the plug-in's step time over its base's, from the same backend in the same run
-(machines are shared and noisy: compare ratios, not absolute numbers across runs).
+(machines are shared and noisy: compare ratios, not absolute numbers across runs). "GFLOP" is
+the step's operation count as XLA counts it (the JAX step lowered, not run, in one more
+process; the model is the same on every backend), and "x base (FLOP)" the plug-in's count over
+its base's: the step-time ratio a backend reaches when it runs plug-in and base equally well.
+``--no-flops`` skips that count.
 
 With ``--reference PATH`` (a folder holding the official DINO code and its
 ``time_official_step.py``), the official step is timed in a subprocess before and after our
@@ -30,7 +34,8 @@ import os
 import sys
 
 from _official import Bracket, check_reference, machine
-from _timing import print_table, run_rows, selected_rows, step_parser, time_fit_steps
+from _subprocess import run_worker
+from _timing import print_table, run_rows, selected_rows, step_parser, time_fit_steps, xla_step_flops
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -98,20 +103,34 @@ def official_settings(recipe, batch):
     )
 
 
-def worker(args):
+def build_row(args, index):
+    """``(recipe, compiled model, batch)`` of row ``index``."""
     import keras
     import numpy as np
 
     from keras_pqcl import optimizers
     from keras_pqcl.training import METHODS, build_backbone
 
-    label, method, _, n_local, _ = ROWS[args.row]
     keras.utils.set_random_seed(0)
-    recipe = row_recipe(args.row, args.quick, args.match_official)
+    recipe = row_recipe(index, args.quick, args.match_official)
     backbone = build_backbone(recipe, recipe.crops["global_size"])
-    model = METHODS[method].model(recipe, backbone)
+    model = METHODS[ROWS[index][1]].model(recipe, backbone)
     model.compile(optimizer=optimizers.dino_adamw(args.batch, 100, 1000), jit_compile="auto")
-    batch = make_batch(recipe, args.batch, np.random.default_rng(0))
+    return recipe, model, make_batch(recipe, args.batch, np.random.default_rng(0))
+
+
+def count_flops(args):
+    """Runs in a JAX process: XLA's FLOP count of every selected row's step, as one JSON line."""
+    labels = [row[0] for row in ROWS]
+    flops = {labels[i]: xla_step_flops(*build_row(args, i)[1:]) for i in selected_rows(args, labels)}
+    print(json.dumps(flops))
+
+
+def worker(args):
+    import keras
+
+    label, _, _, n_local, _ = ROWS[args.row]
+    recipe, model, batch = build_row(args, args.row)
     compile_s, step_s = time_fit_steps(model, batch, args.steps)
     print(
         json.dumps(
@@ -137,8 +156,12 @@ def main():
         help="a checkout of the official DINO code holding time_official_step.py: its DINO "
         "step is timed before and after ours, and the DINO rows get 'x official'",
     )
+    parser.add_argument("--no-flops", action="store_true", dest="no_flops", help="skip XLA's FLOP count")
     parser.add_argument("--match-official", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--count-flops", action="store_true", dest="count_flops", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.count_flops:
+        return count_flops(args)
     if args.worker:
         return worker(args)
 
@@ -155,6 +178,16 @@ def main():
     results = run_rows(__file__, labels, args, ["--match-official"] if args.reference else [])
     if bracket:
         bracket.after()
+    flops = {}
+    if not args.no_flops:
+        extra = (["--rows", args.rows] if args.rows else []) + (["--quick"] if args.quick else [])
+        extra += ["--match-official"] if args.reference else []
+        flops = (
+            run_worker(
+                [__file__, "--count-flops", "--batch", str(args.batch), *extra], "XLA FLOP count", KERAS_BACKEND="jax"
+            )
+            or {}
+        )
     for result in results:
         result["base"] = ROWS[result["index"]][4]
 
@@ -178,10 +211,13 @@ def main():
         )
     print()
     columns = ["backend", "method", "crops", "K", "images/s", "step s", "first step s", "x base (step time)"]
+    columns += ["GFLOP", "x base (FLOP)"] if flops else []
     cells = []
     for r in results:
         base = step.get((r["backend"], r["base"]))
         ratio = f"{r['step_s'] / base:.2f} vs {r['base']}" if base else ""
+        own, base_flops = flops.get(r["row"]), flops.get(r["base"])
+        flop_cells = [f"{own / 1e9:.4g}" if own else "n/a", f"{own / base_flops:.2f}" if own and base_flops else ""]
         cells.append(
             [
                 r["backend"],
@@ -193,6 +229,7 @@ def main():
                 f"{r['compile_s']:.1f}",
                 ratio,
             ]
+            + (flop_cells if flops else [])
         )
         if bracket:
             official = bracket.images_per_s(official_of[r["row"]]) if r["row"] in official_of else None
