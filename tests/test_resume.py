@@ -88,7 +88,8 @@ def _weights(path):
     return [keras.ops.convert_to_numpy(w) for w in keras.saving.load_model(path).weights]
 
 
-def _assert_same_run(resumed, reference):
+def assert_same_run(resumed, reference):
+    """The log rows and both saved backbones of two runs of the killable recipe agree to 1e-5."""
     rows, ref_rows = read_rows(os.path.join(resumed, "log.csv")), read_rows(os.path.join(reference, "log.csv"))
     assert [r["epoch"] for r in rows] == [r["epoch"] for r in ref_rows] == ["0", "1", "2"]
     assert list(rows[0]) == list(ref_rows[0])
@@ -128,7 +129,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(reference, tmp_path):
             break  # the run ended before the random moment: nothing left to resume
         assert code == (0 if kill == "-" else -signal.SIGKILL), out[-4000:]
     assert "resuming from" in out
-    _assert_same_run(resumed, reference)
+    assert_same_run(resumed, reference)
     # No temporaries left, the newest two checkpoints kept, the lock released.
     leftovers = [f for _, _, files in os.walk(resumed) for f in files if f.startswith(".tmp-")]
     assert not leftovers

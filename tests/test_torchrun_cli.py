@@ -2,9 +2,10 @@
 
 The command the README gives for one host trains a tiny DINO for 2 epochs of 2 steps: every
 artefact is written once (by process 0), only process 0 prints, a ``--resume`` with 2
-processes continues the same run to 3 epochs, and one process without torchrun to 4. A global
-batch the processes cannot share stops both with the one-line error. Only in the
-KERAS_BACKEND=torch leg.
+processes continues the same run to 3 epochs, and one process without torchrun to 4. A 2-process
+run killed (SIGKILL) after a mid-epoch checkpoint and resumed ends equal to an uninterrupted
+2-process run. A global batch the processes cannot share stops both with the one-line error.
+Only in the KERAS_BACKEND=torch leg.
 """
 
 import os
@@ -17,6 +18,8 @@ import pytest
 from keras_pqcl.callbacks.checkpoint import list_checkpoints, load_latest_checkpoint
 from keras_pqcl.callbacks.epoch_log import read_rows
 from tests import multiprocess as mp
+from tests.test_resume import SCRIPT as KILLABLE
+from tests.test_resume import assert_same_run
 
 pytestmark = pytest.mark.skipif(
     keras.backend.backend() != "torch", reason="torchrun: only in the KERAS_BACKEND=torch leg"
@@ -101,6 +104,31 @@ def test_two_processes_write_once_and_resume(tmp_path):
     model, progress = load_latest_checkpoint(str(checkpoints))
     assert (progress.epoch, progress.step) == (4, 0)
     assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 4 * 2
+
+
+def test_two_processes_killed_mid_epoch_resume_to_the_uninterrupted_run(tmp_path):
+    # tests/scripts/killable_run.py: 3 epochs of 4 steps, a checkpoint every 3 steps. Each
+    # process kills itself after its 4th step, so the newest checkpoint is the mid-epoch one of
+    # step 3: the resumed processes restore weights, optimizer, teacher, random generators and
+    # each one's position in its own shard of the data.
+    def run(output, kill, *args):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        command += ["--master_port", str(mp.free_port()), KILLABLE, str(output), kill, *args]
+        return mp.launch(command, mp.env("torch", TF_CPP_MIN_LOG_LEVEL="2"), timeout=TIMEOUT)
+
+    reference, resumed = tmp_path / "reference" / "run", tmp_path / "resumed" / "run"
+    for path in (reference, resumed):
+        path.parent.mkdir()
+    code, out = run(reference, "-")
+    assert code == 0, out[-6000:]
+
+    code, out = run(resumed, "step:4")
+    assert code != 0, out[-6000:]
+    _, progress = load_latest_checkpoint(str(resumed / "checkpoints"))
+    assert (progress.epoch, progress.step) == (0, 3)
+    code, out = run(resumed, "-", "--resume")
+    assert code == 0, out[-6000:]
+    assert_same_run(str(resumed), str(reference))
 
 
 def test_a_batch_the_processes_cannot_share_is_one_line(tmp_path):

@@ -47,8 +47,12 @@ def get_recipe():
 def write_recipe(folder, method="dino"):
     """The tiny recipe as a file in ``folder``; returns its path."""
     path = os.path.join(folder, "killable_recipe.py")
-    with open(path, "w") as f:
+    # Written whole, then renamed into place: under torchrun every process writes it, and a
+    # process importing it must never see another's half-written file.
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
         f.write(RECIPE.format(method=method))
+    os.replace(tmp, path)
     return path
 
 
