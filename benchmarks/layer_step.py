@@ -122,6 +122,9 @@ def main():
     args.batch, args.tokens, args.dim, args.heads = (2, 17, 32, 2) if args.quick else (16, 197, 384, 6)
     if args.worker:
         return worker(args)
+    unknown = sorted(set(args.backends.split(",")) - {"tensorflow", "jax", "torch"})
+    if unknown:
+        parser.error(f"--backends {','.join(unknown)}: choose from tensorflow,jax,torch")
 
     results = []
     for backend in args.backends.split(","):
@@ -138,6 +141,8 @@ def main():
             if out:
                 results.append((label, out["ms"]))
                 print(f"  {label}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in out["ms"].items()), file=sys.stderr)
+    if not results:
+        sys.exit("layer_step: no backend ran (see the errors above)")
     torch_ms = dict(results).get("torch")
     print(f"\n### Layer forward + backward, {machine()}\n")
     print(
