@@ -9,27 +9,20 @@ training step cannot beat it in fp32, so "share of peak" bounds what any speed-u
 """
 
 import json
-import time
 
 SHAPES = ((1024, 1024, 1024), (2048, 2048, 2048), (3072, 3072, 3072), (3152, 384, 1536))
 
 
 def measure(repeats=7):
     """``{"gflops": best, "shape": "MxKxN", "threads": n}`` of the fastest GEMM of ``SHAPES``."""
-    import numpy as np
     import torch
+    from _timing import median_seconds
 
     best = (0.0, None)
     with torch.no_grad():
         for m, k, n in SHAPES:
             a, b = torch.rand(m, k), torch.rand(k, n)
-            torch.mm(a, b)
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                torch.mm(a, b)
-                times.append(time.perf_counter() - t0)
-            gflops = 2 * m * k * n / float(np.median(times)) / 1e9
+            gflops = 2 * m * k * n / median_seconds(lambda: torch.mm(a, b), repeats) / 1e9
             best = max(best, (gflops, f"{m}x{k}x{n}"), key=lambda x: x[0])
     return {"gflops": best[0], "shape": best[1], "threads": torch.get_num_threads()}
 

@@ -37,6 +37,18 @@ def time_fit_steps(model, batch, steps, dataset=None, warmup=1):
     return timer.times[0], float(np.median(timer.times[warmup:]))
 
 
+def median_seconds(fn, repeats, warmup=1):
+    """Median wall seconds of ``fn()`` over ``repeats`` calls, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
 def xla_step_flops(model, batch):
     """FLOPs of one ``model.train_step`` on ``batch`` as XLA counts them (JAX backend only).
 
@@ -46,9 +58,8 @@ def xla_step_flops(model, batch):
     """
     import jax
 
-    # fit() builds the model and its optimizer from the first batch; lowering needs both.
+    # What fit() does with the first batch: build the model and its optimizer (lowering needs both).
     model._symbolic_build(data_batch=batch)
-    model.optimizer.build(model.trainable_variables)
     groups = (model.trainable_variables, model.non_trainable_variables, model.optimizer.variables)
     state = tuple([v.value for v in group] for group in (*groups, model.metrics_variables))
     return float(jax.jit(model.train_step).lower(state, batch).cost_analysis()["flops"])

@@ -21,12 +21,11 @@ Shared machines are noisy: compare ratios measured in one invocation.
 import argparse
 import json
 import sys
-import time
 
 from _official import ARCHS, Bracket, check_reference, machine
 from _peak import peak_gflops
 from _subprocess import run_worker
-from _timing import print_table, step_backbone, time_fit_steps
+from _timing import median_seconds, print_table, step_backbone, time_fit_steps
 
 
 def vit_flops_per_image(size, patch, dim, depth, mlp_ratio=4.0):
@@ -93,7 +92,6 @@ def worker(args):
 
 def time_ema(model, backend, args, repeats=5):
     """Seconds of the EMA update alone, compiled the way the train step compiles it."""
-    import numpy as np
 
     if backend == "jax":
         import jax
@@ -124,13 +122,7 @@ def time_ema(model, backend, args, repeats=5):
             with torch.no_grad():
                 model.update_teacher(torch.tensor(10))
 
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return median_seconds(fn, repeats)
 
 
 def configure(args):

@@ -20,11 +20,10 @@ Each backend runs in its own process; "x torch" is a row's time over torch's in 
 import argparse
 import json
 import sys
-import time
 
 from _official import machine
 from _subprocess import run_worker
-from _timing import print_table
+from _timing import median_seconds, print_table
 
 ROWS = ("gemm", "mlp", "attention", "layer_norm", "block")
 
@@ -99,15 +98,7 @@ def worker(args):
     for name in ROWS:
         layer = make_layer(name, args.dim, args.heads)
         layer(x[:1])
-        fn = gradient_fn(layer, x, backend, args.xla)
-        fn()
-        fn()
-        times = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        results[name] = 1e3 * float(np.median(times))
+        results[name] = 1e3 * median_seconds(gradient_fn(layer, x, backend, args.xla), args.repeats, warmup=2)
     print(json.dumps({"backend": backend, "xla": args.xla, "ms": results}))
 
 
