@@ -89,15 +89,37 @@ def distribution_scope():
     if backend == "jax":
         import jax
 
-        if len(jax.devices()) > 1:
+        # A multi-process run already has its distribution (init_jax_distributed: every
+        # process feeds its own share), which a default DataParallel must not replace.
+        if keras.distribution.distribution() is None and len(jax.devices()) > 1:
             keras.distribution.set_distribution(keras.distribution.DataParallel())
     elif backend == "tensorflow":
         import tensorflow as tf
 
+        if _TF_STRATEGY is not None:
+            return _TF_STRATEGY.scope()
         gpus = tf.config.list_logical_devices("GPU")
         if len(gpus) > 1:
             return tf.distribute.MirroredStrategy().scope()
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def process_local():
+    """Run what is inside on this process alone, with no distribution: models built there
+    have variables of their own on this process's devices, and their calls involve no other
+    process (e.g. the chief's k-NN evaluation of a copy of the backbone, which the others do
+    not run). Under JAX the global distribution is lifted for the duration; TensorFlow's
+    callbacks already run outside the strategy's scope, and torch has no such state."""
+    if BACKEND != "jax":
+        yield
+        return
+    current = keras.distribution.distribution()
+    keras.distribution.set_distribution(None)
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(current)
 
 
 def init_torch_distributed(timeout_s=1800.0):
@@ -444,25 +466,30 @@ def _buckets(tensors, bucket_bytes):
     return buckets
 
 
-def _torch_group_size():
-    """Ranks of the ``torch.distributed`` group (1 without one, or under another backend)."""
-    if BACKEND != "torch":
-        return 1
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def broadcast_from_chief(variables, bucket_bytes=_BUCKET_BYTES):
-    """Give every torch rank process 0's values of ``variables`` (Keras variables, in the
-    same order on every rank); a no-op without a group of several ranks.
+    """Give every process process 0's values of ``variables`` (Keras variables, in the same
+    order on every process); a no-op in a run of one process.
 
-    The ranks build the model from the same seed, so their values should already agree;
+    The processes build the model from the same seed, so their values should already agree;
     this makes sure they do, whatever code ran on the chief alone before (anything that
-    drew from a random generator there would otherwise start the ranks apart, and identical
-    gradient sums would keep them apart for the whole run, with no error).
+    drew from a random generator there would otherwise start the processes apart, and
+    identical gradient sums would keep them apart for the whole run, with no error).
+    torch: bucketed ``broadcast``; JAX: ``multihost_utils.broadcast_one_to_all``. A
+    ``MultiWorkerMirroredStrategy`` already broadcasts worker 0's initial value of every
+    variable it creates, and a resumed run loads the same checkpoint file everywhere, so
+    nothing is left to do under TensorFlow.
     """
-    if _torch_group_size() < 2:
+    if process_count() < 2:
+        return
+    if BACKEND == "jax":
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        values = multihost_utils.broadcast_one_to_all([np.asarray(v.value) for v in variables])
+        for v, value in zip(variables, values):
+            v.assign(np.asarray(value))
+        return
+    if BACKEND != "torch":
         return
     import torch
     import torch.distributed as dist
@@ -477,10 +504,17 @@ def broadcast_from_chief(variables, bucket_bytes=_BUCKET_BYTES):
 
 
 def any_process(flag):
-    """True on every torch rank when ``flag`` is true on any of them; ``flag`` itself
-    without a group of several ranks. Every rank must call it at the same point."""
-    if _torch_group_size() < 2:
+    """True in every process when ``flag`` is true in any of them; ``flag`` itself in a run
+    of one process. Every process must call it at the same point."""
+    if process_count() < 2:
         return bool(flag)
+    if BACKEND == "jax":
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        return bool(np.asarray(multihost_utils.process_allgather(np.int32(1 if flag else 0))).any())
+    if BACKEND == "tensorflow":
+        return float(_tf_vote()(1.0 if flag else 0.0)) > 0
     import torch
     import torch.distributed as dist
 
@@ -491,13 +525,40 @@ def any_process(flag):
     return bool(value.item())
 
 
-def barrier():
-    """Wait until every torch rank gets here; a no-op without a group of several ranks."""
-    if _torch_group_size() < 2:
-        return
-    import torch.distributed as dist
+_TF_VOTE = []
 
-    dist.barrier()
+
+def _tf_vote():
+    """``vote(x) -> sum of x over every replica of every worker``, one compiled function (run
+    eagerly, a collective of ``MultiWorkerMirroredStrategy`` is slow and warns each time)."""
+    if not _TF_VOTE:
+        import tensorflow as tf
+
+        strategy = _TF_STRATEGY
+
+        @tf.function(input_signature=[tf.TensorSpec((), tf.float32)])
+        def vote(x):
+            votes = strategy.run(tf.identity, args=(x,))
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, votes, axis=None)
+
+        _TF_VOTE.append(vote)
+    return _TF_VOTE[0]
+
+
+def barrier():
+    """Wait until every process gets here; a no-op in a run of one process."""
+    if process_count() < 2:
+        return
+    if BACKEND == "torch":
+        import torch.distributed as dist
+
+        dist.barrier()
+    elif BACKEND == "jax":
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("keras_pqcl.barrier")
+    else:
+        any_process(False)
 
 
 def _all_reduce_sum(tensors, bucket_bytes=_BUCKET_BYTES):
@@ -569,16 +630,19 @@ def distributable(dataset, model):
     Keras' TensorFlow trainer builds a distributed model by MEAN-reducing the first batch
     across replicas, and TensorFlow cannot add booleans: iBOT's ``global_masks`` would stop
     ``fit`` with "Value for attr 'T' of bool". Boolean entries travel as uint8 instead; the
-    models cast masks back to bool. Anything else is returned unchanged.
+    models cast masks back to bool. Under a ``MultiWorkerMirroredStrategy`` of several
+    workers ``dataset`` is this worker's share of every global batch (see
+    :func:`per_worker_dataset`). Anything else is returned unchanged.
     """
     if BACKEND != "tensorflow":
         return dataset
     import tensorflow as tf
 
-    if getattr(model, "distribute_strategy", tf.distribute.get_strategy()).num_replicas_in_sync < 2:
+    strategy = getattr(model, "distribute_strategy", tf.distribute.get_strategy())
+    if strategy.num_replicas_in_sync < 2 or not isinstance(dataset, tf.data.Dataset):
         return dataset
-    if not isinstance(dataset, tf.data.Dataset):
-        return dataset
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and process_count() > 1:
+        return per_worker_dataset(lambda: dataset, strategy)
     return _bools_as_uint8(dataset)
 
 

@@ -78,6 +78,19 @@ def _parser():
         "(e.g. an earlier run's teacher_backbone.keras) or a PyTorch DINO/iBOT/PQCL .pth; heads and "
         "schedules start fresh; the architecture must match the recipe's",
     )
+    several = pre.add_argument_group(
+        "several processes (JAX)",
+        "one process of a multi-process JAX run (jax.distributed); each process gets the same command with its "
+        "own --process-id. torch: launch with torchrun; TensorFlow: set TF_CONFIG. Under Slurm's srun all three "
+        "are read from the environment.",
+    )
+    several.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address (KERAS_PQCL_COORDINATOR)")
+    several.add_argument(
+        "--num-processes", type=int, dest="num_processes", metavar="N", help="processes (KERAS_PQCL_NUM_PROCESSES)"
+    )
+    several.add_argument(
+        "--process-id", type=int, dest="process_id", metavar="I", help="this process, 0..N-1 (KERAS_PQCL_PROCESS_ID)"
+    )
     pre.add_argument("--backend", choices=["tensorflow", "jax", "torch"], help="Keras backend (default: KERAS_BACKEND)")
     pre.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -322,14 +335,12 @@ def _main(argv):
 
     # Before TensorFlow runs its first op, or the settings cannot take effect.
     tuned = tune_input_pipeline()
-    from keras_pqcl import backend
+    from keras_pqcl import backend, processes
 
-    say = print
-    if backend.BACKEND == "torch":
-        # Under torchrun: join the other processes before any model or tensor exists. Only
-        # process 0 speaks; the others print nothing but errors.
-        rank, _ = backend.init_torch_distributed()
-        say = print if rank == 0 else _silent
+    # Join the other processes (if any) before any model or tensor exists. Only process 0
+    # speaks; the others print nothing but errors.
+    processes.join(coordinator=args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+    say = print if backend.is_chief() else _silent
     recipe = load_recipe(args.recipe).replace(
         data=args.data,
         epochs=args.epochs,

@@ -1,13 +1,16 @@
 """The processes of one pre-training run: how many, which one writes, and how they stay in step.
 
-A run is one process, or, under ``torchrun`` (torch backend, ``WORLD_SIZE > 1``), N processes
-that each call :func:`keras_pqcl.training.pretrain` with the same arguments and feed their
-``1/N`` of every global batch. Process 0, the chief, owns the run folder and writes every
-file; the others train beside it and print nothing but errors. The collectives themselves
-live in :mod:`keras_pqcl.backend`. JAX and TensorFlow runs are one process in the runner (and
-refuse to start as several); their multi-process engines
-(:func:`~keras_pqcl.backend.init_jax_distributed`, :func:`~keras_pqcl.backend.init_tf_multiworker`)
-are driven from a script.
+A run is one process, or N processes that each call :func:`keras_pqcl.training.pretrain`
+with the same arguments and feed their ``1/N`` of every global batch, launched with each
+backend's own engine:
+
+* torch: ``torchrun`` (``WORLD_SIZE > 1``; ``torch.distributed``);
+* JAX: ``KERAS_PQCL_NUM_PROCESSES`` / ``_COORDINATOR`` / ``_PROCESS_ID`` (the CLI's
+  ``--num-processes``, ``--coordinator``, ``--process-id``) or Slurm (``jax.distributed``);
+* TensorFlow: ``TF_CONFIG`` or Slurm (``MultiWorkerMirroredStrategy``).
+
+Process 0, the chief, owns the run folder and writes every file; the others train beside it
+and print nothing but errors. The collectives themselves live in :mod:`keras_pqcl.backend`.
 """
 
 import contextlib
@@ -18,24 +21,47 @@ import keras
 
 from keras_pqcl import backend
 
+#: backend -> the launch variable of its own engine (see the module docstring).
+_ENGINE_VARIABLE = {"torch": "WORLD_SIZE", "jax": backend.NUM_PROCESSES_ENV, "tensorflow": "TF_CONFIG"}
+_ENGINE_LAUNCH = {
+    "torch": "torchrun",
+    "jax": "--num-processes/--coordinator/--process-id (or KERAS_PQCL_* variables)",
+    "tensorflow": "TF_CONFIG",
+}
 
-def join():
-    """Join the run's process group (before any model or tensor exists) and return the number
-    of processes; 1 without ``torchrun``.
 
-    On JAX and TensorFlow the runner is one process: launched as several (``WORLD_SIZE``,
-    ``KERAS_PQCL_NUM_PROCESSES`` or a ``TF_CONFIG`` cluster above 1), each would train a model
-    of its own, so this raises a one-line ValueError instead."""
-    if backend.BACKEND != "torch":
-        request = backend.launch_request()
-        if request:
-            raise ValueError(
-                f"{request} asks for several processes, but keras-pqcl pretrain trains {backend.BACKEND} as one "
-                "process (each would train a model of its own); use KERAS_BACKEND=torch with torchrun, a train.py "
-                f"as in the README's 'Several machines', or unset {request.split('=')[0]}."
-            )
-        return 1
-    backend.init_torch_distributed()
+def join(coordinator=None, num_processes=None, process_id=None):
+    """Join the run's processes (before any model or tensor exists) and return their number;
+    1 for a run of one process. Calling it again returns the same number.
+
+    ``coordinator``, ``num_processes``, ``process_id``: a JAX run's settings (the CLI's
+    flags); None reads them from the environment
+    (:func:`~keras_pqcl.backend.init_jax_distributed`).
+
+    Raises a one-line ValueError when the launch is the engine of another backend (e.g.
+    ``torchrun`` under ``KERAS_BACKEND=jax``): each process would otherwise train a model of
+    its own."""
+    flags = (coordinator, num_processes, process_id)
+    if backend.BACKEND != "jax" and any(flag is not None for flag in flags):
+        raise ValueError(
+            f"--coordinator/--num-processes/--process-id start a JAX run (jax.distributed), but the backend is "
+            f"{backend.BACKEND}: launch with {_ENGINE_LAUNCH[backend.BACKEND]} instead, or pass --backend jax."
+        )
+    request = backend.launch_request()
+    wanted = _ENGINE_VARIABLE.get(backend.BACKEND)
+    if request and request.split("=")[0] != wanted:
+        name = request.split("=")[0]
+        raise ValueError(
+            f"{name} asks for several processes, which the {backend.BACKEND} backend does not read (each process "
+            f"would train a model of its own): launch {backend.BACKEND} with {_ENGINE_LAUNCH[backend.BACKEND]}, "
+            f"or unset {name}."
+        )
+    if backend.BACKEND == "torch":
+        backend.init_torch_distributed()
+    elif backend.BACKEND == "jax":
+        backend.init_jax_distributed(*flags)
+    elif backend.BACKEND == "tensorflow":
+        backend.init_tf_multiworker()
     return backend.process_count()
 
 

@@ -205,9 +205,10 @@ def pretrain(recipe, output_dir, resume=False, verbose=1, overwrite=False):
     ``recipe.init_from`` (continued pre-training) starts the student and teacher backbones
     from a saved backbone; a resumed run with a checkpoint takes the checkpoint's weights.
 
-    Under ``torchrun`` every process calls this with the same arguments and trains the same
-    model as one process would (BatchNorm statistics aside); process 0 alone owns the folder
-    and writes (:mod:`keras_pqcl.processes`).
+    In a multi-process run (``torchrun``, ``jax.distributed``, ``TF_CONFIG``: see
+    :mod:`keras_pqcl.processes`) every process calls this with the same arguments and trains
+    the same model as one process would (BatchNorm statistics aside); process 0 alone owns
+    the folder and writes.
 
     Args:
         recipe: a :class:`~keras_pqcl.Recipe`.
@@ -287,9 +288,9 @@ def _pretrain(recipe, folder, resume, verbose, count):
             f"the data now gives {steps} steps per epoch, but the checkpoint {progress.path} was trained with "
             f"{progress.steps_per_epoch}; resume with the same data, batch_size and steps_per_epoch."
         )
-    # On the chief alone: its forward passes have no collectives (those are in the losses of
-    # the train step), so the other processes just wait for it at the next step.
-    knn = knn_monitor(recipe, image_size) if chief else None
+    # On the chief alone, on a process-local copy of the backbone (no collectives), so the
+    # other processes just wait for it at the next step.
+    knn = knn_monitor(recipe, image_size, local_copy=count > 1) if chief else None
     if chief:
         atomic_write_text(folder.join("recipe.json"), recipe.to_json())
 
@@ -350,8 +351,9 @@ def _pretrain(recipe, folder, resume, verbose, count):
         return None
 
     paths = {role: folder.join(f"{role}_backbone.keras") for role in ("teacher", "student")}
-    for role, path in paths.items():
-        atomic_write(path, getattr(model, f"{role}_backbone").save)
+    with backend.process_local():  # the chief alone: the other processes have left
+        for role, path in paths.items():
+            atomic_write(path, getattr(model, f"{role}_backbone").save)
     history = read_log(csv_path)
     plot_path = plot_log(history, folder.join("loss.png"), terms=model.loss_terms)
     trained_steps = recipe.epochs * steps - (start[0] * steps + start[1])
@@ -405,9 +407,10 @@ def _resume(recipe, folder, ckpt_dir):
 KNN_SYNTHETIC_IMAGES = (1000, 500)
 
 
-def knn_monitor(recipe, image_size):
+def knn_monitor(recipe, image_size, local_copy=False):
     """The :class:`~keras_pqcl.callbacks.KNNMonitor` a recipe asks for, or None (``knn_every=0``).
-    It scores the method's transfer network (see :class:`Method`)."""
+    It scores the method's transfer network (see :class:`Method`); ``local_copy``: a copy of
+    it on this process alone (the chief of a multi-process run)."""
     if not recipe.knn_every:
         return None
     if recipe.knn_data:
@@ -431,4 +434,5 @@ def knn_monitor(recipe, image_size):
         image_size=image_size,
         use=method_of(recipe).model_class.transfer,
         last_epoch=recipe.epochs - 1,
+        local_copy=local_copy,
     )

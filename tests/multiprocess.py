@@ -188,3 +188,41 @@ def launch(args, env, timeout=TIMEOUT):
             _kill_tree(proc)
             proc.communicate()
     return proc.returncode, out
+
+
+def launch_together(runs, timeout=TIMEOUT):
+    """Start every ``(args, env)`` of ``runs`` at once (e.g. the N processes of one run) and
+    return ``[(exit code, output)]`` in their order, stderr merged into stdout.
+
+    One deadline for all: past ``timeout`` seconds every process still running is killed
+    and the test fails with their outputs, so processes waiting for a dead peer cannot hang
+    the test run. A process that failed lets the others end by themselves (they notice the
+    lost peer and exit, which the caller then sees as a nonzero exit code).
+    """
+    import tempfile
+    import time
+
+    procs = []
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            for i, (args, env) in enumerate(runs):
+                log = open(os.path.join(folder, f"{i}.log"), "w+")
+                procs.append((subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+            deadline = time.monotonic() + timeout
+            while any(p.poll() is None for p, _ in procs) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            late = [i for i, (p, _) in enumerate(procs) if p.poll() is None]
+        finally:
+            for p, _ in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        outs = []
+        for p, log in procs:
+            log.seek(0)
+            outs.append((p.returncode, log.read()))
+            log.close()
+    if late:
+        shown = "\n".join(f"--- process {i}:\n{out[-3000:]}" for i, (_, out) in enumerate(outs))
+        raise AssertionError(f"processes {late} did not finish within {timeout} s:\n{shown}")
+    return outs

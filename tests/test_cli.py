@@ -126,7 +126,10 @@ def test_bad_options_are_one_line(recipe_file, tmp_path, capsys, args, message):
     assert message in err and err.count("\n") == 1, err
 
 
-@pytest.mark.skipif(keras.backend.backend() == "torch", reason="torch runs as several processes under torchrun")
+#: the variable of each backend's own multi-process launch.
+OWN_LAUNCH = {"torch": "WORLD_SIZE", "jax": "KERAS_PQCL_NUM_PROCESSES", "tensorflow": "TF_CONFIG"}
+
+
 @pytest.mark.parametrize(
     "variable,value",
     [
@@ -138,21 +141,38 @@ def test_bad_options_are_one_line(recipe_file, tmp_path, capsys, args, message):
         ),
     ],
 )
-def test_a_multi_process_launch_is_refused_where_the_runner_is_one_process(
-    recipe_file, tmp_path, capsys, monkeypatch, variable, value
-):
+def test_another_backends_multi_process_launch_is_refused(recipe_file, tmp_path, capsys, monkeypatch, variable, value):
+    backend = keras.backend.backend()
+    if OWN_LAUNCH[backend] == variable:
+        pytest.skip(f"{variable} is {backend}'s own launch")
     monkeypatch.setenv(variable, value)
     argv = ["pretrain", "--recipe", recipe_file(), "--output", str(tmp_path / "o"), "--quiet"]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert f"{variable}={value} asks for several processes" in err and err.count("\n") == 1, err
+    assert f"{variable} asks for several processes, which the {backend} backend does not read" in err, err
+    assert err.count("\n") == 1, err
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.skipif(keras.backend.backend() == "torch", reason="torch runs as several processes under torchrun")
+def test_the_jax_launch_flags_elsewhere_or_without_a_coordinator_are_one_line(recipe_file, tmp_path, capsys):
+    argv = ["pretrain", "--recipe", recipe_file(), "--output", str(tmp_path / "o"), "--quiet", "--num-processes", "2"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    if keras.backend.backend() == "jax":
+        assert "needs the coordinator HOST:PORT" in err, err
+    else:
+        assert "--coordinator/--num-processes/--process-id start a JAX run" in err, err
+    assert err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize(
     "variable,value,message",
-    [("WORLD_SIZE", "abc", "must be an integer"), ("TF_CONFIG", "[]", "is not JSON of the form")],
+    [
+        ("WORLD_SIZE", "abc", "must be an integer"),
+        ("KERAS_PQCL_NUM_PROCESSES", "two", "must be an integer"),
+        ("TF_CONFIG", "[]", "is not JSON of the form"),
+    ],
 )
 def test_a_malformed_launch_variable_is_one_line(recipe_file, tmp_path, capsys, monkeypatch, variable, value, message):
     monkeypatch.setenv(variable, value)

@@ -378,9 +378,15 @@ class Checkpoint(keras.callbacks.Callback):
 
     def save(self, epoch, step):
         """Write the checkpoint for (``epoch`` done, ``step`` done) and prune old ones."""
+        from keras_pqcl.backend import process_local
+
         if not self.write:
             return
-        self.last_path = save_checkpoint(self.model, self.directory, epoch, step, self._steps_per_epoch, self.metadata)
+        # The writer alone saves: nothing in it may wait for the other processes.
+        with process_local():
+            self.last_path = save_checkpoint(
+                self.model, self.directory, epoch, step, self._steps_per_epoch, self.metadata
+            )
         self._due = False
         self._last_save = time.monotonic()
         for old in list_checkpoints(self.directory)[self.keep :]:

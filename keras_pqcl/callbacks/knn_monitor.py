@@ -35,6 +35,11 @@ class KNNMonitor(keras.callbacks.Callback):
         num_classes: defaults to the largest label plus one.
         last_epoch: also evaluate at the end of this (0-based) epoch, the run's last, so the
             final score belongs to the final backbone; None: only the schedule above.
+        local_copy: evaluate a copy of the backbone that lives on this process alone, its
+            weights refreshed before each evaluation. For the chief of a multi-process run,
+            which evaluates while the others train on: under JAX and TensorFlow the
+            backbone's own variables span the processes, and a forward pass of them would
+            wait for processes that never run it.
 
     After training, :attr:`history` holds ``(epoch, top1, top5)`` tuples (0-based epochs).
     """
@@ -51,6 +56,7 @@ class KNNMonitor(keras.callbacks.Callback):
         batch_size=64,
         num_classes=None,
         last_epoch=None,
+        local_copy=False,
     ):
         super().__init__()
         if use not in ("teacher", "student"):
@@ -67,8 +73,10 @@ class KNNMonitor(keras.callbacks.Callback):
         self.batch_size = int(batch_size)
         self.num_classes = num_classes
         self.last_epoch = last_epoch
+        self.local_copy = bool(local_copy)
         self.history = []
         self._extractor = None
+        self._copy = self._copy_of = None
 
     def _backbone(self):
         name = f"{self.use}_backbone"
@@ -80,24 +88,35 @@ class KNNMonitor(keras.callbacks.Callback):
             )
         return backbone
 
-    def on_train_begin(self, logs=None):
-        from keras_pqcl.eval.features import FeatureExtractor
+    def _evaluated(self):
+        """The network to evaluate: the backbone, or with ``local_copy`` its process-local
+        copy holding the backbone's current weights."""
+        backbone = self._backbone()
+        if not self.local_copy:
+            return backbone
+        if self._copy is None or self._copy_of is not backbone:
+            # Kept across epochs with its compiled forward pass; only the weights change.
+            self._copy, self._copy_of = type(backbone).from_config(backbone.get_config()), backbone
+        self._copy.set_weights(backbone.get_weights())
+        return self._copy
 
-        backbone = self._backbone()  # fail before the first epoch, not after it
-        if self._extractor is None or self._extractor.backbone is not backbone:
-            # Kept across epochs: the compiled forward pass reads the current weights.
-            self._extractor = FeatureExtractor(backbone)
+    def on_train_begin(self, logs=None):
+        self._backbone()  # fail before the first epoch, not after it
 
     def evaluate(self):
         """``{"top1", "top5"}`` of the current backbone (%)."""
+        from keras_pqcl.backend import process_local
         from keras_pqcl.eval.features import FeatureExtractor
         from keras_pqcl.eval.knn import knn_accuracy
 
-        if self._extractor is None or self._extractor.backbone is not self._backbone():
-            self._extractor = FeatureExtractor(self._backbone())
-        args = dict(batch_size=self.batch_size, image_size=self.image_size, return_labels=True)
-        train_x, train_y = self._extractor.extract(self.train_data, **args)
-        test_x, test_y = self._extractor.extract(self.test_data, **args)
+        with process_local():
+            network = self._evaluated()
+            if self._extractor is None or self._extractor.backbone is not network:
+                # Kept across epochs: the compiled forward pass reads the current weights.
+                self._extractor = FeatureExtractor(network)
+            args = dict(batch_size=self.batch_size, image_size=self.image_size, return_labels=True)
+            train_x, train_y = self._extractor.extract(self.train_data, **args)
+            test_x, test_y = self._extractor.extract(self.test_data, **args)
         return knn_accuracy(
             train_x, train_y, test_x, test_y, k=self.k, temperature=self.temperature, num_classes=self.num_classes
         )

@@ -50,6 +50,12 @@ class StepOutputs:
         self.student, self.teacher = {}, {}
         self.student_crops_cls = self.teacher_local_patches = self.masks = None
 
+    @property
+    def n_crops(self):
+        """``G + n``, the crops of ``student_crops_cls``, as a static int (the batch size may
+        be symbolic: a reshape by ``(-1, B, K)`` would lose the crop count in a graph)."""
+        return self.n_global + self.data["local_crops"].shape[1]
+
 
 class Term(keras.layers.Layer):
     """Base of the loss terms: declarations with their defaults (nothing needed).

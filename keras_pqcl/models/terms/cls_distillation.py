@@ -45,11 +45,12 @@ class CLSDistillation(DistillationTerm):
     def loss(self, outputs, values):
         n_global, batch, k = outputs.n_global, outputs.batch, self.out_dim
         crops = outputs.student_crops_cls
-        student = crops if self.local_crops and crops is not None else outputs.student["cls"]
+        every_crop = self.local_crops and crops is not None
+        student = crops if every_crop else outputs.student["cls"]
         temp = values[self.temperature_name]
         teacher = outputs.teacher["cls"]
         value = self.distillation(
-            ops.reshape(student, (-1, batch, k)),
+            ops.reshape(student, (outputs.n_crops if every_crop else n_global, batch, k)),
             ops.reshape(teacher, (n_global, batch, k)),
             teacher_temp=temp,
         )
