@@ -31,7 +31,12 @@ def num_replicas_in_sync():
 
 
 def cross_replica_mean(x):
-    """Mean of ``x`` over replicas (identity on a single device and under JAX GSPMD)."""
+    """Mean of ``x`` over replicas (identity on a single device and under JAX GSPMD).
+
+    Differentiable: the gradient of each replica's input is the mean over replicas of the
+    output's gradient (TensorFlow's all-reduce defines it; under torch the all-reduce of
+    ``torch.distributed.nn`` when ``x`` needs a gradient), as a synchronised BatchNorm needs.
+    """
     if BACKEND == "tensorflow":
         import tensorflow as tf
 
@@ -42,7 +47,12 @@ def cross_replica_mean(x):
     if BACKEND == "torch":
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # A "meta" tensor is Keras inferring shapes on one process: nothing to reduce.
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and x.device.type != "meta":
+            if x.requires_grad:
+                from torch.distributed.nn.functional import all_reduce
+
+                return all_reduce(x) / dist.get_world_size()
             x = x.clone()
             dist.all_reduce(x)
             return x / dist.get_world_size()

@@ -130,6 +130,16 @@ def check_equal(single, ranks, shares=True):
         np.testing.assert_array_equal(r["queue_pointer"], single["queue_pointer"])
 
 
+def assert_same_log(rows, single):
+    """The rows of a multi-process run's ``log.csv`` hold the one-process run's loss and teacher
+    entropy (to 1e-5)."""
+    assert len(rows) == len(single)
+    for column in ("loss", "teacher_entropy"):
+        np.testing.assert_allclose(
+            [float(r[column]) for r in rows], [float(r[column]) for r in single], rtol=0, atol=1e-5, err_msg=column
+        )
+
+
 def _descendants(pid):
     """Pids of the live processes descended from ``pid``, read from ``/proc`` (Linux; empty
     elsewhere). Needed because ``torchrun`` starts each worker in a session of its own, so

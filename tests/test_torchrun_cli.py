@@ -1,7 +1,8 @@
 """``keras-pqcl pretrain`` as 2 ``torchrun`` processes (gloo, CPU), end to end.
 
 The command the README gives for one host trains a tiny DINO for 2 epochs of 2 steps: every
-artefact is written once (by process 0), only process 0 prints, a ``--resume`` with 2
+artefact is written once (by process 0), only process 0 prints, the log equals a one-process
+run's (the BatchNorm of the head on the global batch), a ``--resume`` with 2
 processes continues the same run to 3 epochs, and one process without torchrun to 4. A 2-process
 run killed (SIGKILL) after a mid-epoch checkpoint and resumed ends equal to an uninterrupted
 2-process run. A global batch the processes cannot share stops both with the one-line error.
@@ -27,6 +28,11 @@ pytestmark = pytest.mark.skipif(
 
 # One launch takes about 30 s on 2 idle cores; past this a process is stuck.
 TIMEOUT = 240
+
+
+#: ``keras-pqcl pretrain`` of the tiny recipe as one process, without torchrun (add --epochs, --output).
+ONE_PROCESS = [sys.executable, "-m", "keras_pqcl.cli", "pretrain", "--recipe", "tiny", "--data", "synthetic_scenes:32"]
+ONE_PROCESS += ["--steps-per-epoch", "2", "--batch-size", "8", "--knn-every", "0"]
 
 
 def torchrun(output, *args, batch_size=8, epochs=2):
@@ -80,6 +86,11 @@ def test_two_processes_write_once_and_resume(tmp_path):
     assert sorted(os.listdir(checkpoints)) == sorted(_names(list_checkpoints(checkpoints)))
     for name in ("summary.json", "recipe.json", "loss.png", "teacher_backbone.keras", "student_backbone.keras"):
         assert (output / name).is_file(), name
+    # One process, the same global batch: the same run, the BatchNorm of the head included.
+    reference = tmp_path / "reference"
+    code, out = mp.launch([*ONE_PROCESS, "--epochs", "2", "--output", str(reference)], mp.env("torch"), timeout=TIMEOUT)
+    assert code == 0, out[-6000:]
+    mp.assert_same_log(read_rows(output / "log.csv"), read_rows(reference / "log.csv"))
 
     code, out = torchrun(output, "--resume", epochs=3)
     assert code == 0, out[-6000:]
@@ -96,9 +107,8 @@ def test_two_processes_write_once_and_resume(tmp_path):
 
     # Another world size resumes the same run: --batch-size is the global batch, so the batches,
     # the step count and the schedules carry over. Here one process, without torchrun.
-    command = [sys.executable, "-m", "keras_pqcl.cli", "pretrain", "--recipe", "tiny", "--data", "synthetic_scenes:32"]
-    command += ["--epochs", "4", "--steps-per-epoch", "2", "--batch-size", "8", "--knn-every", "0"]
-    code, out = mp.launch([*command, "--output", str(output), "--resume"], mp.env("torch"), timeout=TIMEOUT)
+    command = [*ONE_PROCESS, "--epochs", "4", "--output", str(output), "--resume"]
+    code, out = mp.launch(command, mp.env("torch"), timeout=TIMEOUT)
     assert code == 0 and "keras-pqcl: resuming from" in out, out[-6000:]
     assert [row["epoch"] for row in read_rows(output / "log.csv")] == ["0", "1", "2", "3"]
     model, progress = load_latest_checkpoint(str(checkpoints))

@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from keras_pqcl.backend import cross_replica_mean
+
 
 @keras.saving.register_keras_serializable(package="keras_pqcl")
 class BatchStatNorm(keras.layers.Layer):
@@ -18,8 +20,11 @@ class BatchStatNorm(keras.layers.Layer):
 
     The statistics are taken over every axis but the last: over the batch for ``(B, C)``,
     and over batch and tokens for ``(B, N, C)`` (what iBOT's head does with its BN on
-    token sequences). Under ``keras.distribution`` data parallelism the mean is global; under
-    ``tf.distribute`` it is per replica (the reference uses SyncBatchNorm).
+    token sequences). The statistics are those of the global batch in a run of several
+    replicas or processes, as the reference's ``SyncBatchNorm``: mean and variance are
+    averaged over the replicas (``tf.distribute``, ``torch.distributed``; every replica holds
+    an equal share), and the gradient flows through that average; under
+    ``keras.distribution`` (JAX) the batch is already global.
 
     Args:
         epsilon: 1e-5 (PyTorch's default).
@@ -44,8 +49,8 @@ class BatchStatNorm(keras.layers.Layer):
     def call(self, x):
         x32 = ops.cast(x, "float32")
         axes = tuple(range(len(x.shape) - 1))
-        mean = ops.mean(x32, axis=axes, keepdims=True)
-        var = ops.mean(ops.square(x32 - mean), axis=axes, keepdims=True)
+        mean = cross_replica_mean(ops.mean(x32, axis=axes, keepdims=True))
+        var = cross_replica_mean(ops.mean(ops.square(x32 - mean), axis=axes, keepdims=True))
         y = (x32 - mean) * ops.rsqrt(var + self.epsilon) * ops.cast(self.gamma, "float32")
         return ops.cast(y + ops.cast(self.beta, "float32"), x.dtype)
 

@@ -3,15 +3,18 @@
 import keras
 from keras import ops
 
+from keras_pqcl.backend import cross_replica_mean
 from keras_pqcl.losses.dino_loss import DINOLoss
 from keras_pqcl.models.terms.base import DistillationTerm
 
 
 def mean_output_entropy(teacher_logits, center, temp):
-    """Entropy (nats) of the batch-averaged teacher distribution: a collapse monitor, near 0
-    for collapse to one prototype and near ``ln K`` for uniform collapse."""
+    """Entropy (nats) of the teacher distribution averaged over the global batch: a collapse
+    monitor, near 0 for collapse to one prototype and near ``ln K`` for uniform collapse.
+    (Averaged over the replicas before the entropy, so every process logs, and the collapse
+    guard reads, the one-process value.)"""
     t = ops.stop_gradient(ops.cast(teacher_logits, "float32"))
-    p = ops.mean(ops.softmax((t - center) / temp, axis=-1), axis=0)
+    p = cross_replica_mean(ops.mean(ops.softmax((t - center) / temp, axis=-1), axis=0))
     return -ops.sum(p * ops.log(p + 1e-12))
 
 
