@@ -738,9 +738,10 @@ class _TorchTrainStep:
     # batch B. Global (identical on every rank): the gradients after the all-reduce below,
     # hence the student weights and optimizer state; the teacher (an EMA of identical
     # students); the centers (``cross_replica_mean`` of the teacher logits in the losses);
-    # DenseCL's queues (``cross_replica_concat`` of the keys); the logged loss terms.
-    # Per-rank: the forward pass itself and BatchNorm batch statistics and moving averages
-    # (no SyncBN, as in the references; ViTs have none).
+    # DenseCL's queues (``cross_replica_concat`` of the keys); the logged loss terms; the
+    # heads' BatchStatNorm statistics (all-reduced, as the reference's SyncBatchNorm).
+    # Per-rank: the forward pass itself and a ResNet's BatchNorm statistics and moving
+    # averages (as in DenseCL's reference; ViTs have none).
     def train_step(self, data):
         import torch
 

@@ -207,7 +207,7 @@ def pretrain(recipe, output_dir, resume=False, verbose=1, overwrite=False):
 
     In a multi-process run (``torchrun``, ``jax.distributed``, ``TF_CONFIG``: see
     :mod:`keras_pqcl.processes`) every process calls this with the same arguments and trains
-    the same model as one process would (BatchNorm statistics aside); process 0 alone owns
+    the same model as one process would (a ResNet's BatchNorm aside); process 0 alone owns
     the folder and writes.
 
     Args:
