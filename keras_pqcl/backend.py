@@ -250,14 +250,24 @@ def init_jax_distributed(coordinator=None, num_processes=None, process_id=None):
             f"coordinator= and process_id=, or set {COORDINATOR_ENV} and {PROCESS_ID_ENV}."
         )
     if process_id is not None and not 0 <= process_id < num_processes:
-        raise ValueError(f"process_id={process_id} must lie in [0, {num_processes}); fix {PROCESS_ID_ENV}.")
+        raise ValueError(
+            f"process_id={process_id} must lie in [0, {num_processes}); fix --process-id or {PROCESS_ID_ENV}."
+        )
     import jax
 
     if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
         # Before the CPU client exists: without it a CPU computation spanning processes fails.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if not jax.distributed.is_initialized():
-        keras.distribution.initialize(coordinator, num_processes, process_id)
+        try:
+            keras.distribution.initialize(coordinator, num_processes, process_id)
+        except Exception as error:  # JAX's own errors: a rendezvous that timed out, a bad address
+            where = coordinator or "the coordinator Slurm names"
+            reason = " ".join(str(error).split())[:300]
+            raise ValueError(
+                f"could not join the {num_processes}-process JAX run at {where} as process {process_id}: {reason}. "
+                "Start every process with the same coordinator and process count, each with its own id."
+            ) from None
     keras.distribution.set_distribution(
         keras.distribution.DataParallel(devices=jax.devices(), auto_shard_dataset=False)
     )
