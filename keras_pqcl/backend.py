@@ -10,6 +10,7 @@ of ``loss / world_size`` over the processes, as TensorFlow's replicas do.
 """
 
 import contextlib
+import functools
 
 import keras
 
@@ -545,24 +546,20 @@ def any_process(flag):
     return bool(value.item())
 
 
-_TF_VOTE = []
-
-
+@functools.cache
 def _tf_vote():
     """``vote(x) -> sum of x over every replica of every worker``, one compiled function (run
     eagerly, a collective of ``MultiWorkerMirroredStrategy`` is slow and warns each time)."""
-    if not _TF_VOTE:
-        import tensorflow as tf
+    import tensorflow as tf
 
-        strategy = _TF_STRATEGY
+    strategy = _TF_STRATEGY
 
-        @tf.function(input_signature=[tf.TensorSpec((), tf.float32)])
-        def vote(x):
-            votes = strategy.run(tf.identity, args=(x,))
-            return strategy.reduce(tf.distribute.ReduceOp.SUM, votes, axis=None)
+    @tf.function(input_signature=[tf.TensorSpec((), tf.float32)])
+    def vote(x):
+        votes = strategy.run(tf.identity, args=(x,))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, votes, axis=None)
 
-        _TF_VOTE.append(vote)
-    return _TF_VOTE[0]
+    return vote
 
 
 def barrier():

@@ -21,12 +21,11 @@ import keras
 
 from keras_pqcl import backend
 
-#: backend -> the launch variable of its own engine (see the module docstring).
-_ENGINE_VARIABLE = {"torch": "WORLD_SIZE", "jax": backend.NUM_PROCESSES_ENV, "tensorflow": "TF_CONFIG"}
-_ENGINE_LAUNCH = {
-    "torch": "torchrun",
-    "jax": "--num-processes/--coordinator/--process-id (or KERAS_PQCL_* variables)",
-    "tensorflow": "TF_CONFIG",
+#: backend -> (the variable that asks its own engine for several processes, how to launch it).
+_LAUNCH = {
+    "torch": ("WORLD_SIZE", "torchrun"),
+    "jax": (backend.NUM_PROCESSES_ENV, "--num-processes/--coordinator/--process-id (or KERAS_PQCL_* variables)"),
+    "tensorflow": ("TF_CONFIG", "TF_CONFIG"),
 }
 
 
@@ -42,19 +41,18 @@ def join(coordinator=None, num_processes=None, process_id=None):
     ``torchrun`` under ``KERAS_BACKEND=jax``): each process would otherwise train a model of
     its own."""
     flags = (coordinator, num_processes, process_id)
+    own, how = _LAUNCH.get(backend.BACKEND, (None, None))
     if backend.BACKEND != "jax" and any(flag is not None for flag in flags):
         raise ValueError(
             f"--coordinator/--num-processes/--process-id start a JAX run (jax.distributed), but the backend is "
-            f"{backend.BACKEND}: launch with {_ENGINE_LAUNCH[backend.BACKEND]} instead, or pass --backend jax."
+            f"{backend.BACKEND}: launch with {how} instead, or pass --backend jax."
         )
     request = backend.launch_request()
-    wanted = _ENGINE_VARIABLE.get(backend.BACKEND)
-    if request and request.split("=")[0] != wanted:
-        name = request.split("=")[0]
+    name = request.split("=")[0] if request else None
+    if name and name != own:
         raise ValueError(
             f"{name} asks for several processes, which the {backend.BACKEND} backend does not read (each process "
-            f"would train a model of its own): launch {backend.BACKEND} with {_ENGINE_LAUNCH[backend.BACKEND]}, "
-            f"or unset {name}."
+            f"would train a model of its own): launch {backend.BACKEND} with {how}, or unset {name}."
         )
     if backend.BACKEND == "torch":
         backend.init_torch_distributed()

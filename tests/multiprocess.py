@@ -38,6 +38,13 @@ _LAUNCH_VARS = (
 )
 
 
+def tiny_pretrain(output, epochs, batch_size=8):
+    """The arguments after ``-m keras_pqcl.cli`` of the tests' tiny run: ``pretrain`` of the
+    tiny recipe on 32 synthetic scenes, ``epochs`` epochs of 2 steps of ``batch_size``."""
+    args = ["pretrain", "--recipe", "tiny", "--data", "synthetic_scenes:32", "--epochs", str(epochs)]
+    return [*args, "--steps-per-epoch", "2", "--batch-size", str(batch_size), "--output", str(output)]
+
+
 def free_port():
     """A TCP port on localhost that nothing listens on now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

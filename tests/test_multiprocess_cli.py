@@ -28,17 +28,13 @@ pytestmark = pytest.mark.skipif(BACKEND == "torch", reason="torch: test_torchrun
 
 # One run takes 30-70 s on 2 idle cores; past this a process is stuck.
 TIMEOUT = 300
-PRETRAIN = [sys.executable, "-m", "keras_pqcl.cli", "pretrain", "--recipe", "tiny", "--data", "synthetic_scenes:32"]
-
-
-def _command(output, epochs):
-    return [*PRETRAIN, "--epochs", str(epochs), "--steps-per-epoch", "2", "--batch-size", "8", "--output", str(output)]
+PRETRAIN = [sys.executable, "-m", "keras_pqcl.cli"]
 
 
 def launch(output, epochs, *args, reference=None):
     """``[(exit code, output)]`` of the 2 processes of the README's one-host launch (and of a
     one-process run into ``reference``, when given, started beside them)."""
-    command = [*_command(output, epochs), *args]
+    command = [*PRETRAIN, *mp.tiny_pretrain(output, epochs), *args]
     if BACKEND == "jax":
         port = mp.free_port()
         runs = [
@@ -50,7 +46,7 @@ def launch(output, epochs, *args, reference=None):
         configs = [{"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}} for i in range(2)]
         runs = [(command, {"TF_CONFIG": json.dumps(config)}) for config in configs]
     if reference is not None:
-        runs.append(([*_command(reference, epochs), *args], {}))
+        runs.append(([*PRETRAIN, *mp.tiny_pretrain(reference, epochs), *args], {}))
     return mp.launch_together([(c, mp.env(BACKEND, TF_CPP_MIN_LOG_LEVEL="2", **e)) for c, e in runs], timeout=TIMEOUT)
 
 

@@ -30,40 +30,17 @@ pytestmark = pytest.mark.skipif(
 TIMEOUT = 240
 
 
-#: ``keras-pqcl pretrain`` of the tiny recipe as one process, without torchrun (add --epochs, --output).
-ONE_PROCESS = [sys.executable, "-m", "keras_pqcl.cli", "pretrain", "--recipe", "tiny", "--data", "synthetic_scenes:32"]
-ONE_PROCESS += ["--steps-per-epoch", "2", "--batch-size", "8", "--knn-every", "0"]
+def one_process(output, epochs, *args):
+    """``(exit code, output)`` of the tiny run as one process, without torchrun."""
+    command = [sys.executable, "-m", "keras_pqcl.cli", *mp.tiny_pretrain(output, epochs), "--knn-every", "0", *args]
+    return mp.launch(command, mp.env("torch"), timeout=TIMEOUT)
 
 
 def torchrun(output, *args, batch_size=8, epochs=2):
     """``(exit code, output)`` of the README's one-host command with ``args`` appended."""
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(mp.free_port()),
-        "-m",
-        "keras_pqcl.cli",
-        "pretrain",
-        "--recipe",
-        "tiny",
-        "--data",
-        "synthetic_scenes:32",
-        "--epochs",
-        str(epochs),
-        "--steps-per-epoch",
-        "2",
-        "--batch-size",
-        str(batch_size),
-        "--knn-every",
-        "0",
-        "--output",
-        str(output),
-        *args,
-    ]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["--master_port", str(mp.free_port()), "-m", "keras_pqcl.cli"]
+    command += [*mp.tiny_pretrain(output, epochs, batch_size), "--knn-every", "0", *args]
     return mp.launch(command, mp.env("torch", TF_CPP_MIN_LOG_LEVEL="2"), timeout=TIMEOUT)
 
 
@@ -88,7 +65,7 @@ def test_two_processes_write_once_and_resume(tmp_path):
         assert (output / name).is_file(), name
     # One process, the same global batch: the same run, the BatchNorm of the head included.
     reference = tmp_path / "reference"
-    code, out = mp.launch([*ONE_PROCESS, "--epochs", "2", "--output", str(reference)], mp.env("torch"), timeout=TIMEOUT)
+    code, out = one_process(reference, 2)
     assert code == 0, out[-6000:]
     mp.assert_same_log(read_rows(output / "log.csv"), read_rows(reference / "log.csv"))
 
@@ -107,8 +84,7 @@ def test_two_processes_write_once_and_resume(tmp_path):
 
     # Another world size resumes the same run: --batch-size is the global batch, so the batches,
     # the step count and the schedules carry over. Here one process, without torchrun.
-    command = [*ONE_PROCESS, "--epochs", "4", "--output", str(output), "--resume"]
-    code, out = mp.launch(command, mp.env("torch"), timeout=TIMEOUT)
+    code, out = one_process(output, 4, "--resume")
     assert code == 0 and "keras-pqcl: resuming from" in out, out[-6000:]
     assert [row["epoch"] for row in read_rows(output / "log.csv")] == ["0", "1", "2", "3"]
     model, progress = load_latest_checkpoint(str(checkpoints))
